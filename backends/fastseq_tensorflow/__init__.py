@@ -1,0 +1,211 @@
+"""The TensorFlow backend of fastseq: the backend contract on TensorFlow core ops.
+
+Select it with ``FASTSEQ_BACKEND=tensorflow`` or ``fastseq.set_backend("tensorflow")``.
+Importing this module is cheap: TensorFlow is imported by :meth:`TensorFlowBackend.initialize`
+(the registry calls it the first time the backend is used), never at import time.
+
+What runs where (see README.md in this folder):
+
+- ``layer_forward``: one ``tf.function`` per cell configuration with shape-polymorphic
+  input signatures (``None`` for ``T``, ``B`` and the depths), so new batch sizes or lengths
+  do not retrace. Inside: the input projection of all steps as one matmul, then a
+  ``tf.while_loop`` over time in which ``sequence_length`` is handled with ``tf.where``
+  (no Python per step). ``jit_compile=True`` (attribute, or env ``FASTSEQ_TF_JIT=1``)
+  compiles the same function with XLA.
+- ``layer_backward``: ``layer_forward(need_grad=True)`` records the compiled call on a
+  ``tf.GradientTape`` kept in the workspace; the backward pass is TensorFlow's gradient of
+  that call (itself a compiled function), so the gradients are exactly TensorFlow's.
+- ``cell_step``: one compiled step per cell configuration.
+- Devices: every op is placed by TensorFlow's placer, so ``with tf.device(...)`` scopes are
+  honoured and CPU is used when no GPU is present. No cuDNN path is used (see README.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+import numpy as np
+
+from fastseq.contract import Backend
+
+__all__ = ["TensorFlowBackend"]
+
+_VAR_NAME_BAD = re.compile(r"[^A-Za-z0-9_.\-/]")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+class TensorFlowBackend(Backend):
+    """fastseq on TensorFlow ops. Arrays are ``tf.Tensor``; weights are ``tf.Variable``.
+
+    Attributes
+    ----------
+    jit_compile : bool
+        Compile the recurrent loops with XLA (default: env ``FASTSEQ_TF_JIT``). Changing it
+        after first use takes effect for configurations not yet compiled; call
+        :meth:`clear_cache` to recompile everything.
+    """
+
+    name = "tensorflow"
+
+    def __init__(self):
+        self.jit_compile = _env_flag("FASTSEQ_TF_JIT")
+        self._tf = None
+        self._kernels = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def availability(self):
+        if importlib.util.find_spec("tensorflow") is None:
+            return "tensorflow is not installed: pip install 'fastseq[tensorflow]' (tensorflow-cpu>=2.16)"
+        return None
+
+    def initialize(self):
+        if self._tf is not None:
+            return
+        import tensorflow as tf
+
+        from . import _kernels
+
+        self._tf = tf
+        self._kernels = _kernels.KernelCache(tf)
+
+    def _ensure(self):
+        if self._tf is None:
+            self.initialize()
+        return self._tf
+
+    @property
+    def trace_count(self) -> int:
+        """How many times a compiled function of this backend has been traced (tests use it
+        to check that new batch sizes and lengths do not retrace)."""
+        self._ensure()
+        return self._kernels.trace_count
+
+    def clear_cache(self):
+        """Drop every compiled function (they are rebuilt on next use)."""
+        self._ensure()
+        self._kernels.clear()
+
+    # ------------------------------------------------------------------ arrays
+    def _dtype(self, dtype):
+        tf = self._ensure()
+        if dtype is None:
+            return None
+        if isinstance(dtype, tf.DType):
+            return dtype
+        return tf.as_dtype(np.dtype(dtype))
+
+    def asarray(self, x, dtype=None):
+        tf = self._ensure()
+        dt = self._dtype(dtype)
+        if isinstance(x, (tf.Tensor, tf.Variable)):
+            if dt is not None and x.dtype != dt:
+                return tf.cast(x, dt)
+            return tf.convert_to_tensor(x) if isinstance(x, tf.Variable) else x
+        if dt is None:
+            arr = np.asarray(x)
+            return tf.convert_to_tensor(arr)
+        return tf.convert_to_tensor(np.asarray(x, dtype=dt.as_numpy_dtype))
+
+    def to_numpy(self, x):
+        tf = self._ensure()
+        if isinstance(x, (tf.Tensor, tf.Variable)):
+            return x.numpy()
+        return np.asarray(x)
+
+    def is_native(self, x):
+        tf = self._ensure()
+        return isinstance(x, (tf.Tensor, tf.Variable))
+
+    def zeros(self, shape, dtype):
+        tf = self._ensure()
+        return tf.zeros(shape, dtype=self._dtype(dtype))
+
+    def swap_batch_time(self, x):
+        tf = self._ensure()
+        x = self.asarray(x)
+        rank = x.shape.rank
+        return tf.transpose(x, [1, 0] + list(range(2, rank)))
+
+    def stack(self, xs, axis=0):
+        tf = self._ensure()
+        return tf.stack([self.asarray(a) for a in xs], axis=axis)
+
+    def unstack(self, x, axis=0):
+        tf = self._ensure()
+        x = self.asarray(x)
+        n = x.shape[axis]
+        if n is None:
+            n = int(tf.shape(x)[axis])
+        return tf.unstack(x, num=n, axis=axis)
+
+    def concat(self, xs, axis):
+        tf = self._ensure()
+        return tf.concat([self.asarray(a) for a in xs], axis=axis)
+
+    def split(self, x, sizes, axis):
+        tf = self._ensure()
+        return tf.split(self.asarray(x), [int(s) for s in sizes], axis=axis)
+
+    def add(self, a, b):
+        tf = self._ensure()
+        return tf.add(self.asarray(a), self.asarray(b))
+
+    def multiply(self, a, b):
+        tf = self._ensure()
+        return tf.multiply(self.asarray(a), self.asarray(b))
+
+    def where_rows(self, cond, a, b):
+        tf = self._ensure()
+        a, b = self.asarray(a), self.asarray(b)
+        cond = tf.cast(self.asarray(cond), tf.bool)
+        rank = max(a.shape.rank, b.shape.rank)
+        cond = tf.reshape(cond, [-1] + [1] * (rank - 1))
+        return tf.where(cond, a, b)
+
+    def sequence_mask(self, lengths, maxlen, dtype):
+        tf = self._ensure()
+        lengths = self.asarray(lengths)
+        mask = tf.sequence_mask(lengths, maxlen, dtype=self._dtype(dtype))  # [B, T]
+        return tf.transpose(mask)[:, :, None]
+
+    def variable(self, value, name):
+        tf = self._ensure()
+        clean = _VAR_NAME_BAD.sub("_", str(name).replace(":0", "")).strip("/") or "weight"
+        if not re.match(r"[A-Za-z0-9.]", clean[0]):
+            clean = "w" + clean
+        return tf.Variable(np.asarray(value), name=clean, trainable=True)
+
+    def read_param(self, stored, dtype):
+        tf = self._ensure()
+        dt = self._dtype(dtype)
+        if isinstance(stored, (tf.Tensor, tf.Variable)):
+            if dt is not None and stored.dtype != dt:
+                return tf.cast(stored, dt)
+            return stored
+        return self.asarray(stored, dt)
+
+    # ------------------------------------------------------------------ recurrent ops
+    def layer_forward(self, spec, params, inputs, initial_state, sequence_length=None, reverse=False,
+                      state_mask=None, need_grad=False):
+        self._ensure()
+        from ._layer import layer_forward
+
+        return layer_forward(self, spec, params, inputs, initial_state, sequence_length, reverse, state_mask,
+                             need_grad)
+
+    def layer_backward(self, spec, params, workspace, d_outputs, d_final_state):
+        self._ensure()
+        from ._layer import layer_backward
+
+        return layer_backward(self, spec, params, workspace, d_outputs, d_final_state)
+
+    def cell_step(self, spec, params, inputs, state):
+        self._ensure()
+        from ._layer import cell_step
+
+        return cell_step(self, spec, params, inputs, state)
