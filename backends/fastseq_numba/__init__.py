@@ -1,0 +1,274 @@
+"""fastseq's Numba backend: the contract of :mod:`fastseq.contract` on the fused CPU
+kernels of :mod:`fastseq_kernels` (``rnn``, ``gru``, ``lstm``).
+
+This module imports only NumPy; Numba, SciPy and the kernels are imported by
+:meth:`NumbaBackend.initialize` (the registry calls it on first use). Arguments are
+validated and normalised here (dtype, C order, int64 lengths, mask shapes) before any
+compiled code runs; anything the kernels cannot do raises ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from fastseq.contract import ACTIVATIONS, Backend, CellSpec
+
+__all__ = ["NumbaBackend"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class _Workspace:
+    """What :meth:`NumbaBackend.layer_backward` needs from a forward run."""
+
+    __slots__ = ("ws", "T", "B", "I", "reverse", "masks", "dtype")
+
+    def __init__(self, ws, T, B, I, reverse, masks, dtype):
+        self.ws, self.T, self.B, self.I, self.reverse, self.masks, self.dtype = ws, T, B, I, reverse, masks, dtype
+
+
+def _contig(a, dtype, name):
+    a = np.asarray(a)
+    if a.dtype != dtype:
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be a float array, got dtype {a.dtype}")
+        a = a.astype(dtype)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+class NumbaBackend(Backend):
+    """Fused Numba kernels: one compiled call per layer, forward and backward."""
+
+    name = "numba"
+
+    def __init__(self):
+        self._k = None  # kernel modules, set by initialize()
+        self._empty = {}
+
+    # ------------------------------------------------------------ lifecycle
+    def availability(self) -> Optional[str]:
+        for mod, hint in (("numba", "pip install numba"), ("scipy", "pip install scipy")):
+            if importlib.util.find_spec(mod) is None:
+                return f"{mod} is not installed: {hint}"
+        return None
+
+    def initialize(self) -> None:
+        if self._k is not None:
+            return
+        from fastseq_kernels import gru, lstm, rnn
+
+        self._k = {"rnn": rnn, "gru": gru, "lstm": lstm}
+        for dt in _FLOATS:
+            self._empty[dt] = (np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt))
+
+    def _kernels(self):
+        if self._k is None:
+            self.initialize()
+        return self._k
+
+    # ------------------------------------------------------------ arrays
+    def asarray(self, x, dtype=None):
+        return np.asarray(x, dtype=dtype)
+
+    def to_numpy(self, x):
+        return np.asarray(x)
+
+    def is_native(self, x):
+        return isinstance(x, np.ndarray)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def swap_batch_time(self, x):
+        return np.ascontiguousarray(np.swapaxes(x, 0, 1))
+
+    def stack(self, xs, axis=0):
+        return np.stack(xs, axis=axis)
+
+    def unstack(self, x, axis=0):
+        return [np.ascontiguousarray(a) for a in np.moveaxis(x, axis, 0)]
+
+    def concat(self, xs, axis):
+        return np.concatenate(xs, axis=axis)
+
+    def split(self, x, sizes, axis):
+        return np.split(x, np.cumsum(sizes)[:-1], axis=axis)
+
+    def add(self, a, b):
+        return np.add(a, b)
+
+    def multiply(self, a, b):
+        return np.multiply(a, b)
+
+    def where_rows(self, cond, a, b):
+        cond = np.asarray(cond, dtype=bool).reshape((-1,) + (1,) * (np.ndim(a) - 1))
+        return np.where(cond, a, b)
+
+    def sequence_mask(self, lengths, maxlen, dtype):
+        t = np.arange(maxlen)[:, None, None]
+        return (t < np.asarray(lengths)[None, :, None]).astype(dtype)
+
+    def read_param(self, stored, dtype):
+        arr = np.asarray(stored)
+        if arr.dtype != dtype:
+            arr = arr.astype(dtype)
+        return arr
+
+    # ------------------------------------------------------------ validation
+    def _prepare(self, spec: CellSpec, params, inputs, initial_state, sequence_length, state_mask):
+        if spec.activation not in ACTIVATIONS:
+            raise NotImplementedError(f"numba backend: unsupported activation {spec.activation!r}")
+        if spec.kind not in ("rnn", "gru", "lstm"):
+            raise NotImplementedError(f"numba backend: unsupported cell kind {spec.kind!r}")
+        x = np.asarray(inputs)
+        if x.ndim != 3:
+            raise ValueError(f"inputs must be time-major [T, B, I], got shape {x.shape}")
+        dtype = x.dtype
+        if dtype not in _FLOATS:
+            raise TypeError(f"inputs must be float32 or float64, got dtype {dtype}")
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        T, B, I = x.shape
+        shapes = spec.param_shapes(I)
+        p = {}
+        for name, shape in shapes.items():
+            if name not in params:
+                raise ValueError(f"params: missing {name!r} for a {spec.kind} cell")
+            a = _contig(params[name], dtype, f"params[{name!r}]")
+            if a.shape != shape:
+                raise ValueError(f"params[{name!r}] must have shape {shape}, got {a.shape}")
+            p[name] = a
+        sizes = spec.state_sizes
+        if len(initial_state) != len(sizes):
+            raise ValueError(f"initial_state must be a tuple of {len(sizes)} arrays, got {len(initial_state)}")
+        states = []
+        for i, (s, n) in enumerate(zip(initial_state, sizes)):
+            s = _contig(s, dtype, f"initial_state[{i}]")
+            if s.shape != (B, n):
+                raise ValueError(f"initial_state[{i}] must have shape {(B, n)}, got {s.shape}")
+            states.append(s)
+        if sequence_length is None:
+            lengths = np.full(B, T, dtype=np.int64)
+        else:
+            lengths = np.asarray(sequence_length)
+            if lengths.shape != (B,):
+                raise ValueError(f"sequence_length must have shape ({B},), got {lengths.shape}")
+            if lengths.dtype.kind not in "iu":
+                raise TypeError(f"sequence_length must be integers, got dtype {lengths.dtype}")
+            lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+            if B and (lengths.min() < 0 or lengths.max() > T):
+                raise ValueError(f"sequence_length must lie in [0, {T}], got min {lengths.min()} max {lengths.max()}")
+        empty3 = self._empty[dtype][2]
+        masks = []
+        given = tuple(state_mask) if state_mask is not None else (None,) * len(sizes)
+        if len(given) != len(sizes):
+            raise ValueError(f"state_mask must have {len(sizes)} entries, got {len(given)}")
+        for i, (m, n) in enumerate(zip(given, sizes)):
+            if m is None:
+                masks.append(empty3)
+                continue
+            m = _contig(m, dtype, f"state_mask[{i}]")
+            if m.ndim != 3 or m.shape[0] not in (1, T) or m.shape[2] != n or m.shape[1] not in (1, B):
+                raise ValueError(f"state_mask[{i}] must have shape [T or 1, B, {n}], got {m.shape}")
+            if m.shape[1] != B:
+                m = np.ascontiguousarray(np.broadcast_to(m, (m.shape[0], B, n)))
+            masks.append(m)
+        return x, p, states, lengths, masks
+
+    @staticmethod
+    def _clip(v):
+        return -1.0 if v is None else float(v)
+
+    # ------------------------------------------------------------ recurrent ops
+    def layer_forward(self, spec, params, inputs, initial_state, sequence_length=None, reverse=False,
+                      state_mask=None, need_grad=False):
+        k = self._kernels()
+        x, p, states, lengths, masks = self._prepare(spec, params, inputs, initial_state, sequence_length,
+                                                     state_mask)
+        code = ACTIVATIONS.index(spec.activation)
+        reverse = bool(reverse)
+        need_grad = bool(need_grad)
+        T, B, I = x.shape
+        E1, E2, _ = self._empty[x.dtype]
+        if spec.kind == "lstm":
+            peep = spec.use_peepholes
+            y, cT, hT, ws = k["lstm"].lstm_forward(
+                x, p["kernel"], p["bias"],
+                p["w_i_diag"] if peep else E1, p["w_f_diag"] if peep else E1, p["w_o_diag"] if peep else E1,
+                p["projection/kernel"] if spec.num_proj else E2,
+                states[0], states[1], lengths, reverse, masks[0], masks[1], code,
+                float(spec.forget_bias), self._clip(spec.cell_clip),
+                self._clip(spec.proj_clip if spec.num_proj else None), need_grad)
+            final = (cT, hT)
+        elif spec.kind == "gru":
+            y, hT, ws = k["gru"].gru_forward(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
+                                             p["candidate/bias"], states[0], lengths, reverse, masks[0], code,
+                                             need_grad)
+            final = (hT,)
+        else:
+            y, hT, ws = k["rnn"].rnn_forward(x, p["kernel"], p["bias"], states[0], lengths, reverse, masks[0],
+                                             code, need_grad)
+            final = (hT,)
+        workspace = _Workspace(ws, T, B, I, reverse, masks, x.dtype) if need_grad else None
+        return y, final, workspace
+
+    def layer_backward(self, spec, params, workspace, d_outputs, d_final_state):
+        if not isinstance(workspace, _Workspace):
+            raise ValueError("workspace must come from NumbaBackend.layer_forward(..., need_grad=True)")
+        k = self._kernels()
+        w = workspace
+        dtype = w.dtype
+        T, B, I = w.T, w.B, w.I
+        code = ACTIVATIONS.index(spec.activation)
+        P = spec.output_size
+        dy = _contig(d_outputs, dtype, "d_outputs")
+        if dy.shape != (T, B, P):
+            raise ValueError(f"d_outputs must have shape {(T, B, P)}, got {dy.shape}")
+        sizes = spec.state_sizes
+        if len(d_final_state) != len(sizes):
+            raise ValueError(f"d_final_state must have {len(sizes)} entries, got {len(d_final_state)}")
+        ds = []
+        for i, (d, n) in enumerate(zip(d_final_state, sizes)):
+            d = np.zeros((B, n), dtype) if d is None else _contig(d, dtype, f"d_final_state[{i}]")
+            if d.shape != (B, n):
+                raise ValueError(f"d_final_state[{i}] must have shape {(B, n)}, got {d.shape}")
+            ds.append(d)
+        shapes = spec.param_shapes(I)
+        p = {name: _contig(params[name], dtype, f"params[{name!r}]") for name in shapes}
+        E1, E2, _ = self._empty[dtype]
+        if spec.kind == "lstm":
+            peep = spec.use_peepholes
+            dx, dc0, dh0, dk, db, dwi, dwf, dwo, dproj = k["lstm"].lstm_backward(
+                w.ws, p["kernel"], p["bias"],
+                p["w_i_diag"] if peep else E1, p["w_f_diag"] if peep else E1, p["w_o_diag"] if peep else E1,
+                p["projection/kernel"] if spec.num_proj else E2,
+                dy, ds[0], ds[1], T, w.reverse, w.masks[0], w.masks[1], code,
+                float(spec.forget_bias), self._clip(spec.cell_clip),
+                self._clip(spec.proj_clip if spec.num_proj else None))
+            grads = {"kernel": dk, "bias": db}
+            if peep:
+                grads.update({"w_f_diag": dwf, "w_i_diag": dwi, "w_o_diag": dwo})
+            if spec.num_proj:
+                grads["projection/kernel"] = dproj
+            return dx, (dc0, dh0), grads
+        if spec.kind == "gru":
+            dx, dh0, dgk, dgb, dck, dcb = k["gru"].gru_backward(
+                w.ws, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"], p["candidate/bias"], dy, ds[0],
+                T, w.reverse, w.masks[0], code)
+            return dx, (dh0,), {"gates/kernel": dgk, "gates/bias": dgb, "candidate/kernel": dck,
+                                "candidate/bias": dcb}
+        dx, dh0, dk, db = k["rnn"].rnn_backward(w.ws, p["kernel"], p["bias"], dy, ds[0], T, w.reverse,
+                                                w.masks[0], code)
+        return dx, (dh0,), {"kernel": dk, "bias": db}
+
+    def cell_step(self, spec, params, inputs, state):
+        x = np.asarray(inputs)
+        if x.ndim != 2:
+            raise ValueError(f"inputs must be [B, I], got shape {x.shape}")
+        y, new_state, _ = self.layer_forward(spec, params, x[None], tuple(state), None, False, None, False)
+        return y[0], tuple(new_state)

@@ -1,0 +1,178 @@
+"""Pieces shared by the cell kernels: activations by integer code, the batch plan
+(sort by length, shrinking active batch, row blocks per step), gathers and scatters.
+
+Row bookkeeping used by every kernel (``B`` rows, ``T`` steps, time-major input):
+
+- ``order [B]``: rows sorted by length, longest first (stable); sorted row ``r`` is batch
+  row ``order[r]``; ``lens_s[r]`` its length.
+- ``nb [L+1]``: rows still running at processing step ``k`` (``nb[L] = 0``); the active
+  rows at step ``k`` are the sorted rows ``0 .. nb[k]-1``, so every per-step GEMM runs on
+  a contiguous block of ``nb[k]`` rows: finished sequences cost nothing.
+- ``base [L+1]``: first row of step ``k``'s block in the per-step buffers ``[R, ...]``.
+  *Uniform* batches (every length is ``T``; no sorting needed) use the input itself,
+  ``R = T*B`` and ``base[k] = t*B`` with ``t = k`` or ``T-1-k`` (reverse): no copy of the
+  input even for the backward direction. Otherwise the valid rows are packed step by step,
+  ``R = sum(lengths)``, ``base[k] = nb[0] + ... + nb[k-1]``.
+- Processing step ``k`` of sorted row ``r`` reads time ``t = k`` or, with ``reverse``,
+  ``t = lens_s[r] - 1 - k``.
+"""
+
+import numpy as np
+
+from ._jit import kernel
+
+# Integer codes follow fastseq.contract.ACTIVATIONS.
+TANH, SIGMOID, RELU, RELU6, ELU, SOFTSIGN, SOFTPLUS, LINEAR = range(8)
+
+
+@kernel(inline="always")
+def sigmoid(x):
+    one = type(x)(1.0)
+    if x >= 0:
+        return one / (one + np.exp(-x))
+    e = np.exp(x)
+    return e / (one + e)
+
+
+@kernel(inline="always")
+def act(x, code):
+    """Activation ``code`` applied to the scalar ``x`` (same dtype out)."""
+    zero = type(x)(0.0)
+    if code == TANH:
+        return np.tanh(x)
+    if code == SIGMOID:
+        return sigmoid(x)
+    if code == RELU:
+        return x if x > zero else zero
+    if code == RELU6:
+        six = type(x)(6.0)
+        return zero if x < zero else (six if x > six else x)
+    if code == ELU:
+        return x if x > zero else np.expm1(x)
+    if code == SOFTSIGN:
+        return x / (type(x)(1.0) + abs(x))
+    if code == SOFTPLUS:
+        return (x if x > zero else zero) + np.log1p(np.exp(-abs(x)))
+    return x
+
+
+@kernel(inline="always")
+def dact(z, y, code):
+    """Derivative of activation ``code`` at ``z`` given ``y = act(z)`` (TF's conventions:
+    relu'(0) = 0, relu6' = 1 on the open interval (0, 6))."""
+    one = type(y)(1.0)
+    zero = type(y)(0.0)
+    if code == TANH:
+        return one - y * y
+    if code == SIGMOID:
+        return y * (one - y)
+    if code == RELU:
+        return one if z > zero else zero
+    if code == RELU6:
+        return one if (z > zero and z < type(y)(6.0)) else zero
+    if code == ELU:
+        return one if z > zero else y + one
+    if code == SOFTSIGN:
+        d = one + abs(z)
+        return one / (d * d)
+    if code == SOFTPLUS:
+        return sigmoid(z)
+    return one
+
+
+@kernel(inline="always")
+def output_activation_stored(code):
+    """True when kernels store an activation's *output* for the backward pass (its
+    derivative is exact from the output: tanh, sigmoid); else they store the input."""
+    return code == TANH or code == SIGMOID
+
+
+@kernel
+def make_plan(lengths, T, reverse, need_grad):
+    """Sort rows by length and lay out per-step row blocks.
+
+    lengths int64 [B] (0 <= len <= T). Returns ``(order, lens_s, nb, base, hbase, R,
+    uniform)``; ``hbase[k]`` is the block of the carried state before step ``k``: equal to
+    ``base`` when ``need_grad`` (the history is kept), else ping-pong rows ``(k % 2) * B``.
+    """
+    B = lengths.shape[0]
+    uniform = True
+    for b in range(B):
+        if lengths[b] != T:
+            uniform = False
+    if uniform:
+        order = np.arange(B)
+    else:
+        order = np.argsort(-lengths, kind="mergesort")
+    lens_s = np.empty(B, np.int64)
+    for r in range(B):
+        lens_s[r] = lengths[order[r]]
+    L = lens_s[0] if B > 0 else 0
+    nb = np.zeros(L + 1, np.int64)
+    r = B
+    for k in range(L):
+        while r > 0 and lens_s[r - 1] <= k:
+            r -= 1
+        nb[k] = r
+    base = np.zeros(L + 1, np.int64)
+    if uniform:
+        for k in range(L + 1):
+            t = (T - 1 - k) if reverse else k
+            base[k] = t * B if k < L else 0
+        R = T * B
+    else:
+        acc = 0
+        for k in range(L + 1):
+            base[k] = acc
+            acc += nb[k]
+        R = acc
+    hbase = np.zeros(L + 1, np.int64)
+    for k in range(L + 1):
+        hbase[k] = base[k] if need_grad else (k % 2) * B
+    return order, lens_s, nb, base, hbase, R, uniform
+
+
+@kernel(inline="always")
+def time_index(k, r, lens_s, reverse):
+    return lens_s[r] - 1 - k if reverse else k
+
+
+@kernel
+def gather_rows(x, order, lens_s, nb, base, R, reverse):
+    """Pack the valid rows of ``x [T, B, D]`` step by step: ``[R, D]``."""
+    D = x.shape[2]
+    out = np.empty((R, D), x.dtype)
+    for k in range(nb.shape[0] - 1):
+        for r in range(nb[k]):
+            t = time_index(k, r, lens_s, reverse)
+            b = order[r]
+            row = base[k] + r
+            for j in range(D):
+                out[row, j] = x[t, b, j]
+    return out
+
+
+@kernel
+def scatter_rows(packed, T, B, order, lens_s, nb, base, reverse):
+    """Inverse of :func:`gather_rows`: ``[R, D]`` -> ``[T, B, D]``, zeros elsewhere."""
+    D = packed.shape[1]
+    out = np.zeros((T, B, D), packed.dtype)
+    for k in range(nb.shape[0] - 1):
+        for r in range(nb[k]):
+            t = time_index(k, r, lens_s, reverse)
+            b = order[r]
+            row = base[k] + r
+            for j in range(D):
+                out[t, b, j] = packed[row, j]
+    return out
+
+
+@kernel
+def column_sums(a, R, out, off):
+    """``out[off:off+D] = a[:R].sum(0)`` for ``a [R, D]``."""
+    D = a.shape[1]
+    for j in range(D):
+        out[off + j] = 0
+    for i in range(R):
+        for j in range(D):
+            out[off + j] += a[i, j]

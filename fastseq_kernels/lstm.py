@@ -1,0 +1,299 @@
+"""LSTM kernels (BasicLSTMCell and LSTMCell: peepholes, cell_clip, num_proj, proj_clip,
+forget_bias), float32/float64, over a whole time-major sequence.
+
+Shapes: x ``[T, B, I]``; kernel ``[I+P, 4H]`` (columns i, j, f, o; rows ``:I`` multiply the
+input, rows ``I:`` the recurrent ``h``); bias ``[4H]``; w_i, w_f, w_o ``[H]`` (or empty);
+proj ``[H, P]`` (or ``[0, 0]``); c0 ``[B, H]``; h0 ``[B, P]``; lengths int64 ``[B]``;
+mask_c ``[Tm, B, H]`` and mask_h ``[Tm, B, P]`` with ``Tm`` 0 (no mask), 1 or ``T``.
+``cell_clip`` / ``proj_clip`` < 0 mean "no clipping". Everything C-contiguous.
+
+Method (see :mod:`._common` for the row plan): the input projection of all steps is one
+GEMM ``X[R, I] @ kernel[:I]`` into the gate buffer ``G [R, 4H]``; each step adds
+``h[nb] @ kernel[I:]`` into its block of ``G`` (GEMM with ``beta=1``) and applies the gate
+nonlinearities in place, so ``G`` ends up holding the activated gates the backward pass
+needs. The backward pass turns ``G`` into the gate gradients in place, one GEMM per step
+for ``d h``, and then gets every weight gradient from one GEMM over all rows.
+"""
+
+import numpy as np
+
+from ._blas import gemm
+from ._common import act, dact, gather_rows, make_plan, output_activation_stored, scatter_rows, sigmoid, \
+    time_index
+from ._jit import kernel
+
+
+@kernel
+def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse, mask_c, mask_h, code,
+                 forget_bias, cell_clip, proj_clip, need_grad):
+    """Returns ``(y [T, B, P], c_T [B, H], h_T [B, P], workspace)``."""
+    T, B, I = x.shape
+    H = c0.shape[1]
+    P = h0.shape[1]
+    G4 = 4 * H
+    dt = x.dtype
+    use_peep = w_i.shape[0] > 0
+    use_proj = proj.shape[0] > 0
+    fb = dt.type(forget_bias)
+    cclip = dt.type(cell_clip)
+    pclip = dt.type(proj_clip)
+    store_out = output_activation_stored(code)
+
+    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+    L = nb.shape[0] - 1
+
+    if uniform:
+        X = x.reshape(T * B, I)
+    else:
+        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
+    G = np.empty((R, G4), dt)
+    gemm(0, 0, R, G4, I, 1.0, X, 0, I, kernel, 0, G4, 0.0, G, 0, G4)
+
+    nh = R if need_grad else 2 * B
+    Hh = np.empty((nh, P), dt)
+    Ch = np.empty((nh, H), dt)
+    Mp = np.empty((R if need_grad else B, H) if use_proj else (0, H), dt)
+    Yraw = np.empty((R, P) if (use_proj and pclip >= 0 and need_grad) else (0, P), dt)
+    if uniform:
+        y = np.empty((T, B, P), dt)
+        Yp = y.reshape(T * B, P)
+    else:
+        y = np.empty((0, 0, 0), dt)
+        Yp = np.empty((R, P), dt)
+    cT = np.empty((B, H), dt)
+    hT = np.empty((B, P), dt)
+
+    n0 = nb[0] if L > 0 else 0
+    for r in range(B):
+        b = order[r]
+        if r < n0:
+            for j in range(P):
+                Hh[hbase[0] + r, j] = h0[b, j]
+            for j in range(H):
+                Ch[hbase[0] + r, j] = c0[b, j]
+        else:
+            for j in range(P):
+                hT[b, j] = h0[b, j]
+            for j in range(H):
+                cT[b, j] = c0[b, j]
+
+    mc_on = mask_c.shape[0] > 0
+    mh_on = mask_h.shape[0] > 0
+    for k in range(L):
+        n = nb[k]
+        nn = nb[k + 1]
+        gb = base[k]
+        hb = hbase[k]
+        nhb = hbase[k + 1]
+        mb = gb if need_grad else 0
+        # recurrent part: G[gb:gb+n] += h @ kernel[I:]
+        gemm(0, 0, n, G4, P, 1.0, Hh, hb * P, P, kernel, I * G4, G4, 1.0, G, gb * G4, G4)
+        for r in range(n):
+            b = order[r]
+            t = time_index(k, r, lens_s, reverse)
+            g = gb + r
+            tc = 0 if mask_c.shape[0] == 1 else t
+            for j in range(H):
+                cp = Ch[hb + r, j]
+                gi = G[g, j] + bias[j]
+                gj = G[g, H + j] + bias[H + j]
+                gf = G[g, 2 * H + j] + bias[2 * H + j] + fb
+                go = G[g, 3 * H + j] + bias[3 * H + j]
+                if use_peep:
+                    gi += w_i[j] * cp
+                    gf += w_f[j] * cp
+                si = sigmoid(gi)
+                sf = sigmoid(gf)
+                aj = act(gj, code)
+                c = sf * cp + si * aj
+                if cclip >= 0:
+                    if c > cclip:
+                        c = cclip
+                    elif c < -cclip:
+                        c = -cclip
+                if use_peep:
+                    go += w_o[j] * c
+                so = sigmoid(go)
+                m = so * act(c, code)
+                G[g, j] = si
+                G[g, H + j] = aj if store_out else gj
+                G[g, 2 * H + j] = sf
+                G[g, 3 * H + j] = so
+                cm = c * mask_c[tc, b, j] if mc_on else c
+                if r < nn:
+                    Ch[nhb + r, j] = cm
+                else:
+                    cT[b, j] = cm
+                if use_proj:
+                    Mp[mb + r, j] = m
+                else:
+                    Yp[g, j] = m
+        if use_proj:
+            gemm(0, 0, n, P, H, 1.0, Mp, mb * H, H, proj, 0, P, 0.0, Yp, gb * P, P)
+        for r in range(n):
+            b = order[r]
+            t = time_index(k, r, lens_s, reverse)
+            g = gb + r
+            th = 0 if mask_h.shape[0] == 1 else t
+            for j in range(P):
+                m = Yp[g, j]
+                if use_proj and pclip >= 0:
+                    if Yraw.shape[0] > 0:
+                        Yraw[g, j] = m
+                    if m > pclip:
+                        m = pclip
+                    elif m < -pclip:
+                        m = -pclip
+                    Yp[g, j] = m
+                hm = m * mask_h[th, b, j] if mh_on else m
+                if r < nn:
+                    Hh[nhb + r, j] = hm
+                else:
+                    hT[b, j] = hm
+    if not uniform:
+        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
+    ws = (X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base)
+    return y, cT, hT, ws
+
+
+@kernel
+def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, reverse, mask_c, mask_h, code,
+                  forget_bias, cell_clip, proj_clip):
+    """Gradients of :func:`lstm_forward` (run with ``need_grad``); ``ws`` its workspace,
+    which is left intact (the pullback may run twice). dy ``[T, B, P]``, dcT ``[B, H]``, dhT ``[B, P]``.
+
+    Returns ``(dx [T, B, I], dc0, dh0, dkernel, dbias, dw_i, dw_f, dw_o, dproj)``."""
+    X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
+    B = dcT.shape[0]
+    H = dcT.shape[1]
+    P = dhT.shape[1]
+    I = X.shape[1]
+    G4 = 4 * H
+    R = G.shape[0]
+    dt = G.dtype
+    L = nb.shape[0] - 1
+    use_peep = w_i.shape[0] > 0
+    use_proj = proj.shape[0] > 0
+    cclip = dt.type(cell_clip)
+    pclip = dt.type(proj_clip)
+    store_out = output_activation_stored(code)
+    one = dt.type(1.0)
+    zero = dt.type(0.0)
+    uniform = R == T * B and (B == 0 or lens_s[B - 1] == T)
+
+    dH = np.empty((B, P), dt)
+    dC = np.empty((B, H), dt)
+    for r in range(B):
+        b = order[r]
+        for j in range(P):
+            dH[r, j] = dhT[b, j]
+        for j in range(H):
+            dC[r, j] = dcT[b, j]
+    dwi = np.zeros(w_i.shape[0], dt)
+    dwf = np.zeros(w_i.shape[0], dt)
+    dwo = np.zeros(w_i.shape[0], dt)
+    dMraw = np.empty((R, P) if use_proj else (0, P), dt)
+    dMpre = np.empty((B, H) if use_proj else (0, H), dt)
+    dG = np.empty((R, G4), dt)
+    mc_on = mask_c.shape[0] > 0
+    mh_on = mask_h.shape[0] > 0
+
+    for k in range(L - 1, -1, -1):
+        n = nb[k]
+        gb = base[k]
+        if use_proj:
+            for r in range(n):
+                b = order[r]
+                t = time_index(k, r, lens_s, reverse)
+                th = 0 if mask_h.shape[0] == 1 else t
+                g = gb + r
+                for j in range(P):
+                    d = dH[r, j] * mask_h[th, b, j] if mh_on else dH[r, j]
+                    d += dy[t, b, j]
+                    if pclip >= 0:
+                        v = Yraw[g, j]
+                        if not (abs(v) <= pclip):
+                            d = zero
+                    dMraw[g, j] = d
+            gemm(0, 1, n, H, P, 1.0, dMraw, gb * P, P, proj, 0, P, 0.0, dMpre, 0, H)
+        for r in range(n):
+            b = order[r]
+            t = time_index(k, r, lens_s, reverse)
+            th = 0 if mask_h.shape[0] == 1 else t
+            tc = 0 if mask_c.shape[0] == 1 else t
+            g = gb + r
+            for j in range(H):
+                if use_proj:
+                    dm = dMpre[r, j]
+                else:
+                    dm = dH[r, j] * mask_h[th, b, j] if mh_on else dH[r, j]
+                    dm += dy[t, b, j]
+                cp = Ch[gb + r, j]
+                si = G[g, j]
+                sf = G[g, 2 * H + j]
+                so = G[g, 3 * H + j]
+                if store_out:
+                    aj = G[g, H + j]
+                    daj = dact(aj, aj, code)
+                else:
+                    zj = G[g, H + j]
+                    aj = act(zj, code)
+                    daj = dact(zj, aj, code)
+                craw = sf * cp + si * aj
+                c = craw
+                if cclip >= 0:
+                    if c > cclip:
+                        c = cclip
+                    elif c < -cclip:
+                        c = -cclip
+                ac = act(c, code)
+                d_go = dm * ac * so * (one - so)
+                dc = dC[r, j] * mask_c[tc, b, j] if mc_on else dC[r, j]
+                dc += dm * so * dact(c, ac, code)
+                if use_peep:
+                    dc += d_go * w_o[j]
+                    dwo[j] += d_go * c
+                if cclip >= 0 and not (abs(craw) <= cclip):
+                    dc = zero
+                d_gf = dc * cp * sf * (one - sf)
+                d_gi = dc * aj * si * (one - si)
+                d_gj = dc * si * daj
+                dcp = dc * sf
+                if use_peep:
+                    dcp += d_gi * w_i[j] + d_gf * w_f[j]
+                    dwi[j] += d_gi * cp
+                    dwf[j] += d_gf * cp
+                dC[r, j] = dcp
+                dG[g, j] = d_gi
+                dG[g, H + j] = d_gj
+                dG[g, 2 * H + j] = d_gf
+                dG[g, 3 * H + j] = d_go
+        # d h_prev = dG @ kernel[I:].T
+        gemm(0, 1, n, P, G4, 1.0, dG, gb * G4, G4, kernel, I * G4, G4, 0.0, dH, 0, P)
+
+    dkernel = np.empty((I + P, G4), dt)
+    gemm(1, 0, I, G4, R, 1.0, X, 0, I, dG, 0, G4, 0.0, dkernel, 0, G4)
+    gemm(1, 0, P, G4, R, 1.0, Hh, 0, P, dG, 0, G4, 0.0, dkernel, I * G4, G4)
+    dbias = np.zeros(G4, dt)
+    for i in range(R):
+        for j in range(G4):
+            dbias[j] += dG[i, j]
+    dproj = np.empty(proj.shape, dt)
+    if use_proj:
+        gemm(1, 0, H, P, R, 1.0, Mp, 0, H, dMraw, 0, P, 0.0, dproj, 0, P)
+    if uniform:
+        dx = np.empty((T, B, I), dt)
+        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dx, 0, I)
+    else:
+        dXp = np.empty((R, I), dt)
+        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dXp, 0, I)
+        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse)
+    dc0 = np.empty((B, H), dt)
+    dh0 = np.empty((B, P), dt)
+    for r in range(B):
+        b = order[r]
+        for j in range(H):
+            dc0[b, j] = dC[r, j]
+        for j in range(P):
+            dh0[b, j] = dH[r, j]
+    return dx, dc0, dh0, dkernel, dbias, dwi, dwf, dwo, dproj

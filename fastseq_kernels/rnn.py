@@ -1,0 +1,132 @@
+"""BasicRNNCell kernels, float32/float64, over a whole time-major sequence.
+
+Shapes: x ``[T, B, I]``; kernel ``[I+H, H]``; bias ``[H]``; h0 ``[B, H]``; lengths int64
+``[B]``; mask_h ``[Tm, B, H]`` with ``Tm`` 0 (no mask), 1 or ``T``. C-contiguous.
+Same scheme as :mod:`.lstm`: one input-projection GEMM, one GEMM per step on the active
+rows, nonlinearity fused in place, weight gradients as GEMMs over all rows.
+"""
+
+import numpy as np
+
+from ._blas import gemm
+from ._common import act, dact, gather_rows, make_plan, output_activation_stored, scatter_rows, time_index
+from ._jit import kernel
+
+
+@kernel
+def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad):
+    """Returns ``(y [T, B, H], h_T [B, H], workspace)``."""
+    T, B, I = x.shape
+    H = h0.shape[1]
+    dt = x.dtype
+    store_out = output_activation_stored(code)
+    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+    L = nb.shape[0] - 1
+    if uniform:
+        X = x.reshape(T * B, I)
+    else:
+        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
+    G = np.empty((R, H), dt)
+    gemm(0, 0, R, H, I, 1.0, X, 0, I, kernel, 0, H, 0.0, G, 0, H)
+    Hh = np.empty((R if need_grad else 2 * B, H), dt)
+    if uniform:
+        y = np.empty((T, B, H), dt)
+        Yp = y.reshape(T * B, H)
+    else:
+        y = np.empty((0, 0, 0), dt)
+        Yp = np.empty((R, H), dt)
+    hT = np.empty((B, H), dt)
+    n0 = nb[0] if L > 0 else 0
+    for r in range(B):
+        b = order[r]
+        for j in range(H):
+            if r < n0:
+                Hh[hbase[0] + r, j] = h0[b, j]
+            else:
+                hT[b, j] = h0[b, j]
+    mh_on = mask_h.shape[0] > 0
+    for k in range(L):
+        n = nb[k]
+        nn = nb[k + 1]
+        gb = base[k]
+        hb = hbase[k]
+        nhb = hbase[k + 1]
+        gemm(0, 0, n, H, H, 1.0, Hh, hb * H, H, kernel, I * H, H, 1.0, G, gb * H, H)
+        for r in range(n):
+            b = order[r]
+            t = time_index(k, r, lens_s, reverse)
+            th = 0 if mask_h.shape[0] == 1 else t
+            g = gb + r
+            for j in range(H):
+                z = G[g, j] + bias[j]
+                hn = act(z, code)
+                G[g, j] = hn if store_out else z
+                Yp[g, j] = hn
+                hm = hn * mask_h[th, b, j] if mh_on else hn
+                if r < nn:
+                    Hh[nhb + r, j] = hm
+                else:
+                    hT[b, j] = hm
+    if not uniform:
+        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
+    ws = (X, G, Hh, order, lens_s, nb, base)
+    return y, hT, ws
+
+
+@kernel
+def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code):
+    """Gradients of :func:`rnn_forward` (run with ``need_grad``).
+
+    Returns ``(dx, dh0, dkernel, dbias)``; ``ws`` is left intact."""
+    X, G, Hh, order, lens_s, nb, base = ws
+    B, H = dhT.shape
+    I = X.shape[1]
+    R = G.shape[0]
+    dt = G.dtype
+    store_out = output_activation_stored(code)
+    L = nb.shape[0] - 1
+    uniform = R == T * B and (B == 0 or lens_s[B - 1] == T)
+    dH = np.empty((B, H), dt)
+    for r in range(B):
+        b = order[r]
+        for j in range(H):
+            dH[r, j] = dhT[b, j]
+    dG = np.empty((R, H), dt)
+    mh_on = mask_h.shape[0] > 0
+    for k in range(L - 1, -1, -1):
+        n = nb[k]
+        gb = base[k]
+        for r in range(n):
+            b = order[r]
+            t = time_index(k, r, lens_s, reverse)
+            th = 0 if mask_h.shape[0] == 1 else t
+            g = gb + r
+            for j in range(H):
+                d = dH[r, j] * mask_h[th, b, j] if mh_on else dH[r, j]
+                d += dy[t, b, j]
+                if store_out:
+                    yv = G[g, j]
+                    dG[g, j] = d * dact(yv, yv, code)
+                else:
+                    z = G[g, j]
+                    dG[g, j] = d * dact(z, act(z, code), code)
+        gemm(0, 1, n, H, H, 1.0, dG, gb * H, H, kernel, I * H, H, 0.0, dH, 0, H)
+    dk = np.empty((I + H, H), dt)
+    gemm(1, 0, I, H, R, 1.0, X, 0, I, dG, 0, H, 0.0, dk, 0, H)
+    gemm(1, 0, H, H, R, 1.0, Hh, 0, H, dG, 0, H, 0.0, dk, I * H, H)
+    db = np.zeros(H, dt)
+    for i in range(R):
+        for j in range(H):
+            db[j] += dG[i, j]
+    dXp = np.empty((R, I), dt)
+    gemm(0, 1, R, I, H, 1.0, dG, 0, H, kernel, 0, H, 0.0, dXp, 0, I)
+    if uniform:
+        dx = dXp.reshape(T, B, I)
+    else:
+        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse)
+    dh0 = np.empty((B, H), dt)
+    for r in range(B):
+        b = order[r]
+        for j in range(H):
+            dh0[b, j] = dH[r, j]
+    return dx, dh0, dk, db

@@ -1,0 +1,97 @@
+"""Shared helpers for the kernel tests: random cells, params, masks, and comparisons
+against the NumPy reference backend (fastseq.reference.NumpyBackend)."""
+
+import numpy as np
+
+from fastseq.contract import CellSpec
+
+RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+
+SPECS = {
+    "rnn": CellSpec("rnn", 5),
+    "rnn_relu": CellSpec("rnn", 5, activation="relu"),
+    "gru": CellSpec("gru", 5),
+    "gru_softsign": CellSpec("gru", 4, activation="softsign"),
+    "lstm": CellSpec("lstm", 5, forget_bias=1.0),
+    "lstm_peep_clip": CellSpec("lstm", 5, use_peepholes=True, cell_clip=0.8, forget_bias=0.5),
+    "lstm_proj": CellSpec("lstm", 6, num_proj=3),
+    "lstm_all": CellSpec("lstm", 6, activation="elu", use_peepholes=True, cell_clip=1.0, num_proj=4,
+                         proj_clip=0.3, forget_bias=0.0),
+}
+
+
+def make_params(spec, I, dtype, rng, scale=0.6):
+    return {name: (rng.standard_normal(shape) * scale).astype(dtype) for name, shape in spec.param_shapes(I).items()}
+
+
+def make_state(spec, B, dtype, rng):
+    return tuple((rng.standard_normal((B, n)) * 0.5).astype(dtype) for n in spec.state_sizes)
+
+
+def make_masks(spec, T, B, dtype, rng, kind):
+    """kind: None, "step" ([T, B, S] per component) or "fixed" ([1, B, S], first component only)."""
+    if kind is None:
+        return None
+    out = []
+    for i, n in enumerate(spec.state_sizes):
+        if kind == "fixed" and i > 0:
+            out.append(None)
+            continue
+        tm = T if kind == "step" else 1
+        keep = 0.7
+        m = (rng.random((tm, B, n)) < keep).astype(dtype) / dtype.type(keep)
+        out.append(m)
+    return tuple(out)
+
+
+def lengths_for(pattern, T, B, rng):
+    if pattern is None:
+        return None
+    if pattern == "mixed":  # includes 0 and T
+        lens = rng.integers(0, T + 1, size=B)
+        lens[0] = T
+        if B > 1:
+            lens[1] = 0
+        return lens.astype(np.int64)
+    if pattern == "full":
+        return np.full(B, T, np.int64)
+    raise ValueError(pattern)
+
+
+def assert_close(actual, expected, rtol, what=""):
+    """Relative to the largest magnitude of ``expected`` (element-wise relative error is
+    meaningless for entries that cancel to ~0)."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    scale = max(float(np.max(np.abs(expected))) if expected.size else 0.0, 1.0)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+def compare_layer(fast, ref, spec, T, B, I, dtype, rng, lengths, reverse, masks, grads=True):
+    """Run one layer forward (and backward) on both backends and compare everything."""
+    dtype = np.dtype(dtype)
+    rtol = RTOL[dtype]
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    params = make_params(spec, I, dtype, rng)
+    s0 = make_state(spec, B, dtype, rng)
+    y, s, ws = fast.layer_forward(spec, params, x, s0, lengths, reverse, masks, grads)
+    yr, sr, wsr = ref.layer_forward(spec, params, x, s0, lengths, reverse, masks, grads)
+    assert y.dtype == dtype
+    assert_close(y, yr, rtol, "outputs")
+    for i, (a, b) in enumerate(zip(s, sr)):
+        assert a.dtype == dtype
+        assert_close(a, b, rtol, f"final state {i}")
+    if not grads:
+        return
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    ds = tuple(rng.standard_normal(a.shape).astype(dtype) for a in s)
+    dx, d0, dp = fast.layer_backward(spec, params, ws, dy, ds)
+    dxr, d0r, dpr = ref.layer_backward(spec, params, wsr, dy, ds)
+    assert_close(dx, dxr, rtol, "d_inputs")
+    for i, (a, b) in enumerate(zip(d0, d0r)):
+        assert_close(a, b, rtol, f"d_initial_state {i}")
+    assert set(dp) == set(dpr)
+    for name in dpr:
+        assert dp[name].dtype == dtype
+        assert_close(dp[name], dpr[name], rtol, f"d_params[{name!r}]")
