@@ -110,6 +110,8 @@ def load(name: str) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend name must be a str, got {type(name).__name__}")
     key = name.strip().lower()
+    if key in _initialized:  # fast path: every driver call comes here
+        return _instances[key]
     if key not in _discover():
         raise ValueError(f"unknown fastseq backend {name!r}; installed backends: {_describe_installed()}")
     reason = _reason_unavailable(key)
@@ -123,14 +125,18 @@ def load(name: str) -> Backend:
     return backend
 
 
+_default_cache: Dict[str, str] = {}
+
+
 def _default_name() -> str:
     env = os.environ.get("FASTSEQ_BACKEND", "").strip()
     if env:
         return env.lower()
-    for name in DEFAULT_ORDER:
-        if name in _discover() and _reason_unavailable(name) is None:
-            return name
-    return "numpy"
+    if "" not in _default_cache:
+        _default_cache[""] = next(
+            (n for n in DEFAULT_ORDER if n in _discover() and _reason_unavailable(n) is None), "numpy"
+        )
+    return _default_cache[""]
 
 
 def get_backend() -> str:
@@ -177,4 +183,5 @@ def _reset_for_tests() -> None:
         _instances.clear()
         _load_errors.clear()
         _initialized.clear()
+        _default_cache.clear()
         _selected = None

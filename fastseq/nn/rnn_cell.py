@@ -67,6 +67,8 @@ def _check_optional_positive(value, argname, integer=False):
 
 
 def _dtype_of(x):
+    if type(x) is np.ndarray:
+        return x.dtype
     dt = getattr(x, "dtype", None)
     if dt is not None and hasattr(dt, "as_numpy_dtype"):
         return np.dtype(dt.as_numpy_dtype)
@@ -74,6 +76,8 @@ def _dtype_of(x):
 
 
 def _shape_of(x):
+    if type(x) is np.ndarray:
+        return x.shape
     shape = getattr(x, "shape", None)
     if shape is None:
         return np.shape(x)
@@ -268,7 +272,12 @@ class _LeafCell(RNNCell):
 
     @property
     def spec(self) -> CellSpec:
-        return CellSpec(kind=self._kind, num_units=self.num_units, activation=self._activation_name, **self._spec_kwargs())
+        spec = self.__dict__.get("_spec")
+        if spec is None:  # configuration is fixed at construction
+            spec = self.__dict__["_spec"] = CellSpec(
+                kind=self._kind, num_units=self.num_units, activation=self._activation_name, **self._spec_kwargs()
+            )
+        return spec
 
     @property
     def activation(self):
