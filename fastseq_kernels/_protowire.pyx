@@ -381,7 +381,7 @@ cdef int scan_map(const uint8_t* start, const uint8_t* p, const uint8_t* end, di
                 if p == NULL:
                     raise _wire_err(start, q, "bad field in map entry")
         key = PyBytes_FromStringAndSize(<const char*>kp, kn) if kp != NULL else b""
-        if key in want:
+        if want is None or key in want:
             found[key] = (vp - start if vp != NULL else q - start, vn)
     return 0
 
@@ -535,3 +535,31 @@ cdef bytes _single(values):
     cdef const uint8_t* p = <const uint8_t*> PyBytes_AS_STRING(body)
     cdef const uint8_t* q = rd_len(p + 1, p + len(body), &n)
     return body[q - p:]
+
+
+def feature_names(const uint8_t[::1] buf, Py_ssize_t offset, Py_ssize_t length):
+    """``(context_names, feature_list_names)`` (lists of bytes) present in one SequenceExample."""
+    if offset < 0 or length < 0 or offset + length > buf.shape[0]:
+        raise ValueError("feature_names: slice out of range")
+    cdef const uint8_t* start = &buf[0] + offset if buf.shape[0] else <const uint8_t*>b""
+    cdef const uint8_t* end = start + length
+    cdef const uint8_t* p = start
+    cdef uint64_t tag
+    cdef Py_ssize_t n
+    cdef dict ctx = {}
+    cdef dict seq = {}
+    while p < end:
+        p = rd_varint(p, end, &tag)
+        if p == NULL:
+            raise _wire_err(start, end, "bad tag")
+        if (tag & 7) == 2 and ((tag >> 3) == 1 or (tag >> 3) == 2):
+            p = rd_len(p, end, &n)
+            if p == NULL:
+                raise _wire_err(start, end, "bad length of context/feature_lists")
+            scan_map(start, p, p + n, None, ctx if (tag >> 3) == 1 else seq)
+            p += n
+        else:
+            p = skip_field(p, end, <int>(tag & 7))
+            if p == NULL:
+                raise _wire_err(start, end, "bad field")
+    return list(ctx), list(seq)
