@@ -2,9 +2,10 @@
 """Cython kernels for sparse softmax cross-entropy, forward and backward, row by row.
 
 Shapes: ``logits [N, C]`` (C-contiguous), ``labels [N]`` int64 in ``[0, C)`` (checked by the
-caller), ``lse [N]`` the log-sum-exp of each row, ``coef [N]`` the cotangent of each row's loss.
+caller), ``mx [N]`` each row's maximum, ``ls [N] = log(sum(exp(logits[n] - mx[n])))``,
+``coef [N]`` the cotangent of each row's loss.
 
-    loss[n]    = lse[n] - logits[n, labels[n]]
+    loss[n]    = ls[n] - (logits[n, labels[n]] - mx[n])
     grad[n, :] = coef[n] * (softmax(logits[n]) - onehot(labels[n]))
 
 Every row is processed while it sits in cache (max, sum of exp, then the scaled softmax), so
@@ -69,8 +70,8 @@ cdef extern from *:
         for (Py_ssize_t j = 0; j < n; j++) s += fs_expf_avx2(x[j] - m);
         return s;
     }
-    static FS_AVX2 void fs_grad_avx2(const float* x, Py_ssize_t n, float lse, float c, float* g) {
-        for (Py_ssize_t j = 0; j < n; j++) g[j] = c * fs_expf_avx2(x[j] - lse);
+    static FS_AVX2 void fs_grad_avx2(const float* x, Py_ssize_t n, float m, float ls, float c, float* g) {
+        for (Py_ssize_t j = 0; j < n; j++) g[j] = c * fs_expf_avx2((x[j] - m) - ls);
     }
     #endif
 
@@ -84,8 +85,8 @@ cdef extern from *:
         for (Py_ssize_t j = 0; j < n; j++) s += expf(x[j] - m);
         return s;
     }
-    static void fs_grad_plain(const float* x, Py_ssize_t n, float lse, float c, float* g) {
-        for (Py_ssize_t j = 0; j < n; j++) g[j] = c * expf(x[j] - lse);
+    static void fs_grad_plain(const float* x, Py_ssize_t n, float m, float ls, float c, float* g) {
+        for (Py_ssize_t j = 0; j < n; j++) g[j] = c * expf((x[j] - m) - ls);
     }
 
     static int fs_avx2_state = -1;
@@ -116,17 +117,17 @@ cdef extern from *:
     #endif
         return fs_sumexp_plain(x, n, m);
     }
-    static void fs_row_grad_f32(const float* x, Py_ssize_t n, float lse, float c, float* g) {
+    static void fs_row_grad_f32(const float* x, Py_ssize_t n, float m, float ls, float c, float* g) {
     #ifdef FS_HAVE_AVX2_PATH
-        if (fs_use_avx2()) { fs_grad_avx2(x, n, lse, c, g); return; }
+        if (fs_use_avx2()) { fs_grad_avx2(x, n, m, ls, c, g); return; }
     #endif
-        fs_grad_plain(x, n, lse, c, g);
+        fs_grad_plain(x, n, m, ls, c, g);
     }
     static int fs_cpu_has_avx2(void) { return fs_use_avx2(); }
     """
     float fs_row_max_f32(const float* x, Py_ssize_t n) nogil
     float fs_row_sumexp_f32(const float* x, Py_ssize_t n, float m) nogil
-    void fs_row_grad_f32(const float* x, Py_ssize_t n, float lse, float c, float* g) nogil
+    void fs_row_grad_f32(const float* x, Py_ssize_t n, float m, float ls, float c, float* g) nogil
     int fs_cpu_has_avx2() nogil
 
 
@@ -136,7 +137,7 @@ def uses_avx2():
 
 
 cdef inline int _xent_forward_f32(const float[:, ::1] logits, const int64_t[::1] labels,
-                                  float[::1] loss, float[::1] lse,
+                                  float[::1] loss, float[::1] mx, float[::1] ls,
                                   Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
     cdef Py_ssize_t i, j, C = logits.shape[1]
     cdef const float* row
@@ -149,17 +150,17 @@ cdef inline int _xent_forward_f32(const float[:, ::1] logits, const int64_t[::1]
             s = 0.0
             for j in range(C):
                 s = s + <float>exp(<double>(row[j] - m))
-            l = m + logf(s)
         else:
             s = fs_row_sumexp_f32(row, C, m)
-            l = m + logf(s)
-        lse[i] = l
-        loss[i] = l - row[labels[i]]
+        l = logf(s)
+        mx[i] = m
+        ls[i] = l
+        loss[i] = l - (row[labels[i]] - m)
     return 0
 
 
 cdef inline int _xent_forward_f64(const double[:, ::1] logits, const int64_t[::1] labels,
-                                  double[::1] loss, double[::1] lse,
+                                  double[::1] loss, double[::1] mx, double[::1] ls,
                                   Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
     cdef Py_ssize_t i, j, C = logits.shape[1]
     cdef const double* row
@@ -173,42 +174,43 @@ cdef inline int _xent_forward_f64(const double[:, ::1] logits, const int64_t[::1
         s = 0.0
         for j in range(C):
             s += exp(row[j] - m)
-        l = m + log(s)
-        lse[i] = l
-        loss[i] = l - row[labels[i]]
+        l = log(s)
+        mx[i] = m
+        ls[i] = l
+        loss[i] = l - (row[labels[i]] - m)
     return 0
 
 
-def xent_forward(logits, labels, loss, lse, Py_ssize_t r0, Py_ssize_t r1):
-    """Rows [r0, r1): ``loss[i]`` and ``lse[i]`` from ``logits[i]`` and ``labels[i]``."""
+def xent_forward(logits, labels, loss, mx, ls, Py_ssize_t r0, Py_ssize_t r1):
+    """Rows [r0, r1): ``loss[i]``, the row maximum ``mx[i]`` and ``ls[i] = log(sum(exp(logits[i] - mx[i])))``."""
     if logits.dtype == np.float32:
-        _forward32(logits, labels, loss, lse, r0, r1)
+        _forward32(logits, labels, loss, mx, ls, r0, r1)
     else:
-        _forward64(logits, labels, loss, lse, r0, r1)
+        _forward64(logits, labels, loss, mx, ls, r0, r1)
 
 
 def _forward32(const float[:, ::1] logits, const int64_t[::1] labels, float[::1] loss,
-               float[::1] lse, Py_ssize_t r0, Py_ssize_t r1):
+               float[::1] mx, float[::1] ls, Py_ssize_t r0, Py_ssize_t r1):
     with nogil:
-        _xent_forward_f32(logits, labels, loss, lse, r0, r1)
+        _xent_forward_f32(logits, labels, loss, mx, ls, r0, r1)
 
 
 def _forward64(const double[:, ::1] logits, const int64_t[::1] labels, double[::1] loss,
-               double[::1] lse, Py_ssize_t r0, Py_ssize_t r1):
+               double[::1] mx, double[::1] ls, Py_ssize_t r0, Py_ssize_t r1):
     with nogil:
-        _xent_forward_f64(logits, labels, loss, lse, r0, r1)
+        _xent_forward_f64(logits, labels, loss, mx, ls, r0, r1)
 
 
-def xent_backward(logits, labels, lse, coef, grad, Py_ssize_t r0, Py_ssize_t r1):
-    """Rows [r0, r1): ``grad[i] = coef[i] * (softmax(logits[i]) - onehot(labels[i]))``."""
+def xent_backward(logits, labels, mx, ls, coef, grad, Py_ssize_t r0, Py_ssize_t r1):
+    """Rows [r0, r1): ``grad[i] = coef[i] * (exp((logits[i] - mx[i]) - ls[i]) - onehot(labels[i]))``."""
     if logits.dtype == np.float32:
-        _backward32(logits, labels, lse, coef, grad, r0, r1)
+        _backward32(logits, labels, mx, ls, coef, grad, r0, r1)
     else:
-        _backward64(logits, labels, lse, coef, grad, r0, r1)
+        _backward64(logits, labels, mx, ls, coef, grad, r0, r1)
 
 
-def _backward32(const float[:, ::1] logits, const int64_t[::1] labels, const float[::1] lse,
-                const float[::1] coef, float[:, ::1] grad, Py_ssize_t r0, Py_ssize_t r1):
+def _backward32(const float[:, ::1] logits, const int64_t[::1] labels, const float[::1] mx,
+                const float[::1] ls, const float[::1] coef, float[:, ::1] grad, Py_ssize_t r0, Py_ssize_t r1):
     cdef Py_ssize_t i, j, C = logits.shape[1]
     cdef float c
     with nogil:
@@ -218,14 +220,14 @@ def _backward32(const float[:, ::1] logits, const int64_t[::1] labels, const flo
                 for j in range(C):
                     grad[i, j] = 0.0
                 continue
-            fs_row_grad_f32(&logits[i, 0], C, lse[i], c, &grad[i, 0])
+            fs_row_grad_f32(&logits[i, 0], C, mx[i], ls[i], c, &grad[i, 0])
             grad[i, labels[i]] -= c
 
 
-def _backward64(const double[:, ::1] logits, const int64_t[::1] labels, const double[::1] lse,
-                const double[::1] coef, double[:, ::1] grad, Py_ssize_t r0, Py_ssize_t r1):
+def _backward64(const double[:, ::1] logits, const int64_t[::1] labels, const double[::1] mx,
+                const double[::1] ls, const double[::1] coef, double[:, ::1] grad, Py_ssize_t r0, Py_ssize_t r1):
     cdef Py_ssize_t i, j, C = logits.shape[1]
-    cdef double c, l
+    cdef double c, m, l
     with nogil:
         for i in range(r0, r1):
             c = coef[i]
@@ -233,7 +235,8 @@ def _backward64(const double[:, ::1] logits, const int64_t[::1] labels, const do
                 for j in range(C):
                     grad[i, j] = 0.0
                 continue
-            l = lse[i]
+            m = mx[i]
+            l = ls[i]
             for j in range(C):
-                grad[i, j] = c * exp(logits[i, j] - l)
+                grad[i, j] = c * exp((logits[i, j] - m) - l)
             grad[i, labels[i]] -= c

@@ -76,18 +76,20 @@ def _label_array(x, name, shape, n_classes):
 
 
 def _xent_forward(logits2d, labels1d):
-    """``(loss [N], lse [N])`` for ``logits2d [N, C]`` (C-contiguous) and ``labels1d [N]``."""
+    """``(loss [N], stats)`` for ``logits2d [N, C]`` (C-contiguous) and ``labels1d [N]``;
+    ``stats`` = (row max, log-sum-exp of the shifted row) for the backward pass."""
     from fastseq_kernels import _xent
 
     n, c = logits2d.shape
     loss = np.empty(n, dtype=logits2d.dtype)
-    lse = np.empty(n, dtype=logits2d.dtype)
+    mx = np.empty(n, dtype=logits2d.dtype)
+    ls = np.empty(n, dtype=logits2d.dtype)
     if n:
-        _run_rows(_xent.xent_forward, n, c, logits2d, labels1d, loss, lse)
-    return loss, lse
+        _run_rows(_xent.xent_forward, n, c, logits2d, labels1d, loss, mx, ls)
+    return loss, (mx, ls)
 
 
-def _xent_backward(logits2d, labels1d, lse, coef):
+def _xent_backward(logits2d, labels1d, stats, coef):
     """``coef[:, None] * (softmax(logits2d) - onehot(labels1d))`` as ``[N, C]``."""
     from fastseq_kernels import _xent
 
@@ -95,7 +97,7 @@ def _xent_backward(logits2d, labels1d, lse, coef):
     grad = np.empty_like(logits2d)
     coef = np.ascontiguousarray(coef, dtype=logits2d.dtype).reshape(-1)
     if n:
-        _run_rows(_xent.xent_backward, n, c, logits2d, labels1d, lse, coef, grad)
+        _run_rows(_xent.xent_backward, n, c, logits2d, labels1d, stats[0], stats[1], coef, grad)
     return grad
 
 
