@@ -247,15 +247,22 @@ def parse_single_sequence_example(serialized, context_features=None, sequence_fe
 
 # ---------------------------------------------------------------- encoding
 
-def _feature_body(value, where):
-    """Feature message body for one value (scalar or 1-D data) -> (kind, bytes)."""
+def _feature_body(value, where, kind=None):
+    """Feature message body for one value (scalar or 1-D data) -> (kind, bytes).
+    ``kind`` (1 bytes, 2 float, 3 int64) forces the Feature type; None infers it."""
     from fastseq_kernels import _protowire
 
     if isinstance(value, (bytes, str, np.bytes_, np.str_)):
         value = [value]
     arr = np.asarray(value) if not isinstance(value, np.ndarray) else value
     k = arr.dtype.kind
-    if k in "SUO":
+    if kind is None:
+        kind = 1 if k in "SUO" else 3 if k in "biu" else 2 if k == "f" else None
+    if arr.size == 0:
+        return kind or 2, bytes([((kind or 2) << 3) | 2, 0])
+    if kind == 1:
+        if k not in "SUO":
+            raise TypeError(f"{where}: the dtype asks for bytes, got {arr.dtype} data")
         items = []
         for v in arr.reshape(-1):
             if isinstance(v, (str, np.str_)):
@@ -264,14 +271,24 @@ def _feature_body(value, where):
                 raise TypeError(f"{where}: expected numbers or bytes/str, got {type(v).__name__}")
             items.append(_protowire.field(1, bytes(v)))
         return 1, _protowire.field(1, b"".join(items))
-    if k in "biu":
+    if k not in "biuf":
+        raise TypeError(f"{where}: expected int, float or bytes values, got dtype {arr.dtype}")
+    if kind == 3:
+        if k == "f" and not np.all(arr == np.round(arr)):
+            raise TypeError(f"{where}: the dtype asks for int64, got non-integer floats")
         return 3, _protowire.feature_numeric(np.ascontiguousarray(arr, dtype=np.int64).reshape(-1))
-    if k == "f":
-        return 2, _protowire.feature_numeric(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
-    raise TypeError(f"{where}: expected int, float or bytes values, got dtype {arr.dtype}")
+    return 2, _protowire.feature_numeric(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
 
 
-def _feature_list_body(steps, where):
+def _empty_kind(step):
+    """The Feature type an empty step implies (from an ndarray's dtype), else None."""
+    if isinstance(step, np.ndarray):
+        k = step.dtype.kind
+        return 1 if k in "SUO" else 3 if k in "biu" else 2 if k == "f" else None
+    return None
+
+
+def _feature_list_body(steps, where, kind=None):
     from fastseq_kernels import _protowire
 
     arr = None
@@ -282,36 +299,43 @@ def _feature_list_body(steps, where):
             arr = np.asarray(steps)
         except ValueError:  # ragged
             arr = None
-        if arr is not None and arr.dtype == object:
+        if arr is not None and (arr.dtype == object or arr.size == 0):
             arr = None
     else:
         raise TypeError(f"{where}: expected a list of per-step values or an array [T, ...], got {type(steps).__name__}")
-    if arr is not None and arr.dtype.kind in "biuf":
+    if arr is not None and arr.dtype.kind in "biuf" and kind != 1:
         if arr.ndim == 0:
             raise ValueError(f"{where}: expected one entry per step ([T, ...]), got a scalar")
         T = arr.shape[0]
         per = int(np.prod(arr.shape[1:], dtype=np.int64))
-        dt = np.float32 if arr.dtype.kind == "f" else np.int64
+        k = kind or (2 if arr.dtype.kind == "f" else 3)
+        if k == 3 and arr.dtype.kind == "f" and not np.all(arr == np.round(arr)):
+            raise TypeError(f"{where}: the dtype asks for int64, got non-integer floats")
+        dt = np.float32 if k == 2 else np.int64
         return _protowire.feature_list_numeric(np.ascontiguousarray(arr, dtype=dt).reshape(-1), T, per)
-    if arr is not None and arr.dtype.kind not in "SU":
+    if arr is not None and arr.dtype.kind not in "SUbiuf":
         raise TypeError(f"{where}: expected int, float or bytes values, got dtype {arr.dtype}")
     bodies = []
     kinds = set()
     for t, step in enumerate(steps):
         if not isinstance(step, (bytes, str, np.bytes_, np.str_)) and np.size(step) == 0:
             bodies.append(None)  # an empty step takes the list's type
+            ek = _empty_kind(step)
+            if ek is not None and kind is None:
+                kinds.add(ek)
             continue
-        kind, body = _feature_body(step, f"{where} step {t}")
-        kinds.add(kind)
+        k, body = _feature_body(step, f"{where} step {t}", kind)
+        kinds.add(k)
         bodies.append(body)
     if len(kinds) > 1:
         raise TypeError(f"{where}: steps mix Feature types ({sorted(_KIND_NAMES[k] for k in kinds)})")
-    empty = bytes([(kinds.pop() << 3) | 2, 0]) if kinds else b""
+    k = kind or (kinds.pop() if kinds else 2)
+    empty = bytes([(k << 3) | 2, 0])
     parts = [_protowire.field(1, empty if b is None else b) for b in bodies]
     return b"".join(parts)
 
 
-def _map_body(items, where, entry_fn):
+def _map_body(items, where, entry_fn, dtypes):
     from fastseq_kernels import _protowire
 
     if items is None:
@@ -321,23 +345,31 @@ def _map_body(items, where, entry_fn):
     parts = []
     for name, value in items.items():
         nb = _name_bytes(name, where)
-        body = entry_fn(value, f"{where}[{name!r}]")
+        kind = None
+        if name in dtypes:
+            kind = _kind_of_dtype(dtypes[name], f"dtypes[{name!r}]")
+        body = entry_fn(value, f"{where}[{name!r}]", kind)
         parts.append(_protowire.field(1, _protowire.field(1, nb) + _protowire.field(2, body)))
     return b"".join(parts)
 
 
-def encode_sequence_example(context=None, feature_lists=None):
+def encode_sequence_example(context=None, feature_lists=None, dtypes=None):
     """Serialize a ``tf.train.SequenceExample``.
 
     ``context``: ``{name: value}``, a value being a number, bytes/str, or a list/array of
     them (flattened). ``feature_lists``: ``{name: steps}``, ``steps`` an array ``[T, ...]``
     (each step's values flattened) or a list of per-step values (which may differ in length).
     Integers and bools become int64 lists, floats float lists, bytes/str bytes lists.
+    ``dtypes`` (``{name: "int64" | "float32" | "string"}``) forces a feature's type; it is
+    needed where the data cannot tell, e.g. a feature list whose steps are all empty Python
+    lists (which otherwise become empty float lists; TensorFlow rejects a type mismatch even
+    for empty lists).
     """
     from fastseq_kernels import _protowire
 
-    ctx = _map_body(context, "context", lambda v, w: _feature_body(v, w)[1])
-    fl = _map_body(feature_lists, "feature_lists", _feature_list_body)
+    dtypes = {} if dtypes is None else dict(dtypes)
+    ctx = _map_body(context, "context", lambda v, w, k: _feature_body(v, w, k)[1], dtypes)
+    fl = _map_body(feature_lists, "feature_lists", _feature_list_body, dtypes)
     out = b""
     if context is not None:
         out += _protowire.field(1, ctx)
@@ -346,14 +378,15 @@ def encode_sequence_example(context=None, feature_lists=None):
     return out
 
 
-def write_sequence_examples(path, examples, compression_type=None):
-    """Write ``(context, feature_lists)`` pairs as SequenceExamples to a TFRecord file."""
+def write_sequence_examples(path, examples, compression_type=None, dtypes=None):
+    """Write ``(context, feature_lists)`` pairs as SequenceExamples to a TFRecord file
+    (``dtypes`` as in :func:`encode_sequence_example`); returns the number written."""
     from .tfrecord import TFRecordWriter
 
     n = 0
     with TFRecordWriter(path, compression_type=compression_type) as w:
         for context, feature_lists in examples:
-            w.write(encode_sequence_example(context, feature_lists))
+            w.write(encode_sequence_example(context, feature_lists, dtypes))
             n += 1
     return n
 
