@@ -1,0 +1,1 @@
+"""TF1 parity tests (oracle in a TensorFlow subprocess) and the tutorial ports."""
