@@ -77,7 +77,8 @@ CONFIGS = (
 
 
 def run(backend=None, epochs=15, num_units=32, n_train=1000, n_test=500, batch_size=32, learning_rate=0.01,
-        seed=0, verbose=1):
+        seed=0, verbose=1, configs=None):
+    """Train one model per configuration in CONFIGS (or the names in ``configs``)."""
     rng = np.random.default_rng(seed)
     x_train, y_train = make_data(n_train, rng)
     x_test, y_test = make_data(n_test, rng)
@@ -85,6 +86,8 @@ def run(backend=None, epochs=15, num_units=32, n_train=1000, n_test=500, batch_s
     results = {}
     with fastseq.use_backend(backend) if backend else contextlib.nullcontext():
         for name, masked, use_lengths in CONFIGS:
+            if configs is not None and name not in configs:
+                continue
             fastseq.set_seed(seed)
             model = RecurrentModel("gru", num_units=num_units, num_classes=3, head="per_step")
             model.build(1)

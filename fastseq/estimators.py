@@ -324,6 +324,7 @@ class SequenceClassifier(_SequenceEstimator):
 
     def predict(self, sequences):
         """The most probable label of each sequence."""
+        self._check_fitted()
         return self.classes_[np.argmax(self.predict_proba(sequences), axis=1)]
 
     def score(self, sequences, labels):
@@ -399,6 +400,7 @@ class SequenceTagger(_SequenceEstimator):
 
     def predict(self, sequences):
         """The most probable label at every step: a list of ``[T_i]`` arrays."""
+        self._check_fitted()
         return [self.classes_[np.argmax(p, axis=1)] for p in self.predict_proba(sequences)]
 
     def score(self, sequences, labels):
