@@ -1,0 +1,137 @@
+"""Render ``benchmarks/RESULTS.md`` from a benchmark JSON run (never typed by hand).
+
+The hand-written analysis ("what limits each gap") lives in ``benchmarks/NOTES.md`` and
+is included verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .runner import _fmt_time, _ok
+from .targets import evaluate
+
+__all__ = ["render"]
+
+
+def _machine_section(run: dict) -> list:
+    m = run.get("machine", {})
+    cpu = m.get("cpu", {})
+    thr = m.get("threads", {})
+    blas = (m.get("blas", {}) or {}).get("numpy_blas", {})
+    gemm = m.get("gemm_float32") or {}
+    v = run.get("versions", {})
+    git = run.get("git", {}) or {}
+    lines = ["## Machine", ""]
+    lines.append(f"- CPU: {cpu.get('model', '?')} ({cpu.get('machine', '?')}), "
+                 f"{cpu.get('usable_cpus', '?')} usable of {cpu.get('logical_cpus', '?')} logical CPUs; "
+                 f"vector extensions: {', '.join(cpu.get('vector_extensions', [])) or 'none reported'}")
+    env = thr.get("env") or {}
+    lines.append(f"- Threads: {thr.get('usable_cpus', '?')} usable cores; PyTorch set to that many; "
+                 f"environment: {', '.join(f'{k}={val}' for k, val in env.items()) or 'no thread variables set'}")
+    if m.get("load_average") is not None:
+        lines.append(f"- Load average when the run started (1, 5, 15 min): "
+                     f"{', '.join(str(x) for x in m['load_average'])}")
+    if blas:
+        lines.append(f"- NumPy BLAS: {blas.get('name', '?')} {blas.get('version', '')}")
+    if gemm:
+        lines.append(f"- Measured float32 GEMM rate (numpy matmul {gemm.get('n')}x{gemm.get('n')}): "
+                     f"{gemm.get('gflops', 0):.1f} GFLOP/s (median)")
+    keys = ["python", "fastseq", "numpy", "numba", "tensorflow", "keras", "torch"]
+    lines.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in keys if v.get(k)))
+    rev = git.get("revision")
+    lines.append(f"- Source: git {rev[:12] if rev else 'unknown'}"
+                 + (" (uncommitted changes)" if git.get("dirty") else ""))
+    lines.append(f"- Platform: {m.get('platform', '?')}")
+    s = run.get("settings", {})
+    lines.append(f"- Run: {run.get('created', '?')}; repeat {s.get('repeat')}, warm-up {s.get('warmup')} "
+                 f"call(s) excluded, timing budget {s.get('budget_s')} s per measurement"
+                 + ("; **--quick** (P4 at T=100, lengths in [3, 100])" if s.get("quick") else ""))
+    lines.append("")
+    return lines
+
+
+def _tables(run: dict) -> list:
+    lines = ["## Results", "",
+             "Medians of the repetitions. *x fastest*: time over the fastest time of the same "
+             "configuration and mode. *numba is*: time over fastseq-numba's time (how many times "
+             "faster fastseq-numba is; above 1 means fastseq-numba wins). *spread*: half the "
+             "interquartile range over the median. GFLOP/s counts the useful matmul work "
+             "(padding excluded; training = 3x forward).", ""]
+    cfgs = run.get("configs", {})
+    order = []
+    for r in run["results"]:
+        if (r["config"], r["mode"]) not in order:
+            order.append((r["config"], r["mode"]))
+    for cname, mode in order:
+        rows = [r for r in run["results"] if (r["config"], r["mode"]) == (cname, mode)]
+        rows.sort(key=lambda r: (not _ok(r), r.get("median_s") or 0))
+        c = cfgs.get(cname, {})
+        lines.append(f"### {cname} {mode}: {c.get('shape', '')}")
+        lines.append("")
+        lines.append("| implementation | median | spread | x fastest | numba is | GFLOP/s |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            if not _ok(r):
+                why = r.get("skipped") or r.get("error") or "no result"
+                lines.append(f"| {r['impl']} | {why} | | | | |")
+                continue
+            sp = r.get("numba_speedup")
+            lines.append(
+                f"| {r['impl']} | {_fmt_time(r['median_s'])} | {100 * r['spread'] / 2:.0f}% | "
+                f"{r['ratio_to_fastest']:.2f} | {f'{sp:.2f}' if sp else '-'} | "
+                f"{r['gflops']:.1f} |" if r.get("gflops") else
+                f"| {r['impl']} | {_fmt_time(r['median_s'])} | {100 * r['spread'] / 2:.0f}% | "
+                f"{r['ratio_to_fastest']:.2f} | {f'{sp:.2f}' if sp else '-'} | - |")
+        lines.append("")
+    return lines
+
+
+def _targets(run: dict) -> list:
+    lines = ["## Targets (issue 3, item 5)", "",
+             "| target | measured | met |", "|---|---:|:---:|"]
+    for t in evaluate(run):
+        if t["measured"] is None:
+            meas, met = "not measured in this run", "-"
+        else:
+            unit = "of GEMM" if t["slow"] is None else "x"
+            meas = (f"{100 * t['measured']:.0f}% {unit}" if t["slow"] is None
+                    else f"{t['measured']:.2f}{unit}")
+            if t["detail"]:
+                meas += f" ({t['detail']})"
+            met = "yes" if t["met"] else "**no**"
+        if t.get("reduced_shape"):
+            meas += " [quick shape]"
+        lines.append(f"| {t['target']} | {meas} | {met} |")
+    lines.append("")
+    return lines
+
+
+def render(run: dict, notes_path: Optional[str] = None, json_name: Optional[str] = None,
+           plot_name: Optional[str] = None) -> str:
+    """The whole RESULTS.md text."""
+    lines = ["# fastseq benchmark results", "",
+             "<!-- Generated by benchmarks/make_results.py from "
+             f"{json_name or 'a benchmark JSON run'}; do not edit by hand. "
+             "Edit benchmarks/NOTES.md for the analysis section. -->", "",
+             "Regenerate: `python benchmarks/run_all.py` (runs P1-P4 on every installed backend "
+             "and peer, writes the JSON, then this file), or `python benchmarks/make_results.py "
+             "RUN.json` for an existing run.", ""]
+    lines += _machine_section(run)
+    if run.get("notes"):
+        lines += ["Notes from the run:", ""] + [f"- {n}" for n in run["notes"]] + [""]
+    lines += _targets(run)
+    if plot_name:
+        lines += [f"![speed-ups]({plot_name})", ""]
+    lines += _tables(run)
+    lines += ["## What limits each gap", ""]
+    if notes_path and os.path.exists(notes_path):
+        with open(notes_path) as fh:
+            text = fh.read().strip()
+        # drop a leading title of the notes file: this section has its own
+        body = text.split("\n", 1)[1].strip() if text.startswith("# ") and "\n" in text else text
+        lines += [body, ""]
+    else:
+        lines += ["(no benchmarks/NOTES.md yet)", ""]
+    return "\n".join(lines)

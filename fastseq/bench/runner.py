@@ -1,0 +1,185 @@
+"""Run configurations x implementations x modes; ratios, a text table and JSON."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List, Optional, Sequence
+
+from . import machine
+from .configs import Config
+from .impls import Skip, implementations, peer_unavailable
+from .timing import measure
+
+__all__ = ["run_benchmarks", "add_ratios", "format_table", "write_json", "SCHEMA"]
+
+SCHEMA = "fastseq-bench/1"
+
+
+def _stderr_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_benchmarks(
+    configs: Sequence[Config],
+    backends: Sequence[str],
+    peers: Sequence[str] = (),
+    modes: Optional[Sequence[str]] = None,
+    repeat: int = 10,
+    warmup: int = 1,
+    budget_s: Optional[float] = None,
+    progress: Optional[Callable[[str], None]] = _stderr_progress,
+    measure_gemm: bool = True,
+    gemm_repeat: int = 5,
+    settings: Optional[dict] = None,
+) -> dict:
+    """Time every (config, mode, implementation) and return the JSON-ready run record.
+
+    ``modes`` filters each config's own modes (None keeps them all). Unavailable peers are
+    skipped with a note; an implementation that fails is recorded with its error and the
+    run continues.
+    """
+    progress = progress or (lambda msg: None)
+    notes: List[str] = []
+    usable_peers = []
+    for p in peers:
+        why = peer_unavailable(p)
+        if why is None:
+            usable_peers.append(p)
+        else:
+            notes.append(f"peer {p} skipped: {why}")
+            progress(f"note: peer {p} skipped: {why}")
+
+    plan = []
+    for cfg in configs:
+        cfg_modes = [m for m in cfg.modes if modes is None or m in modes]
+        for impl in implementations(cfg, list(backends), usable_peers):
+            for mode in cfg_modes:
+                plan.append((cfg, mode, impl))
+
+    info = machine.machine_info(measure_gemm=False)
+    if measure_gemm:
+        progress("measuring the float32 GEMM rate (numpy matmul 2048x2048) ...")
+        info["gemm_float32"] = machine.gemm_gflops(repeat=gemm_repeat)
+        progress(f"  {info['gemm_float32']['gflops']:.1f} GFLOP/s")
+
+    results = []
+    t_start = time.perf_counter()
+    for k, (cfg, mode, impl) in enumerate(plan, 1):
+        head = f"[{k}/{len(plan)}] {cfg.name} {mode:<7} {impl.label:<26}"
+        rec = {"config": cfg.name, "mode": mode, "impl": impl.label, **impl.describe()}
+        rec.pop("label", None)
+        try:
+            fn = impl.prepare(cfg, mode)
+            stats = measure(fn, repeat=repeat, warmup=warmup, budget_s=budget_s)
+            rec.update(stats)
+            flops = cfg.flops(mode)
+            rec["gflops"] = flops / stats["median_s"] / 1e9 if stats["median_s"] > 0 else None
+            rec["error"] = None
+            progress(f"{head} {_fmt_time(stats['median_s']):>10}  +-{100 * stats['spread'] / 2:.0f}%"
+                     f"  (n={stats['n']}, first call {_fmt_time(stats['warmup_s'])})")
+        except Skip as exc:
+            rec["error"] = None
+            rec["skipped"] = str(exc)
+            progress(f"{head} skipped: {exc}")
+        except Exception as exc:  # record and go on
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+            rec["traceback"] = traceback.format_exc(limit=6)
+            progress(f"{head} FAILED: {rec['error']}")
+        results.append(rec)
+    add_ratios(results)
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": list(sys.argv),
+        "settings": dict(settings or {}, repeat=repeat, warmup=warmup, budget_s=budget_s,
+                         backends=list(backends), peers=list(peers)),
+        "machine": info,
+        "versions": info.pop("versions"),
+        "git": info.pop("git"),
+        "configs": {cfg.name: cfg.to_dict() for cfg in configs},
+        "notes": notes,
+        "results": results,
+        "elapsed_s": time.perf_counter() - t_start,
+    }
+
+
+def _ok(r):
+    return r.get("median_s") is not None and not r.get("error") and not r.get("skipped")
+
+
+def add_ratios(results: List[dict]) -> None:
+    """Per (config, mode): ``ratio_to_fastest`` = t / t_fastest (>= 1) and
+    ``numba_speedup`` = t / t(fastseq-numba) (how many times faster fastseq-numba is)."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in results:
+        groups.setdefault((r["config"], r["mode"]), []).append(r)
+    for rows in groups.values():
+        ok = [r for r in rows if _ok(r)]
+        if not ok:
+            continue
+        fastest = min(r["median_s"] for r in ok)
+        numba = next((r["median_s"] for r in ok if r["impl"] == "fastseq-numba"), None)
+        for r in ok:
+            r["ratio_to_fastest"] = r["median_s"] / fastest
+            r["numba_speedup"] = r["median_s"] / numba if numba else None
+
+
+def _fmt_time(t: Optional[float]) -> str:
+    if t is None:
+        return "-"
+    if t >= 1.0:
+        return f"{t:.2f} s"
+    if t >= 1e-3:
+        return f"{t * 1e3:.2f} ms"
+    return f"{t * 1e6:.0f} us"
+
+
+def format_table(run: dict) -> str:
+    """The run as a plain-text table, one block per (config, mode), fastest first."""
+    lines = []
+    cfgs = run.get("configs", {})
+    order = []
+    for r in run["results"]:
+        key = (r["config"], r["mode"])
+        if key not in order:
+            order.append(key)
+    gemm = (run.get("machine", {}).get("gemm_float32") or {}).get("gflops")
+    for cname, mode in order:
+        rows = [r for r in run["results"] if r["config"] == cname and r["mode"] == mode]
+        shape = cfgs.get(cname, {}).get("shape", "")
+        lines.append(f"{cname} {mode}: {shape}")
+        lines.append(f"  {'implementation':<26}{'median':>11}{'spread':>8}{'x fastest':>11}"
+                     f"{'numba is':>10}{'GFLOP/s':>9}")
+        rows.sort(key=lambda r: (not _ok(r), r.get("median_s") or 0))
+        for r in rows:
+            if not _ok(r):
+                why = r.get("skipped") or r.get("error") or "no result"
+                lines.append(f"  {r['impl']:<26}  {why}")
+                continue
+            sp = r.get("numba_speedup")
+            gf = r.get("gflops")
+            lines.append(
+                f"  {r['impl']:<26}{_fmt_time(r['median_s']):>11}{100 * r['spread'] / 2:>6.0f}% "
+                f"{r['ratio_to_fastest']:>10.2f}x"
+                f"{(f'{sp:.2f}x' if sp else '-'):>10}"
+                f"{(f'{gf:.1f}' if gf else '-'):>9}"
+            )
+        lines.append("")
+    if gemm:
+        lines.append(f"float32 GEMM rate (numpy matmul 2048x2048): {gemm:.1f} GFLOP/s")
+    lines.append("spread: half the interquartile range (range below 4 samples) over the median; "
+                 "'numba is': t / t(fastseq-numba), how many times faster fastseq-numba is; "
+                 "GFLOP/s counts useful work only (padding excluded).")
+    for n in run.get("notes", []):
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def write_json(run: dict, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(run, fh, indent=1, sort_keys=False, default=str)
+        fh.write("\n")

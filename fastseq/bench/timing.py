@@ -1,0 +1,79 @@
+"""Timing: warm-up calls excluded, then repetitions; median and spread."""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+__all__ = ["measure", "summarize"]
+
+
+def summarize(times: List[float]) -> Dict[str, object]:
+    """Median, min, max and spread of a list of durations in seconds.
+
+    ``spread`` is the interquartile range divided by the median (0.05 = +-2.5 %); with
+    fewer than 4 samples it is (max - min) / median.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    if t.size == 0:
+        raise ValueError("summarize needs at least one time")
+    med = float(np.median(t))
+    if t.size >= 4:
+        q1, q3 = np.percentile(t, [25, 75])
+        width = q3 - q1
+    else:
+        width = t.max() - t.min()
+    return {
+        "times_s": [float(x) for x in t],
+        "n": int(t.size),
+        "median_s": med,
+        "min_s": float(t.min()),
+        "max_s": float(t.max()),
+        "spread": float(width / med) if med > 0 else 0.0,
+    }
+
+
+def measure(
+    fn: Callable[[], object],
+    repeat: int = 10,
+    warmup: int = 1,
+    budget_s: Optional[float] = None,
+    min_repeat: int = 3,
+) -> Dict[str, object]:
+    """Call ``fn`` ``warmup`` times untimed, then up to ``repeat`` timed times.
+
+    With ``budget_s``, timed repetitions stop early once their total exceeds the budget,
+    but never before ``min(min_repeat, repeat)`` of them. The garbage collector is off
+    during each timed call. Returns :func:`summarize`'s dict plus ``warmup_s`` (the
+    duration of the first warm-up call, which includes compilation/tracing).
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    warm_times = []
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        warm_times.append(time.perf_counter() - t0)
+    times: List[float] = []
+    floor = min(min_repeat, repeat)
+    gc_was_enabled = gc.isenabled()
+    try:
+        for _ in range(repeat):
+            gc.collect()
+            gc.disable()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            if gc_was_enabled:
+                gc.enable()
+            if budget_s is not None and len(times) >= floor and sum(times) > budget_s:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    out = summarize(times)
+    out["warmup_s"] = float(warm_times[0]) if warm_times else None
+    return out
