@@ -8,12 +8,11 @@ log-sum-exp shifted by each row's maximum (no overflow for large logits).
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from fastseq.grad import Grads, defvjp
+
+from ._threads import run_rows as _run_rows
 
 __all__ = [
     "sparse_softmax_cross_entropy_with_logits",
@@ -21,35 +20,6 @@ __all__ = [
     "sequence_loss",
     "sequence_loss_grad",
 ]
-
-_POOL = None
-_PARALLEL_MIN = 1 << 20  # elements below which one thread does all rows
-
-
-def _num_threads():
-    env = os.environ.get("FASTSEQ_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        return max(1, min(len(os.sched_getaffinity(0)), 8))
-    except AttributeError:  # pragma: no cover (non-Linux)
-        return max(1, min(os.cpu_count() or 1, 8))
-
-
-def _run_rows(fn, n_rows, n_cols, *args):
-    """Call ``fn(*args, r0, r1)`` over row chunks, in parallel for large inputs."""
-    global _POOL
-    k = _num_threads()
-    if k == 1 or n_rows * n_cols < _PARALLEL_MIN or n_rows < 2 * k:
-        fn(*args, 0, n_rows)
-        return
-    if _POOL is None or _POOL._max_workers != k:
-        _POOL = ThreadPoolExecutor(max_workers=k, thread_name_prefix="fastseq-xent")
-    bounds = np.linspace(0, n_rows, k + 1).astype(int)
-    futures = [_POOL.submit(fn, *args, int(bounds[i]), int(bounds[i + 1])) for i in range(k)]
-    for f in futures:
-        f.result()
-
 
 def _float_array(x, name):
     arr = np.asarray(x)

@@ -86,7 +86,10 @@ def pad_sequences(sequences, maxlen=None, dtype=None, padding="post", truncating
         raise TypeError(f"value: expected a number, got {value!r}") from None
     out = np.empty((len(arrays), T) + sample_shape, dtype=dtype)
     if out.size:
-        _padding.pad_into(arrays, lengths, out, padding == "pre", truncating == "pre", pad_row)
+        from ._threads import run_rows
+
+        run_rows(_padding.pad_into, len(arrays), out[0].size, arrays, lengths, out, padding == "pre",
+                 truncating == "pre", pad_row)
     return out, np.minimum(lengths, T)
 
 
