@@ -236,9 +236,52 @@ class KernelCache:
             return run_layer(spec, x, state, params, lengths, masks, mask_kinds, reverse, full_length=jit)
 
         fn = tf.function(layer, input_signature=signature, jit_compile=jit or None, autograph=False)
+        if jit:
+            fn = self._xla_differentiable(fn, signature, nstate)
         with self._lock:
             self._fns[key] = fn
         return fn
+
+    def _xla_differentiable(self, fwd, signature, nstate):
+        """Wrap an XLA-compiled layer so that GradientTape can differentiate it.
+
+        The loop's intermediate TensorLists cannot leave an XLA cluster, so the gradient is
+        computed by a second XLA function that re-runs the forward pass and differentiates
+        it internally (one extra forward pass per backward pass).
+        """
+        n_float = 3  # x, state, params are differentiable; lengths and masks are not
+
+        def fwd_bwd(args, dy, ds):
+            args = list(args)
+            with tf.GradientTape() as tape:
+                sources = [args[0], *args[1], *args[2]]
+                tape.watch(sources)
+                y, final = fwd(*args)
+            return tape.gradient([y, *final], sources, output_gradients=[dy, *ds],
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        bwd = tf.function(fwd_bwd, jit_compile=True, autograph=False, reduce_retracing=True)
+
+        def call(*args):
+            flat = tf.nest.flatten(args)
+
+            @tf.custom_gradient
+            def inner(*flat_in):
+                packed = tf.nest.pack_sequence_as(args, list(flat_in))
+                # Unwatched inputs: the outer tape must not record the XLA call itself.
+                y, final = fwd(*tf.nest.map_structure(tf.stop_gradient, packed))
+
+                def grad(dy, *ds):
+                    g = bwd(tuple(packed), dy, tuple(ds))
+                    n_diff = len(tf.nest.flatten(packed[:n_float]))
+                    return list(g) + [None] * (len(flat_in) - n_diff)
+
+                return (y, *final), grad
+
+            y, *final = inner(*flat)
+            return y, tuple(final)
+
+        return call
 
     def step_fn(self, spec: CellSpec, dtype, jit: bool):
         key = ("step", spec, dtype, jit)

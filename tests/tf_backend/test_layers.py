@@ -1,0 +1,143 @@
+"""The tensorflow backend's layer ops against the numpy reference backend: forward, final
+state and every gradient (inputs, initial state, params), float64 to 1e-10 and float32 to
+1e-5 relative, for every cell option, reverse, state masks and lengths including 0 and T.
+Also: traces are not repeated for new batch sizes or lengths, and the XLA switch."""
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow", reason="tensorflow is not installed (pip install 'fastseq[tensorflow]')")
+
+from fastseq.contract import ACTIVATIONS, CellSpec  # noqa: E402
+from fastseq.reference import NumpyBackend  # noqa: E402
+from fastseq.testing import assert_close  # noqa: E402
+
+REF = NumpyBackend()
+
+SPECS = {
+    "rnn": CellSpec("rnn", 5),
+    "gru": CellSpec("gru", 5),
+    "lstm": CellSpec("lstm", 5, forget_bias=0.5),
+    "lstm_full": CellSpec("lstm", 5, use_peepholes=True, cell_clip=0.4, num_proj=3, proj_clip=0.3, forget_bias=0.7),
+}
+
+# (reverse, lengths kind, state mask kind): a spread of combinations, one trace each.
+COMBOS = [
+    (False, None, None),
+    (True, "mixed", "seq"),
+    (False, "mixed", "const"),
+    (True, None, "seq"),
+]
+
+
+@pytest.fixture(scope="module")
+def tfb():
+    from fastseq_tensorflow import TensorFlowBackend
+
+    backend = TensorFlowBackend()
+    backend.jit_compile = False
+    backend.initialize()
+    return backend
+
+
+def _problem(spec, dtype, T=6, B=4, I=3, lengths=None, mask=None, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {k: rng.normal(0, 0.6, s).astype(dtype) for k, s in spec.param_shapes(I).items()}
+    x = rng.normal(size=(T, B, I)).astype(dtype)
+    s0 = tuple(rng.normal(size=(B, s)).astype(dtype) for s in spec.state_sizes)
+    seq = None
+    if lengths == "mixed":
+        seq = np.array([0, T] + list(rng.integers(1, T + 1, size=B - 2)), dtype=np.int64)
+    masks = None
+    if mask is not None:
+        tm = T if mask == "seq" else 1
+        masks = tuple(
+            ((rng.random((tm, B, s)) > 0.3) / 0.7).astype(dtype) if k == len(spec.state_sizes) - 1 else None
+            for k, s in enumerate(spec.state_sizes)
+        )
+    return params, x, s0, seq, masks, rng
+
+
+def _compare(tfb, spec, dtype, reverse, lengths, mask, seed=0, **shape):
+    params, x, s0, seq, masks, rng = _problem(spec, dtype, lengths=lengths, mask=mask, seed=seed, **shape)
+    y_ref, f_ref, ws_ref = REF.layer_forward(spec, params, x, s0, seq, reverse, masks, need_grad=True)
+    y, f, ws = tfb.layer_forward(spec, params, x, s0, seq, reverse, masks, need_grad=True)
+    assert isinstance(y, tf.Tensor) and y.dtype == tf.as_dtype(dtype)
+    tag = f"{spec}/{np.dtype(dtype).name}/rev={reverse}/len={lengths}/mask={mask}"
+    assert_close([tfb.to_numpy(y), [tfb.to_numpy(s) for s in f]], [y_ref, list(f_ref)], dtype, tag + " forward")
+    dy = rng.normal(size=y_ref.shape).astype(dtype)
+    ds = tuple(rng.normal(size=s.shape).astype(dtype) for s in f_ref)
+    g_ref = REF.layer_backward(spec, params, ws_ref, dy, ds)
+    g = tfb.layer_backward(spec, params, ws, dy, ds)
+    assert list(g[2]) == list(g_ref[2])
+    got = [tfb.to_numpy(g[0]), [tfb.to_numpy(d) for d in g[1]], {k: tfb.to_numpy(v) for k, v in g[2].items()}]
+    assert_close(got, [g_ref[0], list(g_ref[1]), g_ref[2]], dtype, tag + " gradients")
+    # the step function gives the first step of an unmasked forward run
+    out_ref, st_ref = REF.cell_step(spec, params, x[0], s0)
+    out, st = tfb.cell_step(spec, params, x[0], s0)
+    assert_close([tfb.to_numpy(out), [tfb.to_numpy(s) for s in st]], [out_ref, list(st_ref)], dtype, tag + " step")
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: f"rev{int(c[0])}-{c[1]}-{c[2]}")
+@pytest.mark.parametrize("name", list(SPECS))
+def test_layer_float64(tfb, name, combo):
+    _compare(tfb, SPECS[name], np.float64, *combo)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_layer_float32(tfb, name):
+    _compare(tfb, SPECS[name], np.float32, True, "mixed", "seq", seed=1)
+
+
+def test_activations(tfb):
+    """Every activation of the contract, on a plain rnn and inside an LSTM."""
+    for act in ACTIVATIONS:
+        _compare(tfb, CellSpec("rnn", 4, activation=act), np.float64, False, "mixed", None, seed=2)
+    _compare(tfb, CellSpec("lstm", 4, activation="relu", num_proj=2), np.float64, True, None, None, seed=3)
+    _compare(tfb, CellSpec("gru", 4, activation="softsign"), np.float64, False, None, None, seed=3)
+
+
+def test_edge_lengths_and_shapes(tfb):
+    """All lengths 0, all lengths T, T = 0, B = 0 and T = 1 with a constant mask."""
+    spec = SPECS["lstm_full"]
+    for T, B, seq in [(5, 3, [0, 0, 0]), (5, 3, [5, 5, 5]), (0, 3, [0, 0, 0]), (4, 0, []), (1, 2, None)]:
+        params, x, s0, _, _, rng = _problem(spec, np.float64, T=T, B=B)
+        seq_arr = None if seq is None else np.asarray(seq, dtype=np.int64)
+        masks = (np.full((1, B, 5), 2.0), None) if T == 1 else None
+        y_ref, f_ref, ws_ref = REF.layer_forward(spec, params, x, s0, seq_arr, True, masks, need_grad=True)
+        y, f, ws = tfb.layer_forward(spec, params, x, s0, seq_arr, True, masks, need_grad=True)
+        assert tuple(y.shape) == y_ref.shape
+        assert_close([tfb.to_numpy(y), [tfb.to_numpy(s) for s in f]], [y_ref, list(f_ref)], np.float64, f"T={T} B={B}")
+        dy = rng.normal(size=y_ref.shape)
+        ds = tuple(rng.normal(size=s.shape) for s in f_ref)
+        g_ref = REF.layer_backward(spec, params, ws_ref, dy, ds)
+        g = tfb.layer_backward(spec, params, ws, dy, ds)
+        got = [tfb.to_numpy(g[0]), [tfb.to_numpy(d) for d in g[1]], {k: tfb.to_numpy(v) for k, v in g[2].items()}]
+        assert_close(got, [g_ref[0], list(g_ref[1]), g_ref[2]], np.float64, f"T={T} B={B} gradients")
+
+
+def test_no_retrace_for_new_shapes(tfb):
+    """One trace per configuration: new T, B, input depth and lengths reuse it."""
+    spec = CellSpec("gru", 6)
+    before = tfb.trace_count
+    results = []
+    for T, B, I, with_len in [(5, 2, 3, True), (9, 7, 3, True), (3, 1, 4, True), (12, 5, 2, True)]:
+        params, x, s0, seq, _, _ = _problem(spec, np.float32, T=T, B=B, I=I, lengths="mixed" if B > 2 else None)
+        if seq is None:
+            seq = np.full(B, T, dtype=np.int64)
+        y, _, _ = tfb.layer_forward(spec, params, x, s0, seq)
+        results.append(tuple(y.shape) == (T, B, 6))
+        tfb.cell_step(spec, params, x[0], s0)
+    assert all(results)
+    assert tfb.trace_count - before == 2  # the layer function and the step function, once each
+
+
+def test_xla_switch(tfb):
+    """jit_compile=True runs the same math through XLA (all T steps, lengths by masking)."""
+    from fastseq_tensorflow import TensorFlowBackend
+
+    xla = TensorFlowBackend()
+    xla.jit_compile = True
+    xla.initialize()
+    _compare(xla, SPECS["lstm"], np.float64, True, "mixed", "seq", seed=4)
+    _compare(xla, SPECS["gru"], np.float32, False, "mixed", None, seed=5)
