@@ -563,3 +563,12 @@ def feature_names(const uint8_t[::1] buf, Py_ssize_t offset, Py_ssize_t length):
             if p == NULL:
                 raise _wire_err(start, end, "bad field")
     return list(ctx), list(seq)
+
+
+def first_mismatch(const int64_t[::1] counts, int64_t size):
+    """Index of the first entry of ``counts`` that differs from ``size``, or -1."""
+    cdef Py_ssize_t i
+    for i in range(counts.shape[0]):
+        if counts[i] != size:
+            return i
+    return -1

@@ -136,13 +136,14 @@ class SequenceExampleParser:
                         default = np.broadcast_to(np.asarray(spec.default_value, dtype=dt), shape).copy()
                     except ValueError:
                         raise ValueError(f"{where}: default_value does not fit shape {shape}") from None
-                out.append((name, nb, "fixed", kind, (shape, default)))
+                out.append((name, nb, "fixed", kind, (shape, default, int(np.prod(shape, dtype=np.int64)))))
             elif isinstance(spec, VarLenFeature):
                 out.append((name, nb, "var", _kind_of_dtype(spec.dtype, where), None))
             elif not is_context and isinstance(spec, (FixedLenSequenceFeature, FixedLenFeature)):
                 shape = _shape_tuple(spec.shape, where)
                 allow = bool(getattr(spec, "allow_missing", False))
-                out.append((name, nb, "fixedseq", _kind_of_dtype(spec.dtype, where), (shape, allow)))
+                size = int(np.prod(shape, dtype=np.int64))
+                out.append((name, nb, "fixedseq", _kind_of_dtype(spec.dtype, where), (shape, allow, size)))
             else:
                 allowed = "FixedLenFeature or VarLenFeature" if is_context else "FixedLenSequenceFeature or VarLenFeature"
                 raise TypeError(f"{where}: expected a {allowed}, got {type(spec).__name__}")
@@ -159,7 +160,8 @@ class SequenceExampleParser:
         return ValueError(f"{where}{section} feature {name!r} is required but missing; the example has {have}")
 
     def parse(self, buf, offset=0, length=None, where=""):
-        """Parse ``buf[offset:offset+length]``; ``where`` prefixes error messages."""
+        """Parse ``buf[offset:offset+length]``; ``where`` (a string, or a callable returning
+        one, called only on errors) prefixes error messages."""
         from fastseq_kernels import _protowire
 
         if length is None:
@@ -168,7 +170,16 @@ class SequenceExampleParser:
             craw, sraw = _protowire.parse_sequence_example(buf, offset, length, self.context_want,
                                                            self.sequence_want)
         except _protowire.WireError as exc:
-            raise ValueError(f"{where}{exc}") from None
+            raise ValueError(f"{where if isinstance(where, str) else where()}{exc}") from None
+        try:
+            return self._finish(buf, offset, length, craw, sraw, _protowire.first_mismatch)
+        except (ValueError, TypeError) as exc:
+            if where and type(exc) in (ValueError, TypeError):
+                raise type(exc)(f"{where if isinstance(where, str) else where()}{exc}") from None
+            raise
+
+    def _finish(self, buf, offset, length, craw, sraw, first_mismatch):
+        where = ""
         context = {}
         for name, nb, mode, kind, extra in self.context:
             got = craw.get(nb)
@@ -182,14 +193,13 @@ class SequenceExampleParser:
                 context[name] = SparseValue(np.arange(n, dtype=np.int64).reshape(n, 1), vals,
                                             np.array([n], dtype=np.int64))
                 continue
-            shape, default = extra
+            shape, default, size = extra
             if got is None:
                 if default is None:
                     raise self._missing(buf, offset, length, "context", name, where)
                 context[name] = default.copy()
                 continue
             vals = got[1]
-            size = int(np.prod(shape, dtype=np.int64))
             if len(vals) != size:
                 raise ValueError(f"{where}context feature {name!r}: expected {size} values (shape {list(shape)}), "
                                  f"got {len(vals)}")
@@ -207,7 +217,7 @@ class SequenceExampleParser:
                 else:
                     sequences[name] = _sparse(_dense_values(kind, got[1]), got[2])
                 continue
-            shape, allow_missing = extra
+            shape, allow_missing, size = extra
             if got is None:
                 if not allow_missing:
                     raise self._missing(buf, offset, length, "sequence", name, where)
@@ -215,12 +225,12 @@ class SequenceExampleParser:
                 sequences[name] = np.zeros((0,) + shape, dtype=dt)
                 continue
             _, vals, counts = got
-            size = int(np.prod(shape, dtype=np.int64))
-            if len(counts) and (counts.min() != size or counts.max() != size):
-                t = int(np.nonzero(counts != size)[0][0])
+            t = first_mismatch(counts, size)
+            if t >= 0:
                 raise ValueError(f"{where}sequence feature {name!r}: step {t} has {int(counts[t])} values, "
                                  f"expected {size} (shape {list(shape)})")
-            sequences[name] = _dense_values(kind, vals).reshape((len(counts),) + shape)
+            sequences[name] = (vals.reshape((len(counts),) + shape) if kind != 1
+                               else _dense_values(kind, vals).reshape((len(counts),) + shape))
         return context, sequences
 
 
@@ -418,7 +428,7 @@ class _ExampleIterator:
             path = self.reader.path
             for offs, lens in self.reader.spans(buf):
                 for o, n in zip(offs.tolist(), lens.tolist()):
-                    yield parse(view, o, n, f"{path}: record {index} (byte offset {o - 12}): ")
+                    yield parse(view, o, n, lambda: f"{path}: record {index} (byte offset {o - 12}): ")
                     index += 1
             del view
         finally:
