@@ -112,12 +112,14 @@ def echo_data(total_series_length, echo_step, batch_size, rng):
 
 def echo(backend=None, epochs=5, total_series_length=15000, truncated_backprop_length=15, state_size=4,
          echo_step=3, batch_size=5, learning_rate=0.01, seed=0, plot=None, verbose=1, dtype="float32",
-         plot_rows=3):
+         plot_rows=3, carry_state=True):
     """Train the echo RNN with truncated BPTT (state carried across windows).
 
     Returns the loss history, the accuracy on a fresh series (state carried across windows
     as in training; the first ``echo_step`` steps of each row, whose echo comes from before
-    the row's start, are left out) and the training time.
+    the row's start, are left out) and the training time. ``carry_state=False`` restarts
+    every window from a zero state (in training and evaluation), to show what carrying buys:
+    the echo of a window's first ``echo_step`` inputs is then out of reach.
     """
     import sys
 
@@ -152,7 +154,8 @@ def echo(backend=None, epochs=5, total_series_length=15000, truncated_backprop_l
                 s = slice(b * truncated_backprop_length, (b + 1) * truncated_backprop_length)
                 xb = x[:, s, None].astype(dt)
                 loss, extras = model.train_step(opt, xb, None, y[:, s], ones, initial_state=state)
-                state = extras["final_state"]  # carried into the next window, no gradient through it
+                if carry_state:  # carried into the next window, no gradient through it
+                    state = extras["final_state"]
                 losses.append(loss)
                 last = (x[:, s], y[:, s], np.argmax(extras["logits"], axis=-1))
             if verbose:
@@ -165,7 +168,9 @@ def echo(backend=None, epochs=5, total_series_length=15000, truncated_backprop_l
         preds = []
         for b in range(x.shape[1] // truncated_backprop_length):
             s = slice(b * truncated_backprop_length, (b + 1) * truncated_backprop_length)
-            logits, state = model.forward(x[:, s, None].astype(dt), None, initial_state=state)
+            logits, final = model.forward(x[:, s, None].astype(dt), None, initial_state=state)
+            if carry_state:
+                state = final
             preds.append(np.argmax(logits, axis=-1))
         pred = np.concatenate(preds, axis=1)
         accuracy = float(np.mean(pred[:, echo_step:] == y[:, echo_step:]))
@@ -178,6 +183,7 @@ def echo(backend=None, epochs=5, total_series_length=15000, truncated_backprop_l
         "train_time_s": train_time,
         "final_loss": float(np.mean(losses[-20:])) if losses else None,
         "accuracy": accuracy,
+        "carry_state": bool(carry_state),
         "loss_history": [float(v) for v in losses],
     }
     if plot:

@@ -90,6 +90,9 @@ def test_echo_state_is_carried_across_windows():
     res = run_recipe("echo", epochs=2, total_series_length=6000, verbose=0)
     assert res["accuracy"] >= 0.99
     assert res["steps"] == 2 * 6000 // 5 // 15
+    cut = run_recipe("echo", epochs=2, total_series_length=6000, verbose=0, carry_state=False)
+    # a zero state at every window: the first echo_step=3 of 15 steps are guesses (~50% right)
+    assert cut["accuracy"] < 0.95
 
 
 def test_masked_labelling_example_small():
