@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "flags runs the configurations P1-P4 (see fastseq.bench.configs); any shape flag "
         "benchmarks a custom model instead (add --configs to run both).")
     p.add_argument("--backends", action="append", help="comma-separated (default: every available backend)")
-    p.add_argument("--peers", help="comma-separated from torch,keras, or 'none' (default: all installed)")
+    p.add_argument("--peers", action="append", help="comma-separated from torch,keras, or 'none' (default: all installed)")
     p.add_argument("--configs", action="append", help="comma-separated from P1,P2,P3,P4")
     g = p.add_argument_group("custom shape")
     g.add_argument("--cell", choices=["lstm", "gru", "rnn"])

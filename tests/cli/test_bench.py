@@ -1,0 +1,130 @@
+"""`fastseq bench` on tiny custom shapes in a subprocess; the JSON, the chart and
+RESULTS.md generated from it; the configurations' arithmetic."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastseq_cli_helpers import REPO, run_cli
+
+TINY = ["--cell", "lstm", "--batch", "3", "--steps", "5", "--input", "4", "--units", "6",
+        "--repeat", "2", "--no-gemm"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    path = str(out / "run.json")
+    plot = str(out / "run.png")
+    proc = run_cli(["bench", *TINY, "--bidirectional", "--lengths", "uniform:1:5", "--train",
+                    "--backends", "numpy", "--peers", "none", "--json", path, "--plot", plot])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(path) as fh:
+        return json.load(fh), proc, plot, path
+
+
+def test_bench_json_content(tiny_run):
+    run, proc, _, _ = tiny_run
+    for key in ("schema", "created", "machine", "versions", "git", "configs", "settings", "results"):
+        assert key in run
+    assert run["machine"]["cpu"]["usable_cpus"] >= 1
+    assert run["versions"]["numpy"] == np.__version__
+    assert run["configs"]["custom"]["bidirectional"] is True
+    impls = {(r["mode"], r["impl"]) for r in run["results"]}
+    assert impls == {(m, i) for m in ("forward", "train") for i in ("fastseq-numpy", "fastseq-numpy padded")}
+    for r in run["results"]:
+        assert r["error"] is None
+        assert r["n"] == len(r["times_s"]) >= 1
+        assert all(t > 0 for t in r["times_s"])
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["gflops"] > 0
+    for mode in ("forward", "train"):
+        rows = [r for r in run["results"] if r["mode"] == mode]
+        fastest = min(r["median_s"] for r in rows)
+        for r in rows:
+            assert r["ratio_to_fastest"] == pytest.approx(r["median_s"] / fastest)
+    # progress went to stderr, the table to stdout
+    assert "[1/4]" in proc.stderr
+    assert "fastseq-numpy padded" in proc.stdout
+
+
+def test_bench_plot_written(tiny_run):
+    pytest.importorskip("matplotlib")
+    _, _, plot, _ = tiny_run
+    with open(plot, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_results_from_json(tiny_run, tmp_path):
+    run, _, _, path = tiny_run
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("# What limits each gap\n\nhand-written marker 7f3a\n")
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "make_results.py"), path,
+                           "--notes", str(notes), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert run["machine"]["cpu"]["model"] in text
+    assert "hand-written marker 7f3a" in text
+    assert "fastseq-numpy padded" in text
+    assert "not measured in this run" in text  # the P1-P4 targets are absent from a custom run
+
+
+def test_bench_with_peer_and_two_backends(tmp_path):
+    import fastseq
+
+    backends = [b for b, why in fastseq.list_backends().items() if why is None and b in ("numpy", "numba")]
+    path = str(tmp_path / "r.json")
+    args = ["bench", *TINY, "--cell", "gru", "--layers", "2", "--backends", ",".join(backends),
+            "--json", path]
+    peers = []
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        peers.append("torch")
+    args += ["--peers", ",".join(peers) or "none"]
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = json.load(open(path))
+    got = {r["impl"] for r in run["results"]}
+    assert got == {f"fastseq-{b}" for b in backends} | set(peers)
+    assert all(r["mode"] == "forward" for r in run["results"])  # no --train
+    if "numba" in backends:
+        for r in run["results"]:
+            assert r["numba_speedup"] == pytest.approx(
+                r["median_s"] / next(x["median_s"] for x in run["results"] if x["impl"] == "fastseq-numba"))
+
+
+@pytest.mark.parametrize("bad", [["--lengths", "uniform:3:99"], ["--configs", "P9"],
+                                 ["--peers", "jax"], ["--repeat", "0"]])
+def test_bench_bad_arguments(bad):
+    proc = run_cli(["bench", *TINY, "--backends", "numpy", "--peers", "none", *bad])
+    assert proc.returncode == 2
+    assert "error" in proc.stderr
+
+
+def test_config_flops_and_lengths():
+    from fastseq.bench.configs import CONFIGS, get_configs
+
+    p3 = CONFIGS["P3"]
+    # LSTM: [x, h] @ W with W [I+H, 4H]: 2 (I+H) 4H FLOPs per row and step
+    assert p3.flops("forward") == 2 * (512 + 512) * 4 * 512 * 64 * 50
+    assert p3.flops("train") == 3 * p3.flops("forward")
+    p2 = CONFIGS["P2"]
+    per_step = 2 * (28 + 200) * 3 * 200 + 2 * 2 * (200 + 200) * 3 * 200
+    assert p2.flops("forward") == per_step * 32 * 28
+    p4 = CONFIGS["P4"]
+    lens = p4.sequence_lengths()
+    assert lens.shape == (64,) and lens.min() >= 10 and lens.max() <= 400
+    assert p4.flops("forward") == 2 * 2 * (64 + 256) * 4 * 256 * lens.sum()
+    x = p4.inputs()
+    assert x.shape == (64, 400, 64)
+    assert np.all(x[np.arange(400)[None, :] >= lens[:, None]] == 0)
+    q4 = get_configs(["p4"], quick=True)[0]
+    assert q4.steps == 100 and q4.sequence_lengths().max() <= 100
+    assert get_configs(["P1"], quick=True)[0] == CONFIGS["P1"]
