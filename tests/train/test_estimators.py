@@ -215,3 +215,21 @@ def test_estimator_bad_input():
         tag.fit([np.zeros((2, 2))], [np.array([0, 1, 1])])
     with pytest.raises(ValueError, match="unknown parameter"):
         clf.set_params(units=3)
+
+
+@pytest.mark.parametrize("backend", ["numba", pytest.param("tensorflow", marks=pytest.mark.slow)])
+def test_checkpoint_moves_between_backends(tmp_path, backend):
+    """Fit on one backend, save, load on the numpy reference: same probabilities."""
+    reason = fastseq.list_backends().get(backend, "not registered")
+    if reason is not None:
+        pytest.skip(f"backend {backend} unavailable: {reason}")
+    rng = np.random.default_rng(9)
+    xs, ys = _toy_classification(rng, 24)
+    clf = SequenceClassifier("gru", num_units=4, epochs=1, batch_size=12, seed=0, verbose=0, backend=backend,
+                             dtype="float64")
+    clf.fit(xs, ys)
+    path = tmp_path / "clf.safetensors"
+    clf.save(path)
+    back = SequenceClassifier.load(path, backend="numpy")
+    assert back.backend == "numpy"
+    np.testing.assert_allclose(back.predict_proba(xs), clf.predict_proba(xs), rtol=1e-9)
