@@ -233,3 +233,21 @@ def test_checkpoint_moves_between_backends(tmp_path, backend):
     back = SequenceClassifier.load(path, backend="numpy")
     assert back.backend == "numpy"
     np.testing.assert_allclose(back.predict_proba(xs), clf.predict_proba(xs), rtol=1e-9)
+
+
+def test_classifier_with_a_cell_object(tmp_path):
+    from fastseq.nn import rnn_cell
+
+    rng = np.random.default_rng(10)
+    xs, ys = _toy_classification(rng, 30)
+    cell = rnn_cell.LSTMCell(4, use_peepholes=True, num_proj=3)
+    clf = SequenceClassifier(cell, epochs=1, seed=0, verbose=0, bidirectional=True).fit(xs, ys)
+    names = list(clf.model_.get_weights())
+    assert "bidirectional_rnn/fw/lstm_cell/w_f_diag" in names and "bidirectional_rnn/bw/lstm_cell/projection/kernel" in names
+    assert clf.model_.dense.kernel.shape == (6, 2)  # two directions of num_proj=3
+    path = tmp_path / "c.npz"
+    clf.save(path)
+    with pytest.raises(ValueError, match="pass it as load"):
+        SequenceClassifier.load(path)
+    back = SequenceClassifier.load(path, cell=rnn_cell.LSTMCell(4, use_peepholes=True, num_proj=3))
+    np.testing.assert_allclose(back.predict_proba(xs), clf.predict_proba(xs), rtol=1e-6)
