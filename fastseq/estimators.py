@@ -36,7 +36,7 @@ __all__ = ["SequenceClassifier", "SequenceTagger"]
 
 _PARAMS = (
     "cell", "num_units", "num_layers", "bidirectional", "dropout", "optimizer", "learning_rate",
-    "clip_norm", "epochs", "batch_size", "shuffle", "seed", "backend", "dtype", "verbose",
+    "clip_norm", "epochs", "batch_size", "shuffle", "seed", "backend", "dtype", "verbose", "warm_start",
 )
 
 
@@ -45,7 +45,7 @@ class _SequenceEstimator:
 
     def __init__(self, cell="gru", num_units=64, num_layers=1, bidirectional=False, dropout=0.0,
                  optimizer="adam", learning_rate=0.01, clip_norm=5.0, epochs=10, batch_size=32,
-                 shuffle=True, seed=None, backend=None, dtype="float32", verbose=1):
+                 shuffle=True, seed=None, backend=None, dtype="float32", verbose=1, warm_start=False):
         self.cell = cell
         self.num_units = num_units
         self.num_layers = num_layers
@@ -61,6 +61,7 @@ class _SequenceEstimator:
         self.backend = backend
         self.dtype = dtype
         self.verbose = verbose
+        self.warm_start = warm_start
 
     # ------------------------------------------------------------------ sklearn plumbing
     def get_params(self, deep=True):
@@ -118,8 +119,8 @@ class _SequenceEstimator:
 
         epochs, batch_size: override the constructor's values for this call.
         validation_data: optional ``(sequences, labels)`` scored after every epoch.
-        Fitting again continues from the current weights when the data's shape and classes
-        still fit the model (call :meth:`reset` to start over).
+        Each call starts from new weights unless ``warm_start=True`` (then a fitted model
+        continues training, with its classes and optimizer state, as scikit-learn's warm start).
         Returns ``self``; ``history_`` holds per-epoch ``loss``, ``accuracy`` (and
         ``val_loss``, ``val_accuracy``) and ``step_loss`` (one value per mini-batch).
         """
@@ -132,7 +133,9 @@ class _SequenceEstimator:
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         seqs, lengths, depth = check_sequences(sequences)
-        warm = getattr(self, "model_", None) is not None and depth == self.input_depth_
+        warm = bool(self.warm_start) and getattr(self, "model_", None) is not None
+        if warm and depth != self.input_depth_:
+            raise ValueError(f"warm_start: sequences have {depth} features, the fitted model takes {self.input_depth_}")
         if warm:
             y = self._encode(labels, lengths, "labels")
         else:
@@ -182,7 +185,7 @@ class _SequenceEstimator:
         return self
 
     def reset(self):
-        """Forget the fitted model (the next :meth:`fit` starts from new weights)."""
+        """Forget the fitted model (a later ``warm_start`` fit starts from new weights)."""
         self.model_ = None
         return self
 

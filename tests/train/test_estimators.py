@@ -251,3 +251,16 @@ def test_classifier_with_a_cell_object(tmp_path):
         SequenceClassifier.load(path)
     back = SequenceClassifier.load(path, cell=rnn_cell.LSTMCell(4, use_peepholes=True, num_proj=3))
     np.testing.assert_allclose(back.predict_proba(xs), clf.predict_proba(xs), rtol=1e-6)
+
+
+def test_fit_restarts_unless_warm_start():
+    rng = np.random.default_rng(11)
+    xs, ys = _toy_classification(rng, 30)
+    clf = SequenceClassifier("gru", num_units=4, epochs=1, seed=0, verbose=0).fit(xs, ys)
+    first = clf.history_["step_loss"][:]
+    clf.fit(xs, ys)
+    assert clf.history_["step_loss"] == first  # same seed, new weights: same run again
+    clf.set_params(warm_start=True).fit(xs, ys)
+    assert len(clf.history_["loss"]) == 2 and clf.history_["step_loss"][: len(first)] == first
+    with pytest.raises(ValueError, match="warm_start"):
+        clf.fit([np.zeros((3, 5))] * 2, ["neg", "pos"])
