@@ -236,15 +236,17 @@ def cmd_bench(args) -> int:
         if p not in PEERS:
             raise UsageError(f"--peers: unknown peer {p!r}; known: {', '.join(PEERS)} (or 'none')")
     repeat = args.repeat if args.repeat is not None else (3 if args.quick else 10)
-    budget = args.budget if args.budget is not None else (1.5 if args.quick else 20.0)
+    budget = args.budget if args.budget is not None else (1.0 if args.quick else 20.0)
     modes = ["forward"] if args.no_train else None
     if args.quick:
-        _err("--quick: repeat 3 (unless --repeat), at most 1.5 s of timed calls per measurement, "
-             "P4 at T=100 with lengths in [3, 100] instead of T=400, [10, 400]")
+        _err("--quick: repeat up to 3 (unless --repeat), stop after 1 s of timed calls per "
+             "measurement (so slow ones are timed once), GEMM rate from 2 calls, P4 at T=100 with "
+             "lengths in [3, 100] instead of T=400, [10, 400]")
     _err(f"configs: {', '.join(c.name + ' (' + c.describe() + ')' for c in configs)}")
     _err(f"backends: {', '.join(backends) or 'none'}; peers: {', '.join(peers) or 'none'}")
     run = runner.run_benchmarks(
         configs, backends, peers, modes=modes, repeat=repeat, warmup=args.warmup, budget_s=budget,
+        min_repeat=1 if args.quick else 3,
         measure_gemm=not args.no_gemm, gemm_repeat=2 if args.quick else 5,
         settings={"quick": bool(args.quick)},
     )
@@ -282,41 +284,57 @@ def cmd_bench(args) -> int:
 
 
 # --------------------------------------------------------------------------- train
+def _summarize_value(v):
+    """A short JSON-able view of a recipe result value (long series shortened)."""
+    import numpy as np
+
+    if isinstance(v, (str, bool, int, float, type(None))):
+        return v
+    if isinstance(v, dict):
+        return {str(k): _summarize_value(x) for k, x in v.items()}
+    try:
+        arr = np.asarray(v)
+    except Exception:
+        return f"<{type(v).__name__}>"
+    if arr.dtype.kind not in "fiub":
+        return f"<{type(v).__name__}>"
+    if arr.size <= 20:
+        return arr.tolist()
+    flat = arr.ravel()
+    return {"shape": list(arr.shape), "first": float(flat[0]), "last": float(flat[-1])}
+
+
 def cmd_train(args) -> int:
     try:
         from fastseq.train.recipes import run_recipe
     except ImportError as exc:
-        _err(f"fastseq train needs fastseq.train.recipes, which is not available here ({exc}).")
+        _err("fastseq train needs the training recipes (fastseq.train.recipes.run_recipe), "
+             f"which cannot be imported here: {exc}")
         return 2
+    try:
+        from fastseq.train.recipes import RECIPES
+
+        if args.name not in RECIPES:
+            raise UsageError(f"unknown recipe {args.name!r}; available: {', '.join(sorted(RECIPES))}")
+    except ImportError:
+        pass
     kw = {}
     for item in args.set or []:
         key, sep, val = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         try:
             kw[key] = json.loads(val)
         except ValueError:
             kw[key] = val
+    if args.epochs is not None and args.epochs < 0:
+        raise UsageError(f"--epochs must be >= 0, got {args.epochs}")
     result = run_recipe(args.name, backend=args.backend, epochs=args.epochs, plot=args.plot, **kw)
-    summary = {}
-    for k, v in (result or {}).items():
-        try:
-            json.dumps(v)
-            summary[k] = v
-        except TypeError:
-            import numpy as np
-
-            arr = np.asarray(v) if not callable(v) else None
-            if arr is not None and arr.dtype.kind in "fiub" and arr.size <= 20:
-                summary[k] = arr.tolist()
-            elif arr is not None and arr.dtype.kind in "fiub":
-                summary[k] = f"array{list(arr.shape)}, last {arr.ravel()[-1]:.6g}"
-            else:
-                summary[k] = f"<{type(v).__name__}>"
+    summary = _summarize_value(dict(result or {}))
     print(json.dumps(summary, indent=1, default=str))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(summary, fh, indent=1, default=str)
+            json.dump(result, fh, indent=1, default=lambda o: _summarize_value(o))
     return 0
 
 
@@ -365,11 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train", action="store_true", help="also time a training step (custom shape)")
     p.add_argument("--no-train", action="store_true", help="forward passes only")
     p.add_argument("--quick", action="store_true",
-                   help="repeat 3, 1.5 s timing budget per measurement, P4 at T=100 (under 2 min on 2 cores)")
+                   help="repeat up to 3 within 1 s per measurement, P4 at T=100 (aims at under 2 min on 2 idle cores)")
     p.add_argument("--repeat", type=int, help="timed repetitions (default 10; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     p.add_argument("--budget", type=float,
-                   help="stop repeating once timed calls exceed this many seconds (default 20; 1.5 with --quick)")
+                   help="stop repeating once timed calls exceed this many seconds (default 20; 1 with --quick)")
     p.add_argument("--no-gemm", action="store_true", help="skip measuring the GEMM rate")
     p.add_argument("--data", action="store_true",
                    help="also run the data benchmarks (benchmarks/data_*.py, source checkout)")

@@ -31,6 +31,7 @@ def run_benchmarks(
     repeat: int = 10,
     warmup: int = 1,
     budget_s: Optional[float] = None,
+    min_repeat: int = 3,
     progress: Optional[Callable[[str], None]] = _stderr_progress,
     measure_gemm: bool = True,
     gemm_repeat: int = 5,
@@ -74,7 +75,8 @@ def run_benchmarks(
         rec.pop("label", None)
         try:
             fn = impl.prepare(cfg, mode)
-            stats = measure(fn, repeat=repeat, warmup=warmup, budget_s=budget_s)
+            stats = measure(fn, repeat=repeat, warmup=warmup, budget_s=budget_s,
+                            min_repeat=min_repeat)
             rec.update(stats)
             flops = cfg.flops(mode)
             rec["gflops"] = flops / stats["median_s"] / 1e9 if stats["median_s"] > 0 else None
@@ -96,7 +98,7 @@ def run_benchmarks(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": list(sys.argv),
         "settings": dict(settings or {}, repeat=repeat, warmup=warmup, budget_s=budget_s,
-                         backends=list(backends), peers=list(peers)),
+                         min_repeat=min_repeat, backends=list(backends), peers=list(peers)),
         "machine": info,
         "versions": info.pop("versions"),
         "git": info.pop("git"),

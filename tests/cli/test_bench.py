@@ -128,3 +128,64 @@ def test_config_flops_and_lengths():
     q4 = get_configs(["p4"], quick=True)[0]
     assert q4.steps == 100 and q4.sequence_lengths().max() <= 100
     assert get_configs(["P1"], quick=True)[0] == CONFIGS["P1"]
+
+
+def test_measure_excludes_warmup_and_respects_budget():
+    import time
+
+    from fastseq.bench.timing import measure
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.03 if len(calls) == 1 else 0.005)  # a slow first (compiling) call
+
+    r = measure(fn, repeat=5, warmup=1)
+    assert len(calls) == 6 and r["n"] == 5
+    assert r["warmup_s"] >= 0.03 and r["max_s"] < 0.03
+    calls.clear()
+    r = measure(lambda: time.sleep(0.02), repeat=50, warmup=0, budget_s=0.05, min_repeat=1)
+    assert 1 <= r["n"] <= 4  # stopped by the budget, not by repeat
+
+
+def _fake_run(times, gemm=100.0, gflops=None):
+    results = []
+    for (cfg, mode, impl), t in times.items():
+        r = {"config": cfg, "mode": mode, "impl": impl, "median_s": t, "error": None,
+             "gflops": (gflops or {}).get((cfg, mode, impl))}
+        results.append(r)
+    return {"machine": {"gemm_float32": {"gflops": gemm}}, "results": results, "settings": {}}
+
+
+def test_targets_are_ratios_of_the_same_run():
+    from fastseq.bench.runner import add_ratios
+    from fastseq.bench.targets import evaluate
+
+    run = _fake_run({
+        ("P1", "forward", "fastseq-numba"): 1.0, ("P1", "forward", "torch"): 2.5,
+        ("P1", "forward", "keras"): 9.0,
+        ("P3", "forward", "fastseq-numba"): 1.0, ("P3", "train", "fastseq-numba"): 3.0,
+        ("P3", "train", "torch"): 3.0,
+    }, gemm=100.0, gflops={("P3", "forward", "fastseq-numba"): 75.0})
+    add_ratios(run["results"])
+    by = {t["target"]: t for t in evaluate(run)}
+    assert by["P1 forward >= 2x faster than PyTorch"]["measured"] == pytest.approx(2.5)
+    assert by["P1 forward >= 2x faster than PyTorch"]["met"] is True
+    assert by["P1 forward >= 10x faster than Keras"]["met"] is False
+    assert by["P3 training faster than PyTorch"]["met"] is False  # equal is not faster
+    assert by["P3 forward at >= 70% of the float32 GEMM rate"]["measured"] == pytest.approx(0.75)
+    assert by["P3 forward no slower than PyTorch"]["met"] is None  # torch forward missing
+    rows = {r["impl"]: r for r in run["results"] if r["config"] == "P1"}
+    assert rows["keras"]["ratio_to_fastest"] == pytest.approx(9.0)
+    assert rows["torch"]["numba_speedup"] == pytest.approx(2.5)
+
+
+def test_speedup_table_uses_torch_as_baseline():
+    from fastseq.bench.plot import speedup_table
+
+    run = _fake_run({("P2", "train", "fastseq-numba"): 0.5, ("P2", "train", "torch"): 2.0,
+                     ("P2", "train", "keras"): 4.0})
+    [(label, base, sp)] = speedup_table(run)
+    assert label == "P2 train" and base == "torch"
+    assert sp == {"fastseq-numba": 4.0, "torch": 1.0, "keras": 0.5}

@@ -121,3 +121,26 @@ def test_check_unknown_backend_is_a_usage_error():
     proc = run_cli(["check", "--backends", "no_such_backend"])
     assert proc.returncode == 2
     assert "no_such_backend" in proc.stderr and "numpy" in proc.stderr
+
+
+def test_train_runs_a_tiny_recipe(tmp_path):
+    out = tmp_path / "echo.json"
+    proc = run_cli(["train", "echo", "--backend", "numpy", "--epochs", "1",
+                    "--set", "total_series_length=750", "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["recipe"] == "echo" and summary["backend"] == "numpy"
+    # 750 values in 5 rows = 150 per row, windows of 15 steps -> 10 training steps
+    assert summary["steps"] == 10
+    assert json.loads(out.read_text())["steps"] == 10
+
+
+def test_train_unknown_recipe_and_missing_module():
+    proc = run_cli(["train", "no_such_recipe"])
+    assert proc.returncode == 2 and "no_such_recipe" in proc.stderr
+    code = ("import sys; sys.modules['fastseq.train.recipes'] = None; "
+            "from fastseq.cli import main; sys.exit(main(['train', 'echo']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 2
+    assert "fastseq.train.recipes" in out.stderr
