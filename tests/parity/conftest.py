@@ -5,11 +5,17 @@ TensorFlow is never imported in the pytest process: the oracle script runs under
 case specs as JSON and writes its results as one ``.npz`` (no pickle).
 """
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (xdist workers may each run the oracle)
+    fcntl = None
 
 import numpy as np
 import pytest
@@ -35,6 +41,10 @@ def run_oracle(cases, workdir, timeout=900):
         raise RuntimeError(
             f"TF1 oracle failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
+    return _read_results(out_path)
+
+
+def _read_results(out_path):
     results = {}
     with np.load(out_path, allow_pickle=False) as z:
         for key in z.files:
@@ -43,13 +53,40 @@ def run_oracle(cases, workdir, timeout=900):
     return results
 
 
+def _load_or_run(cases, workdir):
+    """Run the oracle in ``workdir`` unless a finished result for exactly these cases is there.
+
+    Under pytest-xdist every worker has its own session; they share one directory and a lock,
+    so TF runs once per test run rather than once per worker."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps(cases, sort_keys=True).encode() + ORACLE.read_bytes()).hexdigest()[:16]
+    done = workdir / f"done-{key}"
+    lock_path = workdir / "lock"
+    with open(lock_path, "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if done.exists():
+                return _read_results(workdir / "results.npz")
+            results = run_oracle(cases, workdir)
+            done.write_text("ok")
+            return results
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def tf1_results(tmp_path_factory):
-    """Results of every case in _cases.CASES, computed by TF1 once per test session."""
+    """Results of every case in _cases.CASES, computed by TF1 once per test run."""
     reason = tf1_missing_reason()
     if reason:
         pytest.skip(reason)
-    return run_oracle(CASES, tmp_path_factory.mktemp("tf1_oracle"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        workdir = tmp_path_factory.getbasetemp().parent / "fastseq_tf1_oracle"
+    else:
+        workdir = tmp_path_factory.mktemp("tf1_oracle")
+    return _load_or_run(CASES, workdir)
 
 
 @pytest.fixture

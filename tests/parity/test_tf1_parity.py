@@ -27,9 +27,23 @@ if _reason:
 
 pytestmark = pytest.mark.tf1
 
+REFERENCE = "numpy"
 BIDI = ("bidirectional_dynamic_rnn", "static_bidirectional_rnn")
 GRAD_CASES = [c for c in PARITY_CASES if c["driver"] != "raw_rnn"]
 RAW_CASES = [c for c in PARITY_CASES if c["driver"] == "raw_rnn"]
+
+# Every case runs on the reference backend.  On the other backends (already held to the
+# reference by tests/conformance) the default run takes a core subset that still covers every
+# cell family, wrapper, driver, both dtypes, time-major and lengths with 0 and T; the full
+# matrix on every backend is marked slow (pytest -m slow).
+CORE_IDS = {
+    "dyn-basic_rnn-f64", "dyn-basic_rnn_relu-f32-tm", "dyn-gru-f64", "dyn-gru-f32-tm",
+    "dyn-basic_lstm-f64", "dyn-basic_lstm_concat-f32-tm", "dyn-lstm_all_concat-f64",
+    "dyn-lstm_proj-f32-lens", "dyn-multi-f64", "dyn-dropout-f32-tm", "dyn-residual-f64",
+    "bidi-lstm-gru-f64", "bidi-shared-lstm_proj-f32-tm", "static-lstm_peep_clip-f64",
+    "sbidi-shared-gru-f32", "raw-doc-lstm-f32", "raw-custom-multi_wrapped-f64",
+}
+assert CORE_IDS <= {c["id"] for c in PARITY_CASES}
 
 
 def _ids(cases):
@@ -198,8 +212,31 @@ def _run_fastseq(spec, res):
 
 
 @pytest.mark.parametrize("spec", GRAD_CASES, ids=_ids(GRAD_CASES))
-def test_outputs_states_gradients_match_tf1(spec, tf1_case, backend_name):
-    res = tf1_case(spec["id"])
+def test_reference_matches_tf1(spec, tf1_case):
+    with fastseq.use_backend(REFERENCE):
+        _check_against_tf1(spec, tf1_case(spec["id"]), REFERENCE)
+
+
+_CORE_GRAD = [c for c in GRAD_CASES if c["id"] in CORE_IDS]
+_REST_GRAD = [c for c in GRAD_CASES if c["id"] not in CORE_IDS]
+
+
+@pytest.mark.parametrize("spec", _CORE_GRAD, ids=_ids(_CORE_GRAD))
+def test_backend_matches_tf1(spec, tf1_case, backend_name):
+    if backend_name == REFERENCE:
+        pytest.skip("the reference backend runs every case in test_reference_matches_tf1")
+    _check_against_tf1(spec, tf1_case(spec["id"]), backend_name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", _REST_GRAD, ids=_ids(_REST_GRAD))
+def test_backend_matches_tf1_full(spec, tf1_case, backend_name):
+    if backend_name == REFERENCE:
+        pytest.skip("the reference backend runs every case in test_reference_matches_tf1")
+    _check_against_tf1(spec, tf1_case(spec["id"]), backend_name)
+
+
+def _check_against_tf1(spec, res, backend_name):
     rtol = RTOL[np.dtype(spec["dtype"])]
     driver = spec["driver"]
     out_leaves, state_leaves, grads, (cell, cell_bw) = _run_fastseq(spec, res)
@@ -307,8 +344,31 @@ def _raw_rnn_fastseq(spec, res):
 
 
 @pytest.mark.parametrize("spec", RAW_CASES, ids=_ids(RAW_CASES))
-def test_raw_rnn_matches_tf1(spec, tf1_case, backend_name):
-    res = tf1_case(spec["id"])
+def test_raw_rnn_reference_matches_tf1(spec, tf1_case):
+    with fastseq.use_backend(REFERENCE):
+        _check_raw_rnn(spec, tf1_case(spec["id"]), REFERENCE)
+
+
+_CORE_RAW = [c for c in RAW_CASES if c["id"] in CORE_IDS]
+_REST_RAW = [c for c in RAW_CASES if c["id"] not in CORE_IDS]
+
+
+@pytest.mark.parametrize("spec", _CORE_RAW, ids=_ids(_CORE_RAW))
+def test_raw_rnn_backend_matches_tf1(spec, tf1_case, backend_name):
+    if backend_name == REFERENCE:
+        pytest.skip("the reference backend runs every case in test_raw_rnn_reference_matches_tf1")
+    _check_raw_rnn(spec, tf1_case(spec["id"]), backend_name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", _REST_RAW, ids=_ids(_REST_RAW))
+def test_raw_rnn_backend_matches_tf1_full(spec, tf1_case, backend_name):
+    if backend_name == REFERENCE:
+        pytest.skip("the reference backend runs every case in test_raw_rnn_reference_matches_tf1")
+    _check_raw_rnn(spec, tf1_case(spec["id"]), backend_name)
+
+
+def _check_raw_rnn(spec, res, backend_name):
     rtol = RTOL[np.dtype(spec["dtype"])]
     tag = f"[{backend_name}] {spec['id']}"
     emit, state, loop_state = _raw_rnn_fastseq(spec, res)
