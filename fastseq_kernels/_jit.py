@@ -20,9 +20,43 @@ Set ``FASTSEQ_NUMBA_CACHE=0`` to turn the on-disk cache off (e.g. read-only inst
 without ``NUMBA_CACHE_DIR``).
 """
 
+import glob
 import os
 
 from numba import njit
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _invalidate_stale_cache():
+    """Numba keys a cached function on its own file only: editing a helper module
+    (``_common.py``, ``_blas.py``) would leave callers' cached machine code stale. Keep a
+    fingerprint of all kernel sources next to the cache and drop this package's cache
+    files whenever any source changes."""
+    cache_dir = os.path.join(_HERE, "__pycache__")
+    try:
+        parts = []
+        for path in sorted(glob.glob(os.path.join(_HERE, "*.py"))):
+            st = os.stat(path)
+            parts.append(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}")
+        stamp = "\n".join(parts)
+        stamp_file = os.path.join(cache_dir, "fastseq_kernels.sources")
+        old = None
+        if os.path.exists(stamp_file):
+            with open(stamp_file) as fh:
+                old = fh.read()
+        if old != stamp:
+            for pattern in ("*.nbi", "*.nbc"):
+                for f in glob.glob(os.path.join(cache_dir, pattern)):
+                    os.remove(f)
+            os.makedirs(cache_dir, exist_ok=True)
+            with open(stamp_file, "w") as fh:
+                fh.write(stamp)
+    except OSError:  # read-only install: nothing to invalidate here
+        pass
+
+if os.environ.get("FASTSEQ_NUMBA_CACHE", "1") not in ("0", "", "false"):
+    _invalidate_stale_cache()
 
 OPTIONS = dict(
     cache=os.environ.get("FASTSEQ_NUMBA_CACHE", "1") not in ("0", "", "false"),

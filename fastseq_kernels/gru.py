@@ -13,7 +13,7 @@ each step runs two GEMMs on the active rows (``h @ gates_kernel[I:]``, then
 
 import numpy as np
 
-from ._blas import gemm
+from ._blas import blas_set_threads_local, gemm, step_gemm_acc
 from ._common import act, dact, gather_rows, make_plan, output_activation_stored, scatter_rows, sigmoid, \
     time_index
 from ._jit import kernel
@@ -56,6 +56,7 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
             else:
                 hT[b, j] = h0[b, j]
     mh_on = mask_h.shape[0] > 0
+    prev_threads = blas_set_threads_local(1)
     for k in range(L):
         n = nb[k]
         nn = nb[k + 1]
@@ -63,7 +64,7 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
         hb = hbase[k]
         nhb = hbase[k + 1]
         rb = gb if need_grad else 0
-        gemm(0, 0, n, H2, H, 1.0, Hh, hb * H, H, gates_kernel, I * H2, H2, 1.0, XG, gb * H2, H2)
+        step_gemm_acc(n, H2, H, Hh, hb * H, H, gates_kernel, I * H2, H2, XG, gb * H2, H2)
         for r in range(n):
             g = gb + r
             for j in range(H):
@@ -72,7 +73,7 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
                 XG[g, j] = rg
                 XG[g, H + j] = ug
                 RH[rb + r, j] = rg * Hh[hb + r, j]
-        gemm(0, 0, n, H, H, 1.0, RH, rb * H, H, cand_kernel, I * H, H, 1.0, XC, gb * H, H)
+        step_gemm_acc(n, H, H, RH, rb * H, H, cand_kernel, I * H, H, XC, gb * H, H)
         for r in range(n):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
@@ -90,6 +91,7 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
                     Hh[nhb + r, j] = hm
                 else:
                     hT[b, j] = hm
+    blas_set_threads_local(prev_threads)
     if not uniform:
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
     ws = (X, XG, XC, Hh, RH, order, lens_s, nb, base)
@@ -120,6 +122,7 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
     dXG = np.empty((R, H2), dt)
     dXC = np.empty((R, H), dt)
     mh_on = mask_h.shape[0] > 0
+    prev_threads = blas_set_threads_local(1)
     for k in range(L - 1, -1, -1):
         n = nb[k]
         gb = base[k]
@@ -153,6 +156,7 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
                 dH[r, j] += drh * rg
         gemm(0, 1, n, H, H2, 1.0, dXG, gb * H2, H2, gates_kernel, I * H2, H2, 1.0, dH, 0, H)
 
+    blas_set_threads_local(prev_threads)
     dgk = np.empty((I + H, H2), dt)
     gemm(1, 0, I, H2, R, 1.0, X, 0, I, dXG, 0, H2, 0.0, dgk, 0, H2)
     gemm(1, 0, H, H2, R, 1.0, Hh, 0, H, dXG, 0, H2, 0.0, dgk, I * H2, H2)

@@ -17,7 +17,7 @@ for ``d h``, and then gets every weight gradient from one GEMM over all rows.
 
 import numpy as np
 
-from ._blas import gemm
+from ._blas import blas_set_threads_local, gemm, step_gemm_acc
 from ._common import act, dact, gather_rows, make_plan, output_activation_stored, scatter_rows, sigmoid, \
     time_index
 from ._jit import kernel
@@ -79,6 +79,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
 
     mc_on = mask_c.shape[0] > 0
     mh_on = mask_h.shape[0] > 0
+    prev_threads = blas_set_threads_local(1)
     for k in range(L):
         n = nb[k]
         nn = nb[k + 1]
@@ -87,7 +88,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
         nhb = hbase[k + 1]
         mb = gb if need_grad else 0
         # recurrent part: G[gb:gb+n] += h @ kernel[I:]
-        gemm(0, 0, n, G4, P, 1.0, Hh, hb * P, P, kernel, I * G4, G4, 1.0, G, gb * G4, G4)
+        step_gemm_acc(n, G4, P, Hh, hb * P, P, kernel, I * G4, G4, G, gb * G4, G4)
         for r in range(n):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
@@ -150,6 +151,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
                     Hh[nhb + r, j] = hm
                 else:
                     hT[b, j] = hm
+    blas_set_threads_local(prev_threads)
     if not uniform:
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
     ws = (X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base)
@@ -198,6 +200,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
     mc_on = mask_c.shape[0] > 0
     mh_on = mask_h.shape[0] > 0
 
+    prev_threads = blas_set_threads_local(1)
     for k in range(L - 1, -1, -1):
         n = nb[k]
         gb = base[k]
@@ -271,6 +274,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
         # d h_prev = dG @ kernel[I:].T
         gemm(0, 1, n, P, G4, 1.0, dG, gb * G4, G4, kernel, I * G4, G4, 0.0, dH, 0, P)
 
+    blas_set_threads_local(prev_threads)
     dkernel = np.empty((I + P, G4), dt)
     gemm(1, 0, I, G4, R, 1.0, X, 0, I, dG, 0, G4, 0.0, dkernel, 0, G4)
     gemm(1, 0, P, G4, R, 1.0, Hh, 0, P, dG, 0, G4, 0.0, dkernel, I * G4, G4)

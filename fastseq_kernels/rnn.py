@@ -8,7 +8,7 @@ rows, nonlinearity fused in place, weight gradients as GEMMs over all rows.
 
 import numpy as np
 
-from ._blas import gemm
+from ._blas import blas_set_threads_local, gemm, step_gemm_acc
 from ._common import act, dact, gather_rows, make_plan, output_activation_stored, scatter_rows, time_index
 from ._jit import kernel
 
@@ -45,13 +45,14 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad):
             else:
                 hT[b, j] = h0[b, j]
     mh_on = mask_h.shape[0] > 0
+    prev_threads = blas_set_threads_local(1)
     for k in range(L):
         n = nb[k]
         nn = nb[k + 1]
         gb = base[k]
         hb = hbase[k]
         nhb = hbase[k + 1]
-        gemm(0, 0, n, H, H, 1.0, Hh, hb * H, H, kernel, I * H, H, 1.0, G, gb * H, H)
+        step_gemm_acc(n, H, H, Hh, hb * H, H, kernel, I * H, H, G, gb * H, H)
         for r in range(n):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
@@ -67,6 +68,7 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad):
                     Hh[nhb + r, j] = hm
                 else:
                     hT[b, j] = hm
+    blas_set_threads_local(prev_threads)
     if not uniform:
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
     ws = (X, G, Hh, order, lens_s, nb, base)
@@ -93,6 +95,7 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code):
             dH[r, j] = dhT[b, j]
     dG = np.empty((R, H), dt)
     mh_on = mask_h.shape[0] > 0
+    prev_threads = blas_set_threads_local(1)
     for k in range(L - 1, -1, -1):
         n = nb[k]
         gb = base[k]
@@ -111,6 +114,7 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code):
                     z = G[g, j]
                     dG[g, j] = d * dact(z, act(z, code), code)
         gemm(0, 1, n, H, H, 1.0, dG, gb * H, H, kernel, I * H, H, 0.0, dH, 0, H)
+    blas_set_threads_local(prev_threads)
     dk = np.empty((I + H, H), dt)
     gemm(1, 0, I, H, R, 1.0, X, 0, I, dG, 0, H, 0.0, dk, 0, H)
     gemm(1, 0, H, H, R, 1.0, Hh, 0, H, dG, 0, H, 0.0, dk, I * H, H)
