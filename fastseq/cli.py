@@ -201,23 +201,34 @@ def _bench_configs(args):
     return out
 
 
-def _run_data_benchmarks(quick: bool) -> List[dict]:
-    """Run benchmarks/data_*.py (the data helper's scripts, source checkouts only) in
-    subprocesses; each writes its own results next to it."""
+def _run_data_benchmarks(quick: bool, out_dir: Optional[str]) -> List[dict]:
+    """Run benchmarks/data_*.py (the data routines' benchmarks; source checkouts only), each
+    in a subprocess with ``[--quick] --out DIR`` so the committed benchmarks/DATA_RESULTS.md
+    is not overwritten; returns what each wrote to DIR/data_results.json."""
     import glob
     import subprocess
+    import tempfile
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     scripts = sorted(glob.glob(os.path.join(root, "benchmarks", "data_*.py")))
     if not scripts:
-        _err("note: no benchmarks/data_*.py found (only in a source checkout); data benchmarks skipped")
+        _err("note: no benchmarks/data_*.py found (they ship with the source checkout); "
+             "data benchmarks skipped")
         return []
     out = []
     for s in scripts:
-        cmd = [sys.executable, s] + (["--quick"] if quick else [])
+        target = out_dir or tempfile.mkdtemp(prefix="fastseq_data_bench_")
+        os.makedirs(target, exist_ok=True)
+        cmd = [sys.executable, s] + (["--quick"] if quick else []) + ["--out", target]
         _err(f"running {' '.join(cmd)}")
         proc = subprocess.run(cmd)
-        out.append({"script": os.path.relpath(s, root), "quick": quick, "returncode": proc.returncode})
+        rec = {"script": os.path.relpath(s, root), "quick": quick, "returncode": proc.returncode,
+               "out_dir": target}
+        path = os.path.join(target, "data_results.json")
+        if proc.returncode == 0 and os.path.exists(path):
+            with open(path) as fh:
+                rec["results"] = json.load(fh)
+        out.append(rec)
     return out
 
 
@@ -251,7 +262,9 @@ def cmd_bench(args) -> int:
         settings={"quick": bool(args.quick)},
     )
     if args.data:
-        run["data_benchmarks"] = _run_data_benchmarks(args.quick)
+        out_dir = (os.path.join(os.path.dirname(os.path.abspath(args.json)), "data_bench")
+                   if args.json else None)
+        run["data_benchmarks"] = _run_data_benchmarks(args.quick, out_dir)
     print()
     print(runner.format_table(run))
     if any(c.name in ("P1", "P2", "P3", "P4") for c in configs):
@@ -390,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop repeating once timed calls exceed this many seconds (default 20; 1 with --quick)")
     p.add_argument("--no-gemm", action="store_true", help="skip measuring the GEMM rate")
     p.add_argument("--data", action="store_true",
-                   help="also run the data benchmarks (benchmarks/data_*.py, source checkout)")
+                   help="also run the data benchmarks (benchmarks/data_*.py of a source checkout; their "
+                   "files go to data_bench/ next to --json, or a temporary folder)")
     p.add_argument("--json", help="write the run (results, machine, versions, git revision) here")
     p.add_argument("--plot", help="write a bar chart of speed-ups (PNG) here")
     p.set_defaults(func=cmd_bench)

@@ -30,9 +30,15 @@ def _machine_section(run: dict) -> list:
     env = thr.get("env") or {}
     lines.append(f"- Threads: {thr.get('usable_cpus', '?')} usable cores; PyTorch set to that many; "
                  f"environment: {', '.join(f'{k}={val}' for k, val in env.items()) or 'no thread variables set'}")
+    libs = thr.get("libraries") or {}
+    if libs:
+        lines.append("- Library threads in the run: " + ", ".join(f"{k} {val}" for k, val in libs.items()))
     if m.get("load_average") is not None:
-        lines.append(f"- Load average when the run started (1, 5, 15 min): "
-                     f"{', '.join(str(x) for x in m['load_average'])}")
+        lines.append(f"- Load average (1, 5, 15 min) at the start of the run: "
+                     f"{', '.join(str(x) for x in m['load_average'])}"
+                     + (f"; at the end: {', '.join(str(x) for x in m['load_average_end'])}"
+                        if m.get("load_average_end") else "")
+                     + " (above the core count means other processes shared the CPU)")
     if blas:
         lines.append(f"- NumPy BLAS: {blas.get('name', '?')} {blas.get('version', '')}")
     if gemm:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import sys
 import time
 import traceback
@@ -93,6 +94,11 @@ def run_benchmarks(
             progress(f"{head} FAILED: {rec['error']}")
         results.append(rec)
     add_ratios(results)
+    info["threads"]["libraries"] = library_threads()
+    try:
+        info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        info["load_average_end"] = None
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -107,6 +113,33 @@ def run_benchmarks(
         "results": results,
         "elapsed_s": time.perf_counter() - t_start,
     }
+
+
+def library_threads() -> Dict[str, object]:
+    """Thread counts of the libraries this run imported (nothing is imported here)."""
+    out: Dict[str, object] = {}
+    if "numba" in sys.modules:
+        try:
+            import numba
+
+            out["numba"] = numba.get_num_threads()
+            try:
+                out["numba_threading_layer"] = numba.threading_layer()
+            except ValueError:  # no parallel region has run yet
+                out["numba_threading_layer"] = None
+        except Exception as exc:
+            out["numba"] = f"{type(exc).__name__}: {exc}"
+    if "torch" in sys.modules:
+        import torch
+
+        out["torch"] = torch.get_num_threads()
+        out["torch_interop"] = torch.get_num_interop_threads()
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        out["tensorflow_intra_op"] = tf.config.threading.get_intra_op_parallelism_threads() or "default (all cores)"
+        out["tensorflow_inter_op"] = tf.config.threading.get_inter_op_parallelism_threads() or "default"
+    return out
 
 
 def _ok(r):
