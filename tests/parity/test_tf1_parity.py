@@ -147,7 +147,8 @@ def test_default_initialisers(spec, tf1_case):
 
 
 def _run_fastseq(spec, res):
-    """Run the case in fastseq; return (flat outputs, flat state, grads namespace, cells, result)."""
+    """Run the case in fastseq (active backend); return (flat outputs, flat final state,
+    grads from the pullback of TF's cotangents, (cell, cell_bw))."""
     dtype = np.dtype(spec["dtype"])
     B = spec["B"]
     driver = spec["driver"]

@@ -13,7 +13,6 @@ Criterion: ``max|backend - reference| <= rtol * max(1, max|reference|)``, rtol 1
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 
 import fastseq
 import fastseq.contrib.rnn

@@ -16,7 +16,7 @@ evaluates outputs, final states, and ``tf.compat.v1.gradients`` of
 with respect to the inputs, the initial state and every variable.  Everything goes into one
 ``.npz`` (no pickle): keys are ``"<case id>/<quantity>"``:
 
-    x, seq_len                      the inputs as fed to the driver (static drivers: [T, B, I])
+    x, seq_len                      the inputs as fed to the driver (static drivers and raw_rnn: [T, B, I])
     init/<k>  (init_fw/<k>, init_bw/<k>)   flattened initial-state leaves (if the case has one)
     var_names, var_shapes           TF1 variable names (driver scope and ':0' stripped) in creation order
     w/<name>                        the values loaded into each variable
