@@ -1,0 +1,46 @@
+"""Compile (or load from the on-disk cache) every kernel specialisation the Numba backend
+uses, with tiny arrays of exactly the types the backend passes."""
+
+import time
+
+import numpy as np
+
+
+def warmup(dtypes=("float32", "float64"), verbose=False):
+    """Returns the seconds spent per (kernel, dtype)."""
+    from . import gru, lstm, rnn
+
+    timings = {}
+    T, B, I, H = 2, 2, 3, 4
+    lengths = np.array([2, 1], np.int64)
+    for name in dtypes:
+        dt = np.dtype(name)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((T, B, I)).astype(dt)
+        e1, e2, e3 = np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt)
+        h = np.zeros((B, H), dt)
+        dy = np.ones((T, B, H), dt)
+
+        t0 = time.perf_counter()
+        k = rng.standard_normal((I + H, 4 * H)).astype(dt)
+        b = np.zeros(4 * H, dt)
+        y, c, hh, ws = lstm.lstm_forward(x, k, b, e1, e1, e1, e2, h, h, lengths, False, e3, e3, 0, 1.0, -1.0, -1.0,
+                                         True)
+        lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, h, h, T, False, e3, e3, 0, 1.0, -1.0, -1.0)
+        timings[("lstm", name)] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        gk = rng.standard_normal((I + H, 2 * H)).astype(dt)
+        ck = rng.standard_normal((I + H, H)).astype(dt)
+        y, hh, ws = gru.gru_forward(x, gk, np.ones(2 * H, dt), ck, np.zeros(H, dt), h, lengths, False, e3, 0, True)
+        gru.gru_backward(ws, gk, np.ones(2 * H, dt), ck, np.zeros(H, dt), dy, h, T, False, e3, 0)
+        timings[("gru", name)] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        y, hh, ws = rnn.rnn_forward(x, ck, np.zeros(H, dt), h, lengths, False, e3, 0, True)
+        rnn.rnn_backward(ws, ck, np.zeros(H, dt), dy, h, T, False, e3, 0)
+        timings[("rnn", name)] = time.perf_counter() - t0
+        if verbose:
+            for key in (("lstm", name), ("gru", name), ("rnn", name)):
+                print(f"{key[0]:5s} {key[1]}: {timings[key]:.2f} s")
+    return timings
