@@ -107,9 +107,11 @@ def collect(list seqs, object dtype):
 
 
 def pad_into(list arrays, const int64_t[::1] lengths, cnp.ndarray out, bint pre_padding,
-             bint pre_truncating, bytes pad_row, Py_ssize_t r0, Py_ssize_t r1):
+             bint pre_truncating, bytes pad_row, Py_ssize_t r0, Py_ssize_t r1, bint out_is_zeroed=False):
     """Copy ``arrays[r0:r1]`` into rows ``[r0, r1)`` of ``out`` ([B, T, ...], C-contiguous,
     same dtype); the GIL is released while copying, so row ranges may run in threads.
+    ``out_is_zeroed``: ``out`` came from ``np.zeros`` and the padding is all-zero bytes, so
+    padding is left untouched (the kernel's zero pages; untouched pages are never faulted in).
 
     ``pad_row`` holds one padding step (the bytes of ``value`` repeated over the per-step
     shape). The caller has checked shapes, dtypes and that ``len(arrays) == out.shape[0]``.
@@ -138,7 +140,7 @@ def pad_into(list arrays, const int64_t[::1] lengths, cnp.ndarray out, bint pre_
                 dst = base + (r0 + i) * seq_bytes
                 if keep > 0:  # (empty inputs are never read)
                     memcpy(dst + dst_off * row_bytes, ptrs[i] + src_off * row_bytes, keep * row_bytes)
-                if keep < maxlen:
+                if keep < maxlen and not (zero_pad and out_is_zeroed):
                     if pre_padding:
                         dst = dst  # padding occupies steps [0, maxlen - keep)
                     else:

@@ -21,17 +21,17 @@ def num_threads():
         return max(1, min(os.cpu_count() or 1, 8))
 
 
-def run_rows(fn, n_rows, row_size, *args):
-    """Call ``fn(*args, r0, r1)`` over row chunks covering ``[0, n_rows)``, in parallel
+def run_rows(fn, n_rows, row_size, *args, **kwargs):
+    """Call ``fn(*args, r0, r1, **kwargs)`` over row chunks covering ``[0, n_rows)``, in parallel
     when ``n_rows * row_size`` is large; ``fn`` must release the GIL."""
     global _POOL
     k = num_threads()
     if k == 1 or n_rows * row_size < _PARALLEL_MIN or n_rows < 2 * k:
-        fn(*args, 0, n_rows)
+        fn(*args, 0, n_rows, **kwargs)
         return
     if _POOL is None or _POOL._max_workers != k:
         _POOL = ThreadPoolExecutor(max_workers=k, thread_name_prefix="fastseq-data")
     bounds = np.linspace(0, n_rows, k + 1).astype(int)
-    futures = [_POOL.submit(fn, *args, int(bounds[i]), int(bounds[i + 1])) for i in range(k)]
+    futures = [_POOL.submit(fn, *args, int(bounds[i]), int(bounds[i + 1]), **kwargs) for i in range(k)]
     for f in futures:
         f.result()

@@ -84,12 +84,15 @@ def pad_sequences(sequences, maxlen=None, dtype=None, padding="post", truncating
         pad_row = np.full(sample_shape, fill, dtype=dtype).tobytes()
     except TypeError:
         raise TypeError(f"value: expected a number, got {value!r}") from None
-    out = np.empty((len(arrays), T) + sample_shape, dtype=dtype)
+    # All-zero padding: np.zeros gets pages the OS zeroes lazily, so padding costs nothing
+    # to write and whole pages of padding are never touched.
+    zeroed = pad_row.count(0) == len(pad_row)
+    out = (np.zeros if zeroed else np.empty)((len(arrays), T) + sample_shape, dtype=dtype)
     if out.size:
         from ._threads import run_rows
 
         run_rows(_padding.pad_into, len(arrays), out[0].size, arrays, lengths, out, padding == "pre",
-                 truncating == "pre", pad_row)
+                 truncating == "pre", pad_row, out_is_zeroed=zeroed)
     return out, np.minimum(lengths, T)
 
 
