@@ -239,7 +239,15 @@ def cmd_bench(args) -> int:
     if args.repeat is not None and args.repeat < 1:
         raise UsageError(f"--repeat must be >= 1, got {args.repeat}")
     configs = _bench_configs(args)
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            raise UsageError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+        os.environ["FASTSEQ_BENCH_TORCH_THREADS"] = str(args.torch_threads)
     backends = _resolve_backends(_split(args.backends), exclude_reference=False)
+    if args.quick and not _split(args.backends) and len(backends) > 1 and "numpy" in backends:
+        backends = [b for b in backends if b != "numpy"]
+        _err("--quick: the numpy reference backend is left out (it is the slow oracle; "
+             "add --backends numpy,... to time it)")
     peers = _split(args.peers) if args.peers is not None else list(PEERS)
     if peers == ["none"]:
         peers = []
@@ -396,11 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train", action="store_true", help="also time a training step (custom shape)")
     p.add_argument("--no-train", action="store_true", help="forward passes only")
     p.add_argument("--quick", action="store_true",
-                   help="repeat up to 3 within 1 s per measurement, P4 at T=100 (aims at under 2 min on 2 idle cores)")
+                   help="repeat up to 3 within 1 s per measurement, P4 at T=100, numpy reference left out "
+                   "unless named in --backends (aims at under 2 min on 2 idle cores)")
     p.add_argument("--repeat", type=int, help="timed repetitions (default 10; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     p.add_argument("--budget", type=float,
                    help="stop repeating once timed calls exceed this many seconds (default 20; 1 with --quick)")
+    p.add_argument("--torch-threads", type=int,
+                   help="PyTorch intra-op threads (default: the usable core count; on a machine "
+                   "shared with other work PyTorch's spinning OpenMP threads can be far slower)")
     p.add_argument("--no-gemm", action="store_true", help="skip measuring the GEMM rate")
     p.add_argument("--data", action="store_true",
                    help="also run the data benchmarks (benchmarks/data_*.py of a source checkout; their "

@@ -122,6 +122,19 @@ class FastseqImpl(Impl):
 
 
 # --------------------------------------------------------------------------- torch
+def torch_threads() -> int:
+    """PyTorch's intra-op threads: ``FASTSEQ_BENCH_TORCH_THREADS`` (``fastseq bench
+    --torch-threads``) or the usable core count, as the benchmark specification asks."""
+    env = os.environ.get("FASTSEQ_BENCH_TORCH_THREADS", "").strip()
+    if env:
+        n = int(env)
+        if n < 1:
+            raise ValueError(f"FASTSEQ_BENCH_TORCH_THREADS must be >= 1, got {env!r}")
+        return n
+    return core_count()
+
+
+
 class TorchImpl(Impl):
     """PyTorch CPU nn.LSTM / nn.GRU / nn.RNN(tanh), batch_first, threads = usable cores."""
 
@@ -134,7 +147,7 @@ class TorchImpl(Impl):
         import torch
         from torch import nn
 
-        torch.set_num_threads(core_count())
+        torch.set_num_threads(torch_threads())
         torch.manual_seed(0)
         cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cfg.cell]
         module = cls(input_size=cfg.input, hidden_size=cfg.units, num_layers=cfg.layers,

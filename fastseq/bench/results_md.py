@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .runner import _fmt_time, _ok
+from .runner import _fmt_spread, _fmt_time, _ok
 from .targets import evaluate
 
 __all__ = ["render"]
@@ -85,10 +85,10 @@ def _tables(run: dict) -> list:
                 continue
             sp = r.get("numba_speedup")
             lines.append(
-                f"| {r['impl']} | {_fmt_time(r['median_s'])} | {100 * r['spread'] / 2:.0f}% | "
+                f"| {r['impl']} | {_fmt_time(r['median_s'])} | {_fmt_spread(r['spread'])} | "
                 f"{r['ratio_to_fastest']:.2f} | {f'{sp:.2f}' if sp else '-'} | "
                 f"{r['gflops']:.1f} |" if r.get("gflops") else
-                f"| {r['impl']} | {_fmt_time(r['median_s'])} | {100 * r['spread'] / 2:.0f}% | "
+                f"| {r['impl']} | {_fmt_time(r['median_s'])} | {_fmt_spread(r['spread'])} | "
                 f"{r['ratio_to_fastest']:.2f} | {f'{sp:.2f}' if sp else '-'} | - |")
         lines.append("")
     return lines

@@ -82,7 +82,7 @@ def run_benchmarks(
             flops = cfg.flops(mode)
             rec["gflops"] = flops / stats["median_s"] / 1e9 if stats["median_s"] > 0 else None
             rec["error"] = None
-            progress(f"{head} {_fmt_time(stats['median_s']):>10}  +-{100 * stats['spread'] / 2:.0f}%"
+            progress(f"{head} {_fmt_time(stats['median_s']):>10}  {_fmt_spread(stats['spread']):>5}"
                      f"  (n={stats['n']}, first call {_fmt_time(stats['warmup_s'])})")
         except Skip as exc:
             rec["error"] = None
@@ -173,6 +173,11 @@ def _fmt_time(t: Optional[float]) -> str:
     return f"{t * 1e6:.0f} us"
 
 
+def _fmt_spread(spread: Optional[float]) -> str:
+    """``+-x%`` (half the spread), or ``n=1`` when there was a single timed call."""
+    return "n=1" if spread is None else f"+-{100 * spread / 2:.0f}%"
+
+
 def format_table(run: dict) -> str:
     """The run as a plain-text table, one block per (config, mode), fastest first."""
     lines = []
@@ -198,7 +203,7 @@ def format_table(run: dict) -> str:
             sp = r.get("numba_speedup")
             gf = r.get("gflops")
             lines.append(
-                f"  {r['impl']:<26}{_fmt_time(r['median_s']):>11}{100 * r['spread'] / 2:>6.0f}% "
+                f"  {r['impl']:<26}{_fmt_time(r['median_s']):>11}{_fmt_spread(r['spread']):>7} "
                 f"{r['ratio_to_fastest']:>10.2f}x"
                 f"{(f'{sp:.2f}x' if sp else '-'):>10}"
                 f"{(f'{gf:.1f}' if gf else '-'):>9}"
@@ -206,7 +211,7 @@ def format_table(run: dict) -> str:
         lines.append("")
     if gemm:
         lines.append(f"float32 GEMM rate (numpy matmul 2048x2048): {gemm:.1f} GFLOP/s")
-    lines.append("spread: half the interquartile range (range below 4 samples) over the median; "
+    lines.append("spread: +- half the interquartile range (range below 4 samples) over the median; "
                  "'numba is': t / t(fastseq-numba), how many times faster fastseq-numba is; "
                  "GFLOP/s counts useful work only (padding excluded).")
     for n in run.get("notes", []):

@@ -15,7 +15,7 @@ def summarize(times: List[float]) -> Dict[str, object]:
     """Median, min, max and spread of a list of durations in seconds.
 
     ``spread`` is the interquartile range divided by the median (0.05 = +-2.5 %); with
-    fewer than 4 samples it is (max - min) / median.
+    2 or 3 samples it is (max - min) / median; with one sample it is None.
     """
     t = np.asarray(times, dtype=np.float64)
     if t.size == 0:
@@ -32,7 +32,7 @@ def summarize(times: List[float]) -> Dict[str, object]:
         "median_s": med,
         "min_s": float(t.min()),
         "max_s": float(t.max()),
-        "spread": float(width / med) if med > 0 else 0.0,
+        "spread": (float(width / med) if med > 0 else 0.0) if t.size > 1 else None,
     }
 
 
