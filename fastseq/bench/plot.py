@@ -48,20 +48,24 @@ def plot_speedups(run: dict, path: str, title: str = None) -> str:
             if name not in impls:
                 impls.append(name)
     colors = plt.get_cmap("tab10")
-    bar_h = 0.8 / max(1, len(impls))
-    fig_h = max(3.0, 0.32 * sum(len(sp) for _, _, sp in table) + 1.5)
+    n_bars = sum(len(sp) for _, _, sp in table)
+    fig_h = max(3.0, 0.28 * n_bars + 0.5 * len(table) + 1.2)
     fig, ax = plt.subplots(figsize=(9, fig_h))
-    yticks, ylabels = [], []
-    for g, (label, base, sp) in enumerate(table):
+    yticks, ylabels, seen = [], [], set()
+    y = 0.0
+    for label, base, sp in table:
+        first = y
         for k, name in enumerate(impls):
             if name not in sp:
                 continue
-            y = g + k * bar_h
-            ax.barh(y, sp[name], height=bar_h * 0.9, color=colors(k % 10),
-                    label=name if g == 0 or name not in ax.get_legend_handles_labels()[1] else None)
+            ax.barh(y, sp[name], height=0.85, color=colors(k % 10),
+                    label=None if name in seen else name)
+            seen.add(name)
             ax.text(sp[name], y, f" {sp[name]:.2f}x", va="center", fontsize=7)
-        yticks.append(g + 0.4 - bar_h / 2)
+            y += 1.0
+        yticks.append((first + y - 1.0) / 2)
         ylabels.append(f"{label}\n(vs {base})")
+        y += 0.8  # gap between groups
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yticks(yticks)

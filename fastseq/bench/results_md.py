@@ -28,9 +28,11 @@ def _machine_section(run: dict) -> list:
                  f"{cpu.get('usable_cpus', '?')} usable of {cpu.get('logical_cpus', '?')} logical CPUs; "
                  f"vector extensions: {', '.join(cpu.get('vector_extensions', [])) or 'none reported'}")
     env = thr.get("env") or {}
-    lines.append(f"- Threads: {thr.get('usable_cpus', '?')} usable cores; PyTorch set to that many; "
-                 f"environment: {', '.join(f'{k}={val}' for k, val in env.items()) or 'no thread variables set'}")
     libs = thr.get("libraries") or {}
+    torch_note = (f"PyTorch {libs['torch']} intra-op threads" if "torch" in libs
+                  else "PyTorch set to the usable core count when it runs")
+    lines.append(f"- Threads: {thr.get('usable_cpus', '?')} usable cores; {torch_note}; "
+                 f"environment: {', '.join(f'{k}={val}' for k, val in env.items()) or 'no thread variables set'}")
     if libs:
         lines.append("- Library threads in the run: " + ", ".join(f"{k} {val}" for k, val in libs.items()))
     if m.get("load_average") is not None:
@@ -124,6 +126,14 @@ def render(run: dict, notes_path: Optional[str] = None, json_name: Optional[str]
              "Regenerate: `python benchmarks/run_all.py` (runs P1-P4 on every installed backend "
              "and peer, writes the JSON, then this file), or `python benchmarks/make_results.py "
              "RUN.json` for an existing run.", ""]
+    load = (run.get("machine", {}) or {}).get("load_average")
+    cores = ((run.get("machine", {}) or {}).get("cpu", {}) or {}).get("usable_cpus") or 1
+    if load and max(load[0], (run["machine"].get("load_average_end") or [0])[0]) > cores + 0.5:
+        lines += [f"> **Warning:** this run was taken on a loaded machine (1-minute load average "
+                  f"{load[0]} at the start, {cores} usable cores): other processes shared the CPU, "
+                  "and libraries whose threads spin-wait on each other (PyTorch, OpenMP-threaded "
+                  "kernels) suffer far more than single-threaded code. Treat the ratios below as "
+                  "provisional and re-run on an idle machine.", ""]
     lines += _machine_section(run)
     if run.get("notes"):
         lines += ["Notes from the run:", ""] + [f"- {n}" for n in run["notes"]] + [""]
