@@ -18,6 +18,9 @@ Row bookkeeping used by every kernel (``B`` rows, ``T`` steps, time-major input)
 """
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
 
 from ._jit import kernel
 
@@ -25,13 +28,93 @@ from ._jit import kernel
 TANH, SIGMOID, RELU, RELU6, ELU, SOFTSIGN, SOFTPLUS, LINEAR = range(8)
 
 
+@intrinsic
+def _int32_bits_as_float32(typingctx, i):
+    if i != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
 @kernel(inline="always")
+def _exp32(x):
+    """float32 exp without a libm call (Cody-Waite reduction, degree-7 polynomial, exponent
+    built from bits): relative error ~1e-7, branch-free so loops over it vectorise."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(x * np.float32(1.44269504) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * _int32_bits_as_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+
+
+@kernel(inline="always")
+def _tanh32(x):
+    """float32 tanh from :func:`_exp32`; a Taylor polynomial near 0 keeps the relative
+    error ~1e-7 there. Branch-free (both halves computed, then selected)."""
+    a = abs(x)
+    e = _exp32(np.float32(2.0) * a)
+    big = (e - np.float32(1.0)) / (e + np.float32(1.0))
+    x2 = a * a
+    p = np.float32(21844.0 / 6081075.0)
+    p = p * x2 - np.float32(1382.0 / 155925.0)
+    p = p * x2 + np.float32(62.0 / 2835.0)
+    p = p * x2 - np.float32(17.0 / 315.0)
+    p = p * x2 + np.float32(2.0 / 15.0)
+    p = p * x2 - np.float32(1.0 / 3.0)
+    small = a + a * x2 * p
+    t = small if a < np.float32(0.4) else big
+    return t if x >= np.float32(0.0) else -t
+
+
+def fexp(x):
+    """exp; float32 uses :func:`_exp32` (vectorisable), float64 libm."""
+
+
+def ftanh(x):
+    """tanh; float32 uses :func:`_tanh32` (vectorisable), float64 libm."""
+
+
+@overload(fexp, inline="always")
+def _fexp_ov(x):
+    if x == types.float32:
+        return lambda x: _exp32(x)
+    return lambda x: np.exp(x)
+
+
+@overload(ftanh, inline="always")
+def _ftanh_ov(x):
+    if x == types.float32:
+        return lambda x: _tanh32(x)
+    return lambda x: np.tanh(x)
+
+
 def sigmoid(x):
-    one = type(x)(1.0)
-    if x >= 0:
-        return one / (one + np.exp(-x))
-    e = np.exp(x)
-    return e / (one + e)
+    """Logistic function: float32 branch-free on :func:`_exp32` (its argument is clamped,
+    so ``1 + exp(-x)`` never overflows); float64 the stable two-sided libm form."""
+
+
+@overload(sigmoid, inline="always")
+def _sigmoid_ov(x):
+    if x == types.float32:
+        return lambda x: np.float32(1.0) / (np.float32(1.0) + _exp32(-x))
+
+    def impl(x):
+        if x >= 0:
+            return 1.0 / (1.0 + np.exp(-x))
+        e = np.exp(x)
+        return e / (1.0 + e)
+
+    return impl
 
 
 @kernel(inline="always")
@@ -39,7 +122,7 @@ def act(x, code):
     """Activation ``code`` applied to the scalar ``x`` (same dtype out)."""
     zero = type(x)(0.0)
     if code == TANH:
-        return np.tanh(x)
+        return ftanh(x)
     if code == SIGMOID:
         return sigmoid(x)
     if code == RELU:
