@@ -171,9 +171,10 @@ cdef Py_ssize_t count_values(const uint8_t* p, const uint8_t* end, int kind) noe
 
 
 cdef int fill_numeric(const uint8_t* p, const uint8_t* end, int kind, char* out) noexcept nogil:
-    """Write the values of a FloatList (float32) or Int64List (int64) to ``out``."""
-    cdef Py_ssize_t n
-    cdef uint64_t tag, v
+    """Write the values of a FloatList (float32) or Int64List (int64) to ``out``.
+    Only called on slices that ``count_values`` has validated with the same kind."""
+    cdef Py_ssize_t n = 0
+    cdef uint64_t tag = 0, v = 0
     cdef int wt
     cdef const uint8_t* q
     cdef float* fo = <float*> out
@@ -212,9 +213,10 @@ cdef int fill_numeric(const uint8_t* p, const uint8_t* end, int kind, char* out)
 
 
 cdef list bytes_values(const uint8_t* p, const uint8_t* end):
+    """Values of a BytesList slice already validated by ``count_values``."""
     cdef list out = []
-    cdef Py_ssize_t n
-    cdef uint64_t tag
+    cdef Py_ssize_t n = 0
+    cdef uint64_t tag = 0
     while p < end:
         p = rd_varint(p, end, &tag)
         if (tag >> 3) != 1:

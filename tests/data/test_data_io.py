@@ -235,3 +235,29 @@ def test_file_errors_name_record(tmp_path):
     io.write_tfrecord(p, [io.encode_sequence_example({"n": 1}), io.encode_sequence_example({"n": 1.5})])
     with pytest.raises(TypeError, match=r"bad.tfrecord: record 1 \(byte offset \d+\): context feature 'n'"):
         list(io.read_sequence_examples(p, {"n": io.FixedLenFeature([], "int64")}))
+
+
+def test_mutated_messages_never_crash():
+    """Random byte flips, truncations and insertions: parse or raise ValueError/TypeError."""
+    rng = np.random.default_rng(5)
+    ctx, fl = _example(rng, 4)
+    base = bytearray(io.encode_sequence_example(ctx, fl))
+    outcomes = {"ok": 0, "error": 0}
+    for trial in range(1500):
+        m = bytearray(base)
+        op = trial % 3
+        pos = int(rng.integers(0, len(m)))
+        if op == 0:
+            m[pos] ^= 1 << int(rng.integers(0, 8))
+        elif op == 1:
+            m = m[:pos]
+        else:
+            m[pos:pos] = rng.integers(0, 256, int(rng.integers(1, 4)), dtype=np.uint8).tobytes()
+        try:
+            io.parse_single_sequence_example(bytes(m), {"id": io.VarLenFeature("string"), "vec": io.VarLenFeature("float32")},
+                                             {"tokens": io.VarLenFeature("int64"), "frames": io.VarLenFeature("float32"),
+                                              "rag": io.VarLenFeature("int64")})
+            outcomes["ok"] += 1
+        except (ValueError, TypeError):
+            outcomes["error"] += 1
+    assert outcomes["ok"] > 0 and outcomes["error"] > 0
