@@ -165,7 +165,17 @@ class Backend:
         raise NotImplementedError
 
     def zeros(self, shape, dtype) -> Any:
+        """Zeros of ``shape``; entries of ``shape`` may be values returned by :meth:`dim`."""
         raise NotImplementedError
+
+    def is_symbolic(self, x) -> bool:
+        """True when ``x`` has no concrete value yet (a tensor being traced inside a
+        ``tf.function``): the drivers then skip value checks done on the host."""
+        return False
+
+    def dim(self, x, axis: int):
+        """Size of ``x`` along ``axis``: an int, or a backend scalar when unknown statically."""
+        return x.shape[axis]
 
     def swap_batch_time(self, x) -> Any:
         """``[T, B, ...] <-> [B, T, ...]`` (contiguous result)."""

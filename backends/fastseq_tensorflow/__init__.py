@@ -125,6 +125,15 @@ class TensorFlowBackend(Backend):
         tf = self._ensure()
         return tf.zeros(shape, dtype=self._dtype(dtype))
 
+    def is_symbolic(self, x):
+        tf = self._ensure()
+        return isinstance(x, (tf.Tensor, tf.Variable)) and not tf.executing_eagerly()
+
+    def dim(self, x, axis):
+        tf = self._ensure()
+        static = x.shape[axis]
+        return int(static) if static is not None else tf.shape(x)[axis]
+
     def swap_batch_time(self, x):
         tf = self._ensure()
         x = self.asarray(x)

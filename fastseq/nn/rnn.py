@@ -82,11 +82,13 @@ def _as_input(backend, inputs, argname="inputs"):
 def _check_lengths(backend, sequence_length, batch, steps, argname="sequence_length"):
     if sequence_length is None:
         return None
+    if backend.is_native(sequence_length) and backend.is_symbolic(sequence_length):
+        return sequence_length  # traced inside tf.function: no host-side value checks possible
     raw = backend.to_numpy(sequence_length) if backend.is_native(sequence_length) else sequence_length
     arr = np.asarray(raw)
     if arr.dtype == object:
         raise TypeError(f"{argname} must be an integer vector of shape [{batch}], got ragged/object data")
-    if arr.ndim != 1 or arr.shape[0] != batch:
+    if arr.ndim != 1 or (isinstance(batch, int) and arr.shape[0] != batch):
         raise ValueError(f"{argname} must have shape [{batch}] (one length per batch row), got shape {list(arr.shape)}")
     if arr.dtype.kind == "f":
         if arr.size and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
@@ -96,7 +98,7 @@ def _check_lengths(backend, sequence_length, batch, steps, argname="sequence_len
     arr = arr.astype(np.int64)
     if arr.size and arr.min() < 0:
         raise ValueError(f"{argname} must be >= 0, got {int(arr.min())}")
-    if arr.size and arr.max() > steps:
+    if arr.size and isinstance(steps, int) and arr.max() > steps:
         raise ValueError(f"{argname} must be <= the number of time steps ({steps}), got {int(arr.max())}")
     return arr
 
@@ -190,6 +192,8 @@ def _run(cell, x, state, ctx, reverse, state_keeps=()):
 
     if isinstance(cell, DropoutWrapper):
         T, B, depth = _shape_of(x)
+        if (T is None or B is None) and (cell.input_keep_prob < 1 or cell.output_keep_prob < 1) and not cell.variational_recurrent:
+            raise ValueError("DropoutWrapper needs static batch and time sizes (masks are drawn on the host)")
         var = cell.variational_recurrent
         in_mask = cell.draw_mask((1, 1, depth) if var else (T, B, depth), cell.input_keep_prob, ctx.dtype)
         if in_mask is not None:
@@ -238,6 +242,8 @@ def _run(cell, x, state, ctx, reverse, state_keeps=()):
 def _leaf_state_masks(leaf, state_keeps, ctx):
     """Per-component state masks for a plain cell from enclosing state-dropout wrappers."""
     T, B = ctx.steps, ctx.batch
+    if not (isinstance(T, int) and isinstance(B, int)):
+        raise ValueError("DropoutWrapper state dropout needs static batch and time sizes (masks are drawn on the host)")
     sizes = leaf.spec.state_sizes
     masks = [None] * len(sizes)
     for wrapper, paths in state_keeps:
@@ -260,7 +266,7 @@ def _leaf_state_masks(leaf, state_keeps, ctx):
 # ============================================================================ shared set-up
 def _setup(cell, x, dt, sequence_length, initial_state, dtype, time_major, backend, record, argprefix=""):
     """Validate and prepare one direction's run. ``x`` is time-major already."""
-    T, B = _shape_of(x)[0], _shape_of(x)[1]
+    T, B = backend.dim(x, 0), backend.dim(x, 1)
     ddt = _resolve_dtype(dtype)
     if ddt is not None and ddt != dt:
         raise ValueError(f"dtype={ddt} does not match the inputs' dtype {dt}: mixed dtypes are not allowed")
@@ -359,7 +365,7 @@ def _dynamic_rnn(cell, inputs, sequence_length, initial_state, dtype, time_major
     _check_bool(time_major, "time_major")
     backend = _registry.current()
     x, dt, native = _prepare_inputs(backend, inputs, time_major)
-    T, B = _shape_of(x)[0], _shape_of(x)[1]
+    T, B = backend.dim(x, 0), backend.dim(x, 1)
     lengths = _check_lengths(backend, sequence_length, B, T)
     state0 = _native_state(backend, _setup(cell, x, dt, lengths, initial_state, dtype, time_major, backend, record))
     ctx = _Ctx(backend, dt, lengths, T, B, record)
@@ -422,7 +428,7 @@ def _bidirectional(cell_fw, cell_bw, inputs, sequence_length, initial_state_fw, 
     _check_bool(time_major, "time_major")
     backend = _registry.current()
     x, dt, native = _prepare_inputs(backend, inputs, time_major)
-    T, B = _shape_of(x)[0], _shape_of(x)[1]
+    T, B = backend.dim(x, 0), backend.dim(x, 1)
     lengths = _check_lengths(backend, sequence_length, B, T)
     s_fw = _native_state(backend, _setup(cell_fw, x, dt, lengths, initial_state_fw, dtype, time_major, backend, record, "fw "))
     s_bw = _native_state(backend, _setup(cell_bw, x, dt, lengths, initial_state_bw, dtype, time_major, backend, record, "bw "))

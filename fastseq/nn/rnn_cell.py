@@ -156,7 +156,8 @@ class RNNCell:
     def zero_state(self, batch_size, dtype):
         """Zeros shaped like ``state_size`` for ``batch_size`` rows (backend arrays)."""
         b = _registry.current()
-        batch_size = int(batch_size)
+        if isinstance(batch_size, (numbers.Integral, np.integer)) or not b.is_native(batch_size):
+            batch_size = int(batch_size)
         dt = np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
         return _map_sizes(self.state_size, lambda s: b.zeros((batch_size, s), dt))
 
@@ -378,7 +379,7 @@ def _check_state_array(state, size, batch, argname):
     if isinstance(state, (tuple, list)):
         raise ValueError(f"{argname}: expected one array of shape [batch, {size}], got a {type(state).__name__} of {len(state)}")
     shape = _shape_of(state)
-    if len(shape) != 2 or shape[1] != size or (batch is not None and shape[0] is not None and shape[0] != batch):
+    if len(shape) != 2 or shape[1] != size or (isinstance(batch, int) and shape[0] is not None and shape[0] != batch):
         raise ValueError(f"{argname}: expected shape [{batch if batch is not None else 'batch'}, {size}], got {list(shape)}")
     return state
 
