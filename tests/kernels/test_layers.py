@@ -5,7 +5,7 @@ state masks (per step, fixed)."""
 import numpy as np
 import pytest
 
-from _helpers import SPECS, compare_layer, lengths_for, make_masks, make_params, make_state, RTOL, assert_close
+from _kernel_helpers import SPECS, compare_layer, lengths_for, make_masks, make_params, make_state, RTOL, assert_close
 
 
 @pytest.mark.parametrize("cell", sorted(SPECS))

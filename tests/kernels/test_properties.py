@@ -13,7 +13,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from _helpers import SPECS, compare_layer, make_masks, make_params, make_state  # noqa: E402
+from _kernel_helpers import SPECS, compare_layer, make_masks, make_params, make_state  # noqa: E402
 
 
 @st.composite
