@@ -163,11 +163,24 @@ def _run(cell, x, state, ctx, reverse, state_keeps=()):
     if isinstance(cell, _LeafCell):
         params = cell._params(b, ctx.dtype)
         state_mask = _leaf_state_masks(cell, state_keeps, ctx) if state_keeps else None
-        y, final, ws = b.layer_forward(cell.spec, params, x, state, ctx.lengths, reverse, state_mask, ctx.record)
+        try:
+            y, final, ws = b.layer_forward(cell.spec, params, x, state, ctx.lengths, reverse, state_mask, ctx.record)
+            runner = b
+        except NotImplementedError:
+            # A backend may refuse a case (its fast path does not cover it): the reference
+            # computes that layer on the host and the result is handed back to the backend.
+            runner = _registry.load("numpy")
+            host = _to_host(b, (params, x, state, state_mask))
+            y, final, ws = runner.layer_forward(cell.spec, host[0], host[1], host[2], ctx.lengths, reverse, host[3], ctx.record)
+            y, final = _from_host(b, y), _from_host(b, tuple(final))
         final = tuple(final)
 
         def backward(dy, dfinal, acc):
-            dx, ds0, dp = b.layer_backward(cell.spec, params, ws, dy, tuple(dfinal))
+            if runner is b:
+                dx, ds0, dp = b.layer_backward(cell.spec, params, ws, dy, tuple(dfinal))
+            else:
+                h = _to_host(b, (params, dy, tuple(dfinal)))
+                dx, ds0, dp = _from_host(b, runner.layer_backward(cell.spec, h[0], ws, h[1], h[2]))
             acc.add(cell, dp)
             return dx, tuple(ds0)
 
@@ -237,6 +250,22 @@ def _run(cell, x, state, ctx, reverse, state_keeps=()):
     if isinstance(cell, _Wrapper):  # any other wrapper: state and outputs pass through
         return _run(cell._cell, x, state, ctx, reverse, state_keeps)
     raise TypeError(f"cell type {type(cell).__name__} cannot be run over a sequence by fastseq")
+
+
+def _to_host(backend, tree):
+    if isinstance(tree, dict):
+        return {k: _to_host(backend, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_to_host(backend, v) for v in tree)
+    return None if tree is None else np.asarray(backend.to_numpy(tree))
+
+
+def _from_host(backend, tree):
+    if isinstance(tree, dict):
+        return {k: _from_host(backend, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_from_host(backend, v) for v in tree)
+    return None if tree is None else backend.asarray(tree)
 
 
 def _leaf_state_masks(leaf, state_keeps, ctx):
