@@ -14,9 +14,34 @@ each step runs two GEMMs on the active rows (``h @ gates_kernel[I:]``, then
 import numpy as np
 
 from ._blas import blas_set_threads_local, gemm, step_gemm_acc
-from ._common import act, dact, gather_rows, make_plan, output_activation_stored, scatter_rows, sigmoid, \
-    time_index
+from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
+    sigmoid, time_index
 from ._jit import kernel
+
+
+@kernel(inline="always")
+def _gates_row(xg, gbias, hp, rh, H):
+    """One row's reset/update gates in place (``xg`` its ``2H`` pre-activations) and
+    ``rh = r * h``: a branch-free loop over contiguous rows, which LLVM vectorises."""
+    for j in range(H):
+        rg = sigmoid(xg[j] + gbias[j])
+        ug = sigmoid(xg[H + j] + gbias[H + j])
+        xg[j] = rg
+        xg[H + j] = ug
+        rh[j] = rg * hp[j]
+
+
+@kernel(inline="always")
+def _output_tanh_row(xc, cbias, xg, hp, y, hout, one, H):
+    """The common case of one row's new state (tanh candidate, no state mask), branch-free
+    over contiguous rows; same arithmetic, in the same order, as the general loop."""
+    for j in range(H):
+        cc = ftanh(xc[j] + cbias[j])
+        xc[j] = cc
+        ug = xg[H + j]
+        hn = ug * hp[j] + (one - ug) * cc
+        y[j] = hn
+        hout[j] = hn
 
 
 @kernel
@@ -56,6 +81,7 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
             else:
                 hT[b, j] = h0[b, j]
     mh_on = mask_h.shape[0] > 0
+    fast_out = code == TANH and not mh_on  # decided once: see _output_tanh_row
     prev_threads = blas_set_threads_local(1)
     for k in range(L):
         n = nb[k]
@@ -66,15 +92,14 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
         rb = gb if need_grad else 0
         step_gemm_acc(n, H2, H, Hh, hb * H, H, gates_kernel, I * H2, H2, XG, gb * H2, H2)
         for r in range(n):
-            g = gb + r
-            for j in range(H):
-                rg = sigmoid(XG[g, j] + gates_bias[j])
-                ug = sigmoid(XG[g, H + j] + gates_bias[H + j])
-                XG[g, j] = rg
-                XG[g, H + j] = ug
-                RH[rb + r, j] = rg * Hh[hb + r, j]
+            _gates_row(XG[gb + r], gates_bias, Hh[hb + r], RH[rb + r], H)
         step_gemm_acc(n, H, H, RH, rb * H, H, cand_kernel, I * H, H, XC, gb * H, H)
-        for r in range(n):
+        if fast_out:
+            for r in range(n):
+                g = gb + r
+                hout = Hh[nhb + r] if r < nn else hT[order[r]]
+                _output_tanh_row(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H)
+        for r in range(n if not fast_out else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
             th = 0 if mask_h.shape[0] == 1 else t

@@ -18,9 +18,71 @@ for ``d h``, and then gets every weight gradient from one GEMM over all rows.
 import numpy as np
 
 from ._blas import blas_set_threads_local, gemm, step_gemm_acc
-from ._common import act, dact, gather_rows, make_plan, output_activation_stored, scatter_rows, sigmoid, \
-    time_index
+from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
+    sigmoid, time_index
 from ._jit import kernel
+
+
+@kernel(inline="always")
+def _gates_tanh_row(gr, bias, fb, cp, cout, mout, H):
+    """The common case of one row's gate update (tanh, no peepholes, no cell clip, no
+    cell mask) as one branch-free loop over contiguous rows, so LLVM vectorises it:
+    ``gr`` the row's ``4H`` gate pre-activations (overwritten with the activated gates),
+    ``cp`` the previous cell, ``cout`` the new cell, ``mout`` the cell output. Same
+    arithmetic, in the same order, as the general loop of :func:`lstm_forward`."""
+    for j in range(H):
+        gi = gr[j] + bias[j]
+        gj = gr[H + j] + bias[H + j]
+        gf = gr[2 * H + j] + bias[2 * H + j] + fb
+        go = gr[3 * H + j] + bias[3 * H + j]
+        si = sigmoid(gi)
+        sf = sigmoid(gf)
+        aj = ftanh(gj)
+        c = sf * cp[j] + si * aj
+        so = sigmoid(go)
+        gr[j] = si
+        gr[H + j] = aj
+        gr[2 * H + j] = sf
+        gr[3 * H + j] = so
+        cout[j] = c
+        mout[j] = so * ftanh(c)
+
+
+@kernel(inline="always")
+def _grad_tanh_row(gr, cp, dh, dyr, dcr, dgr, one, H):
+    """Backward of :func:`_gates_tanh_row` for one row (no projection, no state masks):
+    ``gr`` the activated gates, ``cp`` the previous cell, ``dh``/``dyr`` the incoming
+    gradients of the output (summed), ``dcr`` the cell gradient (updated in place to the
+    previous cell's), ``dgr`` receives the ``4H`` gate gradients. Same arithmetic, in the
+    same order, as the general loop of :func:`lstm_backward`."""
+    for j in range(H):
+        dm = dh[j]
+        dm += dyr[j]
+        c_prev = cp[j]
+        si = gr[j]
+        aj = gr[H + j]
+        sf = gr[2 * H + j]
+        so = gr[3 * H + j]
+        daj = one - aj * aj
+        c = sf * c_prev + si * aj
+        ac = ftanh(c)
+        d_go = dm * ac * so * (one - so)
+        dc = dcr[j]
+        dc += dm * so * (one - ac * ac)
+        d_gf = dc * c_prev * sf * (one - sf)
+        d_gi = dc * aj * si * (one - si)
+        d_gj = dc * si * daj
+        dcr[j] = dc * sf
+        dgr[j] = d_gi
+        dgr[H + j] = d_gj
+        dgr[2 * H + j] = d_gf
+        dgr[3 * H + j] = d_go
+
+
+@kernel(inline="always")
+def _copy_row(src, dst, n):
+    for j in range(n):
+        dst[j] = src[j]
 
 
 @kernel
@@ -79,6 +141,10 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
 
     mc_on = mask_c.shape[0] > 0
     mh_on = mask_h.shape[0] > 0
+    # Branches decided once, not per element: the common configuration takes loops that
+    # vectorise (see _gates_tanh_row); everything else the general loops below.
+    fast_gates = code == TANH and not use_peep and not (cclip >= 0) and not mc_on
+    plain_h = not mh_on and not (use_proj and pclip >= 0)
     prev_threads = blas_set_threads_local(1)
     for k in range(L):
         n = nb[k]
@@ -89,7 +155,13 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
         mb = gb if need_grad else 0
         # recurrent part: G[gb:gb+n] += h @ kernel[I:]
         step_gemm_acc(n, G4, P, Hh, hb * P, P, kernel, I * G4, G4, G, gb * G4, G4)
-        for r in range(n):
+        if fast_gates:
+            for r in range(n):
+                g = gb + r
+                cout = Ch[nhb + r] if r < nn else cT[order[r]]
+                mout = Mp[mb + r] if use_proj else Yp[g]
+                _gates_tanh_row(G[g], bias, fb, Ch[hb + r], cout, mout, H)
+        for r in range(n if not fast_gates else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
             g = gb + r
@@ -131,7 +203,10 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
                     Yp[g, j] = m
         if use_proj:
             gemm(0, 0, n, P, H, 1.0, Mp, mb * H, H, proj, 0, P, 0.0, Yp, gb * P, P)
-        for r in range(n):
+        if plain_h:
+            for r in range(n):
+                _copy_row(Yp[gb + r], Hh[nhb + r] if r < nn else hT[order[r]], P)
+        for r in range(n if not plain_h else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
             g = gb + r
@@ -199,6 +274,8 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
     dG = np.empty((R, G4), dt)
     mc_on = mask_c.shape[0] > 0
     mh_on = mask_h.shape[0] > 0
+    # decided once: the common configuration takes the vectorising _grad_tanh_row
+    fast_grad = code == TANH and not use_peep and not use_proj and not (cclip >= 0) and not mc_on and not mh_on
 
     prev_threads = blas_set_threads_local(1)
     for k in range(L - 1, -1, -1):
@@ -219,7 +296,12 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
                             d = zero
                     dMraw[g, j] = d
             gemm(0, 1, n, H, P, 1.0, dMraw, gb * P, P, proj, 0, P, 0.0, dMpre, 0, H)
-        for r in range(n):
+        if fast_grad:
+            for r in range(n):
+                g = gb + r
+                _grad_tanh_row(G[g], Ch[g], dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], dC[r], dG[g],
+                               one, H)
+        for r in range(n if not fast_grad else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
             th = 0 if mask_h.shape[0] == 1 else t
