@@ -44,6 +44,34 @@ def _output_tanh_row(xc, cbias, xg, hp, y, hout, one, H):
         hout[j] = hn
 
 
+@kernel(inline="always")
+def _grad_out_tanh_row(dh, dyr, xg, xc, hp, dxc, dxg, one, H):
+    """Backward of :func:`_output_tanh_row` for one row (no state mask): ``dh`` the carried
+    state gradient (replaced by its part through ``u * h``), ``dyr`` the output gradient,
+    ``dxc``/``dxg`` receive the candidate and update-gate gradients. Same arithmetic, in the
+    same order, as the general loop of :func:`gru_backward`."""
+    for j in range(H):
+        dhn = dh[j]
+        dhn += dyr[j]
+        ug = xg[H + j]
+        h = hp[j]
+        cc = xc[j]
+        dcc = one - cc * cc
+        dxc[j] = dhn * (one - ug) * dcc
+        dxg[H + j] = dhn * (h - cc) * ug * (one - ug)
+        dh[j] = dhn * ug
+
+
+@kernel(inline="always")
+def _grad_reset_row(drh, xg, hp, dxg, dh, one, H):
+    """Reset-gate gradients of one row and their share of ``d h`` (branch-free, contiguous)."""
+    for j in range(H):
+        rg = xg[j]
+        d = drh[j]
+        dxg[j] = d * hp[j] * rg * (one - rg)
+        dh[j] += d * rg
+
+
 @kernel
 def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, mask_h, code, need_grad):
     """Returns ``(y [T, B, H], h_T [B, H], workspace)``."""
@@ -148,10 +176,16 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
     dXC = np.empty((R, H), dt)
     mh_on = mask_h.shape[0] > 0
     prev_threads = blas_set_threads_local(1)
+    fast_out = code == TANH and not mh_on  # decided once: see _grad_out_tanh_row
     for k in range(L - 1, -1, -1):
         n = nb[k]
         gb = base[k]
-        for r in range(n):
+        if fast_out:
+            for r in range(n):
+                g = gb + r
+                _grad_out_tanh_row(dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], XG[g], XC[g], Hh[g],
+                                   dXC[g], dXG[g], one, H)
+        for r in range(n if not fast_out else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
             th = 0 if mask_h.shape[0] == 1 else t
@@ -174,11 +208,7 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
         gemm(0, 1, n, H, H, 1.0, dXC, gb * H, H, cand_kernel, I * H, H, 0.0, dRH, 0, H)
         for r in range(n):
             g = gb + r
-            for j in range(H):
-                rg = XG[g, j]
-                drh = dRH[r, j]
-                dXG[g, j] = drh * Hh[g, j] * rg * (one - rg)
-                dH[r, j] += drh * rg
+            _grad_reset_row(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, H)
         gemm(0, 1, n, H, H2, 1.0, dXG, gb * H2, H2, gates_kernel, I * H2, H2, 1.0, dH, 0, H)
 
     blas_set_threads_local(prev_threads)
