@@ -13,7 +13,7 @@ import numpy as np
 from . import activations as act_mod
 from .contract import Backend, CellSpec
 
-__all__ = ["NumpyBackend", "reverse_sequence_tm"]
+__all__ = ["NumpyBackend", "NumpyArrayOps", "reverse_sequence_tm"]
 
 _sig = act_mod.sigmoid
 
@@ -146,12 +146,10 @@ def _mask_at(mask, t):
     return mask[t] if mask.shape[0] > 1 else mask[0]
 
 
-class NumpyBackend(Backend):
-    """Plain NumPy, forward and backward. Always installed; the test oracle."""
+class NumpyArrayOps:
+    """The contract's array ops on NumPy arrays, for every backend whose arrays live on the
+    host (numpy, numba, a third party's CPU backend): inherit it next to ``Backend``."""
 
-    name = "numpy"
-
-    # ------------------------------------------------------------ arrays
     def asarray(self, x, dtype=None):
         return np.asarray(x, dtype=dtype)
 
@@ -190,6 +188,12 @@ class NumpyBackend(Backend):
     def read_param(self, stored, dtype):
         arr = np.asarray(stored)
         return arr if arr.dtype == dtype else arr.astype(dtype)
+
+
+class NumpyBackend(NumpyArrayOps, Backend):
+    """Plain NumPy, forward and backward. Always installed; the test oracle."""
+
+    name = "numpy"
 
     # ------------------------------------------------------------ recurrent ops
     def cell_step(self, spec, params, inputs, state):

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from fastseq.contract import ACTIVATIONS, Backend, CellSpec
+from fastseq.reference import NumpyArrayOps
 
 __all__ = ["NumbaBackend"]
 
@@ -41,7 +42,7 @@ def _contig(a, dtype, name):
     return a
 
 
-class NumbaBackend(Backend):
+class NumbaBackend(NumpyArrayOps, Backend):
     """Fused Numba kernels: one compiled call per layer, forward and backward."""
 
     name = "numba"
@@ -70,54 +71,6 @@ class NumbaBackend(Backend):
         if self._k is None:
             self.initialize()
         return self._k
-
-    # ------------------------------------------------------------ arrays
-    def asarray(self, x, dtype=None):
-        return np.asarray(x, dtype=dtype)
-
-    def to_numpy(self, x):
-        return np.asarray(x)
-
-    def is_native(self, x):
-        return isinstance(x, np.ndarray)
-
-    def zeros(self, shape, dtype):
-        return np.zeros(shape, dtype=dtype)
-
-    def swap_batch_time(self, x):
-        return np.ascontiguousarray(np.swapaxes(x, 0, 1))
-
-    def stack(self, xs, axis=0):
-        return np.stack(xs, axis=axis)
-
-    def unstack(self, x, axis=0):
-        return [np.ascontiguousarray(a) for a in np.moveaxis(x, axis, 0)]
-
-    def concat(self, xs, axis):
-        return np.concatenate(xs, axis=axis)
-
-    def split(self, x, sizes, axis):
-        return np.split(x, np.cumsum(sizes)[:-1], axis=axis)
-
-    def add(self, a, b):
-        return np.add(a, b)
-
-    def multiply(self, a, b):
-        return np.multiply(a, b)
-
-    def where_rows(self, cond, a, b):
-        cond = np.asarray(cond, dtype=bool).reshape((-1,) + (1,) * (np.ndim(a) - 1))
-        return np.where(cond, a, b)
-
-    def sequence_mask(self, lengths, maxlen, dtype):
-        t = np.arange(maxlen)[:, None, None]
-        return (t < np.asarray(lengths)[None, :, None]).astype(dtype)
-
-    def read_param(self, stored, dtype):
-        arr = np.asarray(stored)
-        if arr.dtype != dtype:
-            arr = arr.astype(dtype)
-        return arr
 
     # ------------------------------------------------------------ validation
     def _prepare(self, spec: CellSpec, params, inputs, initial_state, sequence_length, state_mask):
