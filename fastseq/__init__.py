@@ -8,7 +8,8 @@
 
 The backend (numba by default, numpy as the reference, tensorflow) is chosen by the
 ``FASTSEQ_BACKEND`` environment variable or :func:`set_backend` / :func:`use_backend`.
-Importing fastseq imports neither numba nor tensorflow.
+Importing fastseq imports neither numba nor tensorflow. CPU threads: :func:`set_num_threads`
+(or ``FASTSEQ_NUM_THREADS``), see :mod:`fastseq.threads`.
 """
 
 from importlib import import_module as _import_module
@@ -17,6 +18,7 @@ from . import nn  # noqa: F401  (cheap: numpy only)
 from .backend import get_backend, list_backends, set_backend, use_backend  # noqa: F401
 from .grad import vjp  # noqa: F401
 from .random import set_seed  # noqa: F401
+from .threads import get_num_threads, set_num_threads  # noqa: F401
 
 __version__ = "0.1.0"
 

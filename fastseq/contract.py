@@ -141,6 +141,12 @@ class Backend:
     #: registry name, e.g. "numpy"
     name: str = "base"
 
+    #: True when independent ``layer_forward``/``layer_backward`` calls may run on several
+    #: Python threads at once and gain from it (compiled code that releases the GIL). The
+    #: drivers then run the two directions of a bidirectional RNN side by side, each
+    #: with its share of :func:`fastseq.threads.get_num_threads`.
+    concurrent_layers: bool = False
+
     # ---------------------------------------------------------------- lifecycle
     def availability(self) -> Optional[str]:
         """``None`` when usable here, else a one-line reason (e.g. "numba is not

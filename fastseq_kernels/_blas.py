@@ -120,18 +120,22 @@ def _gemm_colmajor(typingctx, transa, transb, m, n, k, alpha, a, aoff, lda, b, b
     return sig, codegen
 
 
-#: Products with fewer multiply-adds than this run single-threaded (see :func:`gemm`).
-MULTITHREAD_MIN_MACS = 1 << 25
+#: Products with fewer multiply-adds than this run on the calling thread alone: below
+#: about 2^20 (a [32, 200] x [200, 200] step product, ~50 us) OpenBLAS's thread hand-off
+#: costs more than the second core saves (measured on the reference 2-core machine).
+PARALLEL_MIN_MACS = 1 << 20
 
 
 @kernel
-def gemm(transa, transb, m, n, k, alpha, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc):
+def gemm(transa, transb, m, n, k, alpha, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, nthreads):
     """Row-major ``C[m, n] = alpha * op(A) @ op(B) + beta * C``.
 
     ``A``, ``B``, ``C`` are C-contiguous arrays (any rank) addressed from element offsets
     ``aoff``, ``boff``, ``coff`` with leading dimensions (row strides, in elements) ``lda``,
     ``ldb``, ``ldc``; ``op(X)`` is ``X.T`` when the flag is non-zero. ``op(A)`` is
     ``[m, k]``, ``op(B)`` is ``[k, n]``. Empty products are handled without calling BLAS.
+    ``nthreads``: BLAS threads allowed for this product (the caller's share of the cores,
+    see :mod:`fastseq.threads`); products below :data:`PARALLEL_MIN_MACS` use one.
     """
     if m <= 0 or n <= 0:
         return
@@ -144,60 +148,63 @@ def gemm(transa, transb, m, n, k, alpha, a, aoff, lda, b, boff, ldb, beta, c, co
                 else:
                     c.flat[base + j] *= beta
         return
+    nt = nthreads if m * n * k >= PARALLEL_MIN_MACS else 1
+    if nt < 1:
+        nt = 1
+    # The thread count is set for every product (the setting is process-wide in OpenBLAS,
+    # so another thread may have changed it since) and put back afterwards.
+    prev = blas_set_threads_local(nt)
     # Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
-    if m * n * k < MULTITHREAD_MIN_MACS:
-        # Small products: BLAS threads cost more than they save (and far more when other
-        # processes share the cores), so run them on the calling thread.
-        prev = blas_set_threads_local(1)
-        _gemm_colmajor(transb, transa, n, m, k, alpha, b, boff, max(ldb, 1), a, aoff, max(lda, 1), beta, c, coff,
-                       max(ldc, 1))
-        blas_set_threads_local(prev)
-    else:
-        _gemm_colmajor(transb, transa, n, m, k, alpha, b, boff, max(ldb, 1), a, aoff, max(lda, 1), beta, c, coff,
-                       max(ldc, 1))
+    _gemm_colmajor(transb, transa, n, m, k, alpha, b, boff, max(ldb, 1), a, aoff, max(lda, 1), beta, c, coff,
+                   max(ldc, 1))
+    blas_set_threads_local(prev)
 
 
 #: Row count up to which per-step products use the in-house loop instead of BLAS (BLAS's
-#: call overhead and packing dominate for a handful of rows, e.g. batch size 1).
+#: call overhead and packing dominate for a handful of rows: OpenBLAS takes ~50 us for a
+#: [1, 128] x [128, 512] product that these loops do in ~5 us).
 SMALL_M = 4
 
 
 @kernel
 def gemm_acc_small(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
-    """Row-major ``C[m, n] += A[m, k] @ B[k, n]`` as plain loops, vectorised over ``n``
-    (row views keep the inner loop free of index arithmetic)."""
+    """Row-major ``C[m, n] += A[m, k] @ B[k, n]`` as plain loops, vectorised over ``n``.
+    Four rows of ``B`` are combined per pass over a row of ``C``, so ``C`` is loaded and
+    stored a quarter as often (the loop is bound by loads and stores, not arithmetic);
+    row views keep the inner loop free of index arithmetic."""
     af = a.reshape(a.size)
     bf = b.reshape(b.size)
     cf = c.reshape(c.size)
-    i = 0
-    while i + 1 < m:  # two rows at a time: each row of B is read once per pair
-        c0 = cf[coff + i * ldc: coff + i * ldc + n]
-        c1 = cf[coff + (i + 1) * ldc: coff + (i + 1) * ldc + n]
-        a0 = aoff + i * lda
-        for p in range(k):
-            x0 = af[a0 + p]
-            x1 = af[a0 + lda + p]
-            br = bf[boff + p * ldb: boff + p * ldb + n]
-            for j in range(n):
-                w = br[j]
-                c0[j] += x0 * w
-                c1[j] += x1 * w
-        i += 2
-    if i < m:
+    for i in range(m):
         c0 = cf[coff + i * ldc: coff + i * ldc + n]
         a0 = aoff + i * lda
-        for p in range(k):
+        p = 0
+        while p + 4 <= k:
             x0 = af[a0 + p]
-            br = bf[boff + p * ldb: boff + p * ldb + n]
+            x1 = af[a0 + p + 1]
+            x2 = af[a0 + p + 2]
+            x3 = af[a0 + p + 3]
+            r = boff + p * ldb
+            b0 = bf[r: r + n]
+            b1 = bf[r + ldb: r + ldb + n]
+            b2 = bf[r + 2 * ldb: r + 2 * ldb + n]
+            b3 = bf[r + 3 * ldb: r + 3 * ldb + n]
             for j in range(n):
-                c0[j] += x0 * br[j]
+                c0[j] += (x0 * b0[j] + x1 * b1[j]) + (x2 * b2[j] + x3 * b3[j])
+            p += 4
+        while p < k:
+            x0 = af[a0 + p]
+            b0 = bf[boff + p * ldb: boff + p * ldb + n]
+            for j in range(n):
+                c0[j] += x0 * b0[j]
+            p += 1
 
 
 @kernel
-def step_gemm_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
+def step_gemm_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, nthreads):
     """Per-step ``C += A @ B`` (row-major, offsets as :func:`gemm`): in-house loops for
     ``m <= SMALL_M``, else BLAS."""
     if m <= SMALL_M:
         gemm_acc_small(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc)
     else:
-        gemm(0, 0, m, n, k, 1.0, a, aoff, lda, b, boff, ldb, 1.0, c, coff, ldc)
+        gemm(0, 0, m, n, k, 1.0, a, aoff, lda, b, boff, ldb, 1.0, c, coff, ldc, nthreads)

@@ -9,11 +9,14 @@ The input projections of all steps are two GEMMs (gates and candidate) before th
 each step runs two GEMMs on the active rows (``h @ gates_kernel[I:]``, then
 ``(r*h) @ cand_kernel[I:]``) and fuses the nonlinearities in place. See :mod:`.lstm` and
 :mod:`._common` for the buffer layout.
+
+``nthreads`` (last argument of every kernel): BLAS threads the kernel's large products may
+use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS`` use one).
 """
 
 import numpy as np
 
-from ._blas import blas_set_threads_local, gemm, step_gemm_acc
+from ._blas import gemm, step_gemm_acc
 from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
     sigmoid, time_index
 from ._jit import kernel
@@ -73,7 +76,7 @@ def _grad_reset_row(drh, xg, hp, dxg, dh, one, H):
 
 
 @kernel
-def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, mask_h, code, need_grad):
+def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, mask_h, code, need_grad, nthreads):
     """Returns ``(y [T, B, H], h_T [B, H], workspace)``."""
     T, B, I = x.shape
     H = h0.shape[1]
@@ -89,8 +92,8 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
         X = gather_rows(x, order, lens_s, nb, base, R, reverse)
     XG = np.empty((R, H2), dt)
     XC = np.empty((R, H), dt)
-    gemm(0, 0, R, H2, I, 1.0, X, 0, I, gates_kernel, 0, H2, 0.0, XG, 0, H2)
-    gemm(0, 0, R, H, I, 1.0, X, 0, I, cand_kernel, 0, H, 0.0, XC, 0, H)
+    gemm(0, 0, R, H2, I, 1.0, X, 0, I, gates_kernel, 0, H2, 0.0, XG, 0, H2, nthreads)
+    gemm(0, 0, R, H, I, 1.0, X, 0, I, cand_kernel, 0, H, 0.0, XC, 0, H, nthreads)
     Hh = np.empty((R if need_grad else 2 * B, H), dt)
     RH = np.empty((R if need_grad else B, H), dt)
     if uniform:
@@ -110,7 +113,6 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
                 hT[b, j] = h0[b, j]
     mh_on = mask_h.shape[0] > 0
     fast_out = code == TANH and not mh_on  # decided once: see _output_tanh_row
-    prev_threads = blas_set_threads_local(1)
     for k in range(L):
         n = nb[k]
         nn = nb[k + 1]
@@ -118,10 +120,10 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
         hb = hbase[k]
         nhb = hbase[k + 1]
         rb = gb if need_grad else 0
-        step_gemm_acc(n, H2, H, Hh, hb * H, H, gates_kernel, I * H2, H2, XG, gb * H2, H2)
+        step_gemm_acc(n, H2, H, Hh, hb * H, H, gates_kernel, I * H2, H2, XG, gb * H2, H2, nthreads)
         for r in range(n):
             _gates_row(XG[gb + r], gates_bias, Hh[hb + r], RH[rb + r], H)
-        step_gemm_acc(n, H, H, RH, rb * H, H, cand_kernel, I * H, H, XC, gb * H, H)
+        step_gemm_acc(n, H, H, RH, rb * H, H, cand_kernel, I * H, H, XC, gb * H, H, nthreads)
         if fast_out:
             for r in range(n):
                 g = gb + r
@@ -144,7 +146,6 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
                     Hh[nhb + r, j] = hm
                 else:
                     hT[b, j] = hm
-    blas_set_threads_local(prev_threads)
     if not uniform:
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
     ws = (X, XG, XC, Hh, RH, order, lens_s, nb, base)
@@ -152,7 +153,7 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
 
 
 @kernel
-def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, T, reverse, mask_h, code):
+def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, T, reverse, mask_h, code, nthreads):
     """Gradients of :func:`gru_forward` (run with ``need_grad``); ``ws`` is left intact.
 
     Returns ``(dx, dh0, d_gates_kernel, d_gates_bias, d_cand_kernel, d_cand_bias)``."""
@@ -175,7 +176,6 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
     dXG = np.empty((R, H2), dt)
     dXC = np.empty((R, H), dt)
     mh_on = mask_h.shape[0] > 0
-    prev_threads = blas_set_threads_local(1)
     fast_out = code == TANH and not mh_on  # decided once: see _grad_out_tanh_row
     for k in range(L - 1, -1, -1):
         n = nb[k]
@@ -205,19 +205,18 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
                 dXC[g, j] = dhn * (one - ug) * dcc
                 dXG[g, H + j] = dhn * (h - cc) * ug * (one - ug)
                 dH[r, j] = dhn * ug
-        gemm(0, 1, n, H, H, 1.0, dXC, gb * H, H, cand_kernel, I * H, H, 0.0, dRH, 0, H)
+        gemm(0, 1, n, H, H, 1.0, dXC, gb * H, H, cand_kernel, I * H, H, 0.0, dRH, 0, H, nthreads)
         for r in range(n):
             g = gb + r
             _grad_reset_row(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, H)
-        gemm(0, 1, n, H, H2, 1.0, dXG, gb * H2, H2, gates_kernel, I * H2, H2, 1.0, dH, 0, H)
+        gemm(0, 1, n, H, H2, 1.0, dXG, gb * H2, H2, gates_kernel, I * H2, H2, 1.0, dH, 0, H, nthreads)
 
-    blas_set_threads_local(prev_threads)
     dgk = np.empty((I + H, H2), dt)
-    gemm(1, 0, I, H2, R, 1.0, X, 0, I, dXG, 0, H2, 0.0, dgk, 0, H2)
-    gemm(1, 0, H, H2, R, 1.0, Hh, 0, H, dXG, 0, H2, 0.0, dgk, I * H2, H2)
+    gemm(1, 0, I, H2, R, 1.0, X, 0, I, dXG, 0, H2, 0.0, dgk, 0, H2, nthreads)
+    gemm(1, 0, H, H2, R, 1.0, Hh, 0, H, dXG, 0, H2, 0.0, dgk, I * H2, H2, nthreads)
     dck = np.empty((I + H, H), dt)
-    gemm(1, 0, I, H, R, 1.0, X, 0, I, dXC, 0, H, 0.0, dck, 0, H)
-    gemm(1, 0, H, H, R, 1.0, RH, 0, H, dXC, 0, H, 0.0, dck, I * H, H)
+    gemm(1, 0, I, H, R, 1.0, X, 0, I, dXC, 0, H, 0.0, dck, 0, H, nthreads)
+    gemm(1, 0, H, H, R, 1.0, RH, 0, H, dXC, 0, H, 0.0, dck, I * H, H, nthreads)
     dgb = np.zeros(H2, dt)
     dcb = np.zeros(H, dt)
     for i in range(R):
@@ -226,8 +225,8 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
         for j in range(H):
             dcb[j] += dXC[i, j]
     dXp = np.empty((R, I), dt)
-    gemm(0, 1, R, I, H2, 1.0, dXG, 0, H2, gates_kernel, 0, H2, 0.0, dXp, 0, I)
-    gemm(0, 1, R, I, H, 1.0, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I)
+    gemm(0, 1, R, I, H2, 1.0, dXG, 0, H2, gates_kernel, 0, H2, 0.0, dXp, 0, I, nthreads)
+    gemm(0, 1, R, I, H, 1.0, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I, nthreads)
     if uniform:
         dx = dXp.reshape(T, B, I)
     else:

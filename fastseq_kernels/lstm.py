@@ -13,11 +13,14 @@ GEMM ``X[R, I] @ kernel[:I]`` into the gate buffer ``G [R, 4H]``; each step adds
 nonlinearities in place, so ``G`` ends up holding the activated gates the backward pass
 needs. The backward pass turns ``G`` into the gate gradients in place, one GEMM per step
 for ``d h``, and then gets every weight gradient from one GEMM over all rows.
+
+``nthreads`` (last argument of every kernel): BLAS threads the kernel's large products may
+use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS`` use one).
 """
 
 import numpy as np
 
-from ._blas import blas_set_threads_local, gemm, step_gemm_acc
+from ._blas import gemm, step_gemm_acc
 from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
     sigmoid, time_index
 from ._jit import kernel
@@ -26,26 +29,29 @@ from ._jit import kernel
 @kernel(inline="always")
 def _gates_tanh_row(gr, bias, fb, cp, cout, mout, H):
     """The common case of one row's gate update (tanh, no peepholes, no cell clip, no
-    cell mask) as one branch-free loop over contiguous rows, so LLVM vectorises it:
+    cell mask) as branch-free loops over contiguous blocks, so LLVM vectorises them:
     ``gr`` the row's ``4H`` gate pre-activations (overwritten with the activated gates),
     ``cp`` the previous cell, ``cout`` the new cell, ``mout`` the cell output. Same
-    arithmetic, in the same order, as the general loop of :func:`lstm_forward`."""
+    arithmetic per element as the general loop of :func:`lstm_forward`."""
+    # One activation per pass over a contiguous block, then the cell update: each loop
+    # touches one or two arrays (measured 1.3x faster for H=128 than one fused loop over
+    # the four gate blocks and three outputs).
     for j in range(H):
-        gi = gr[j] + bias[j]
-        gj = gr[H + j] + bias[H + j]
-        gf = gr[2 * H + j] + bias[2 * H + j] + fb
-        go = gr[3 * H + j] + bias[3 * H + j]
-        si = sigmoid(gi)
-        sf = sigmoid(gf)
-        aj = ftanh(gj)
-        c = sf * cp[j] + si * aj
-        so = sigmoid(go)
-        gr[j] = si
-        gr[H + j] = aj
-        gr[2 * H + j] = sf
-        gr[3 * H + j] = so
-        cout[j] = c
-        mout[j] = so * ftanh(c)
+        gr[j] = sigmoid(gr[j] + bias[j])
+    for j in range(H, 2 * H):
+        gr[j] = ftanh(gr[j] + bias[j])
+    for j in range(2 * H, 3 * H):
+        gr[j] = sigmoid(gr[j] + bias[j] + fb)
+    for j in range(3 * H, 4 * H):
+        gr[j] = sigmoid(gr[j] + bias[j])
+    si = gr[:H]
+    aj = gr[H:2 * H]
+    sf = gr[2 * H:3 * H]
+    so = gr[3 * H:]
+    for j in range(H):
+        cout[j] = sf[j] * cp[j] + si[j] * aj[j]
+    for j in range(H):
+        mout[j] = so[j] * ftanh(cout[j])
 
 
 @kernel(inline="always")
@@ -87,7 +93,7 @@ def _copy_row(src, dst, n):
 
 @kernel
 def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse, mask_c, mask_h, code,
-                 forget_bias, cell_clip, proj_clip, need_grad):
+                 forget_bias, cell_clip, proj_clip, need_grad, nthreads):
     """Returns ``(y [T, B, P], c_T [B, H], h_T [B, P], workspace)``."""
     T, B, I = x.shape
     H = c0.shape[1]
@@ -109,7 +115,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
     else:
         X = gather_rows(x, order, lens_s, nb, base, R, reverse)
     G = np.empty((R, G4), dt)
-    gemm(0, 0, R, G4, I, 1.0, X, 0, I, kernel, 0, G4, 0.0, G, 0, G4)
+    gemm(0, 0, R, G4, I, 1.0, X, 0, I, kernel, 0, G4, 0.0, G, 0, G4, nthreads)
 
     nh = R if need_grad else 2 * B
     Hh = np.empty((nh, P), dt)
@@ -145,7 +151,6 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
     # vectorise (see _gates_tanh_row); everything else the general loops below.
     fast_gates = code == TANH and not use_peep and not (cclip >= 0) and not mc_on
     plain_h = not mh_on and not (use_proj and pclip >= 0)
-    prev_threads = blas_set_threads_local(1)
     for k in range(L):
         n = nb[k]
         nn = nb[k + 1]
@@ -154,7 +159,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
         nhb = hbase[k + 1]
         mb = gb if need_grad else 0
         # recurrent part: G[gb:gb+n] += h @ kernel[I:]
-        step_gemm_acc(n, G4, P, Hh, hb * P, P, kernel, I * G4, G4, G, gb * G4, G4)
+        step_gemm_acc(n, G4, P, Hh, hb * P, P, kernel, I * G4, G4, G, gb * G4, G4, nthreads)
         if fast_gates:
             for r in range(n):
                 g = gb + r
@@ -202,7 +207,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
                 else:
                     Yp[g, j] = m
         if use_proj:
-            gemm(0, 0, n, P, H, 1.0, Mp, mb * H, H, proj, 0, P, 0.0, Yp, gb * P, P)
+            gemm(0, 0, n, P, H, 1.0, Mp, mb * H, H, proj, 0, P, 0.0, Yp, gb * P, P, nthreads)
         if plain_h:
             for r in range(n):
                 _copy_row(Yp[gb + r], Hh[nhb + r] if r < nn else hT[order[r]], P)
@@ -226,7 +231,6 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
                     Hh[nhb + r, j] = hm
                 else:
                     hT[b, j] = hm
-    blas_set_threads_local(prev_threads)
     if not uniform:
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
     ws = (X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base)
@@ -235,7 +239,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
 
 @kernel
 def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, reverse, mask_c, mask_h, code,
-                  forget_bias, cell_clip, proj_clip):
+                  forget_bias, cell_clip, proj_clip, nthreads):
     """Gradients of :func:`lstm_forward` (run with ``need_grad``); ``ws`` its workspace,
     which is left intact (the pullback may run twice). dy ``[T, B, P]``, dcT ``[B, H]``, dhT ``[B, P]``.
 
@@ -277,7 +281,6 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
     # decided once: the common configuration takes the vectorising _grad_tanh_row
     fast_grad = code == TANH and not use_peep and not use_proj and not (cclip >= 0) and not mc_on and not mh_on
 
-    prev_threads = blas_set_threads_local(1)
     for k in range(L - 1, -1, -1):
         n = nb[k]
         gb = base[k]
@@ -295,7 +298,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
                         if not (abs(v) <= pclip):
                             d = zero
                     dMraw[g, j] = d
-            gemm(0, 1, n, H, P, 1.0, dMraw, gb * P, P, proj, 0, P, 0.0, dMpre, 0, H)
+            gemm(0, 1, n, H, P, 1.0, dMraw, gb * P, P, proj, 0, P, 0.0, dMpre, 0, H, nthreads)
         if fast_grad:
             for r in range(n):
                 g = gb + r
@@ -354,25 +357,24 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
                 dG[g, 2 * H + j] = d_gf
                 dG[g, 3 * H + j] = d_go
         # d h_prev = dG @ kernel[I:].T
-        gemm(0, 1, n, P, G4, 1.0, dG, gb * G4, G4, kernel, I * G4, G4, 0.0, dH, 0, P)
+        gemm(0, 1, n, P, G4, 1.0, dG, gb * G4, G4, kernel, I * G4, G4, 0.0, dH, 0, P, nthreads)
 
-    blas_set_threads_local(prev_threads)
     dkernel = np.empty((I + P, G4), dt)
-    gemm(1, 0, I, G4, R, 1.0, X, 0, I, dG, 0, G4, 0.0, dkernel, 0, G4)
-    gemm(1, 0, P, G4, R, 1.0, Hh, 0, P, dG, 0, G4, 0.0, dkernel, I * G4, G4)
+    gemm(1, 0, I, G4, R, 1.0, X, 0, I, dG, 0, G4, 0.0, dkernel, 0, G4, nthreads)
+    gemm(1, 0, P, G4, R, 1.0, Hh, 0, P, dG, 0, G4, 0.0, dkernel, I * G4, G4, nthreads)
     dbias = np.zeros(G4, dt)
     for i in range(R):
         for j in range(G4):
             dbias[j] += dG[i, j]
     dproj = np.empty(proj.shape, dt)
     if use_proj:
-        gemm(1, 0, H, P, R, 1.0, Mp, 0, H, dMraw, 0, P, 0.0, dproj, 0, P)
+        gemm(1, 0, H, P, R, 1.0, Mp, 0, H, dMraw, 0, P, 0.0, dproj, 0, P, nthreads)
     if uniform:
         dx = np.empty((T, B, I), dt)
-        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dx, 0, I)
+        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dx, 0, I, nthreads)
     else:
         dXp = np.empty((R, I), dt)
-        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dXp, 0, I)
+        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dXp, 0, I, nthreads)
         dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse)
     dc0 = np.empty((B, H), dt)
     dh0 = np.empty((B, P), dt)

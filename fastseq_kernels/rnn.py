@@ -4,17 +4,20 @@ Shapes: x ``[T, B, I]``; kernel ``[I+H, H]``; bias ``[H]``; h0 ``[B, H]``; lengt
 ``[B]``; mask_h ``[Tm, B, H]`` with ``Tm`` 0 (no mask), 1 or ``T``. C-contiguous.
 Same scheme as :mod:`.lstm`: one input-projection GEMM, one GEMM per step on the active
 rows, nonlinearity fused in place, weight gradients as GEMMs over all rows.
+
+``nthreads`` (last argument of every kernel): BLAS threads the kernel's large products may
+use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS`` use one).
 """
 
 import numpy as np
 
-from ._blas import blas_set_threads_local, gemm, step_gemm_acc
+from ._blas import gemm, step_gemm_acc
 from ._common import act, dact, gather_rows, make_plan, output_activation_stored, scatter_rows, time_index
 from ._jit import kernel
 
 
 @kernel
-def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad):
+def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, nthreads):
     """Returns ``(y [T, B, H], h_T [B, H], workspace)``."""
     T, B, I = x.shape
     H = h0.shape[1]
@@ -27,7 +30,7 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad):
     else:
         X = gather_rows(x, order, lens_s, nb, base, R, reverse)
     G = np.empty((R, H), dt)
-    gemm(0, 0, R, H, I, 1.0, X, 0, I, kernel, 0, H, 0.0, G, 0, H)
+    gemm(0, 0, R, H, I, 1.0, X, 0, I, kernel, 0, H, 0.0, G, 0, H, nthreads)
     Hh = np.empty((R if need_grad else 2 * B, H), dt)
     if uniform:
         y = np.empty((T, B, H), dt)
@@ -45,14 +48,13 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad):
             else:
                 hT[b, j] = h0[b, j]
     mh_on = mask_h.shape[0] > 0
-    prev_threads = blas_set_threads_local(1)
     for k in range(L):
         n = nb[k]
         nn = nb[k + 1]
         gb = base[k]
         hb = hbase[k]
         nhb = hbase[k + 1]
-        step_gemm_acc(n, H, H, Hh, hb * H, H, kernel, I * H, H, G, gb * H, H)
+        step_gemm_acc(n, H, H, Hh, hb * H, H, kernel, I * H, H, G, gb * H, H, nthreads)
         for r in range(n):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
@@ -68,7 +70,6 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad):
                     Hh[nhb + r, j] = hm
                 else:
                     hT[b, j] = hm
-    blas_set_threads_local(prev_threads)
     if not uniform:
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
     ws = (X, G, Hh, order, lens_s, nb, base)
@@ -76,7 +77,7 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad):
 
 
 @kernel
-def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code):
+def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads):
     """Gradients of :func:`rnn_forward` (run with ``need_grad``).
 
     Returns ``(dx, dh0, dkernel, dbias)``; ``ws`` is left intact."""
@@ -95,7 +96,6 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code):
             dH[r, j] = dhT[b, j]
     dG = np.empty((R, H), dt)
     mh_on = mask_h.shape[0] > 0
-    prev_threads = blas_set_threads_local(1)
     for k in range(L - 1, -1, -1):
         n = nb[k]
         gb = base[k]
@@ -113,17 +113,16 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code):
                 else:
                     z = G[g, j]
                     dG[g, j] = d * dact(z, act(z, code), code)
-        gemm(0, 1, n, H, H, 1.0, dG, gb * H, H, kernel, I * H, H, 0.0, dH, 0, H)
-    blas_set_threads_local(prev_threads)
+        gemm(0, 1, n, H, H, 1.0, dG, gb * H, H, kernel, I * H, H, 0.0, dH, 0, H, nthreads)
     dk = np.empty((I + H, H), dt)
-    gemm(1, 0, I, H, R, 1.0, X, 0, I, dG, 0, H, 0.0, dk, 0, H)
-    gemm(1, 0, H, H, R, 1.0, Hh, 0, H, dG, 0, H, 0.0, dk, I * H, H)
+    gemm(1, 0, I, H, R, 1.0, X, 0, I, dG, 0, H, 0.0, dk, 0, H, nthreads)
+    gemm(1, 0, H, H, R, 1.0, Hh, 0, H, dG, 0, H, 0.0, dk, I * H, H, nthreads)
     db = np.zeros(H, dt)
     for i in range(R):
         for j in range(H):
             db[j] += dG[i, j]
     dXp = np.empty((R, I), dt)
-    gemm(0, 1, R, I, H, 1.0, dG, 0, H, kernel, 0, H, 0.0, dXp, 0, I)
+    gemm(0, 1, R, I, H, 1.0, dG, 0, H, kernel, 0, H, 0.0, dXp, 0, I, nthreads)
     if uniform:
         dx = dXp.reshape(T, B, I)
     else:

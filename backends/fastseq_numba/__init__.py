@@ -16,6 +16,7 @@ import numpy as np
 
 from fastseq.contract import ACTIVATIONS, Backend, CellSpec
 from fastseq.reference import NumpyArrayOps
+from fastseq.threads import get_num_threads
 
 __all__ = ["NumbaBackend"]
 
@@ -46,6 +47,9 @@ class NumbaBackend(NumpyArrayOps, Backend):
     """Fused Numba kernels: one compiled call per layer, forward and backward."""
 
     name = "numba"
+    #: Independent layers (the two directions of a bidirectional RNN) may run on separate
+    #: threads at once: the kernels release the GIL and share nothing.
+    concurrent_layers = True
 
     def __init__(self):
         self._k = None  # kernel modules, set by initialize()
@@ -148,6 +152,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
         need_grad = bool(need_grad)
         T, B, I = x.shape
         E1, E2, _ = self._empty[x.dtype]
+        nt = get_num_threads()
         if spec.kind == "lstm":
             peep = spec.use_peepholes
             y, cT, hT, ws = k["lstm"].lstm_forward(
@@ -156,16 +161,16 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 p["projection/kernel"] if spec.num_proj else E2,
                 states[0], states[1], lengths, reverse, masks[0], masks[1], code,
                 float(spec.forget_bias), self._clip(spec.cell_clip),
-                self._clip(spec.proj_clip if spec.num_proj else None), need_grad)
+                self._clip(spec.proj_clip if spec.num_proj else None), need_grad, nt)
             final = (cT, hT)
         elif spec.kind == "gru":
             y, hT, ws = k["gru"].gru_forward(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
                                              p["candidate/bias"], states[0], lengths, reverse, masks[0], code,
-                                             need_grad)
+                                             need_grad, nt)
             final = (hT,)
         else:
             y, hT, ws = k["rnn"].rnn_forward(x, p["kernel"], p["bias"], states[0], lengths, reverse, masks[0],
-                                             code, need_grad)
+                                             code, need_grad, nt)
             final = (hT,)
         workspace = _Workspace(ws, T, B, I, reverse, masks, x.dtype) if need_grad else None
         return y, final, workspace
@@ -194,6 +199,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
         shapes = spec.param_shapes(I)
         p = {name: _contig(params[name], dtype, f"params[{name!r}]") for name in shapes}
         E1, E2, _ = self._empty[dtype]
+        nt = get_num_threads()
         if spec.kind == "lstm":
             peep = spec.use_peepholes
             dx, dc0, dh0, dk, db, dwi, dwf, dwo, dproj = k["lstm"].lstm_backward(
@@ -202,7 +208,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 p["projection/kernel"] if spec.num_proj else E2,
                 dy, ds[0], ds[1], T, w.reverse, w.masks[0], w.masks[1], code,
                 float(spec.forget_bias), self._clip(spec.cell_clip),
-                self._clip(spec.proj_clip if spec.num_proj else None))
+                self._clip(spec.proj_clip if spec.num_proj else None), nt)
             grads = {"kernel": dk, "bias": db}
             if peep:
                 grads.update({"w_f_diag": dwf, "w_i_diag": dwi, "w_o_diag": dwo})
@@ -212,11 +218,11 @@ class NumbaBackend(NumpyArrayOps, Backend):
         if spec.kind == "gru":
             dx, dh0, dgk, dgb, dck, dcb = k["gru"].gru_backward(
                 w.ws, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"], p["candidate/bias"], dy, ds[0],
-                T, w.reverse, w.masks[0], code)
+                T, w.reverse, w.masks[0], code, nt)
             return dx, (dh0,), {"gates/kernel": dgk, "gates/bias": dgb, "candidate/kernel": dck,
                                 "candidate/bias": dcb}
         dx, dh0, dk, db = k["rnn"].rnn_backward(w.ws, p["kernel"], p["bias"], dy, ds[0], T, w.reverse,
-                                                w.masks[0], code)
+                                                w.masks[0], code, nt)
         return dx, (dh0,), {"kernel": dk, "bias": db}
 
     def cell_step(self, spec, params, inputs, state):

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import backend as _registry
+from .. import threads as _threads
 from .rnn_cell import (
     DropoutWrapper,
     MultiRNNCell,
@@ -141,6 +142,15 @@ class _Acc:
             for k, v in grads.items():
                 cur[k] = self.backend.add(cur[k], v)
 
+    def merge(self, other):
+        for key, grads in other.by_leaf.items():
+            cur = self.by_leaf.get(key)
+            if cur is None:
+                self.by_leaf[key] = dict(grads)
+            else:
+                for k, v in grads.items():
+                    cur[k] = self.backend.add(cur[k], v)
+
     def weights_of(self, cell, dtype):
         out = {}
         for p, leaf in cell._unique_leaves():
@@ -250,6 +260,21 @@ def _run(cell, x, state, ctx, reverse, state_keeps=()):
     if isinstance(cell, _Wrapper):  # any other wrapper: state and outputs pass through
         return _run(cell._cell, x, state, ctx, reverse, state_keeps)
     raise TypeError(f"cell type {type(cell).__name__} cannot be run over a sequence by fastseq")
+
+
+def _has_dropout(cell):
+    if isinstance(cell, DropoutWrapper):
+        return True
+    if isinstance(cell, MultiRNNCell):
+        return any(_has_dropout(c) for c in cell._cells)
+    if isinstance(cell, _Wrapper):
+        return _has_dropout(cell._cell)
+    return False
+
+
+def _concurrent(backend, cell_fw, cell_bw):
+    return (getattr(backend, "concurrent_layers", False) and _threads.get_num_threads() >= 2
+            and not _has_dropout(cell_fw) and not _has_dropout(cell_bw))
 
 
 def _to_host(backend, tree):
@@ -462,8 +487,19 @@ def _bidirectional(cell_fw, cell_bw, inputs, sequence_length, initial_state_fw, 
     s_fw = _native_state(backend, _setup(cell_fw, x, dt, lengths, initial_state_fw, dtype, time_major, backend, record, "fw "))
     s_bw = _native_state(backend, _setup(cell_bw, x, dt, lengths, initial_state_bw, dtype, time_major, backend, record, "bw "))
     ctx = _Ctx(backend, dt, lengths, T, B, record)
-    y_fw, f_fw, bw_fw = _run(cell_fw, x, s_fw, ctx, reverse=False)
-    y_bw, f_bw, bw_bw = _run(cell_bw, x, s_bw, ctx, reverse=True)
+    # The two directions are independent: on a backend whose layers may run side by side
+    # (numba: the kernels release the GIL) they run on two threads, each with half of the
+    # cores (fastseq.threads). Cells that draw dropout masks run one after the other, so
+    # the masks drawn for a seed do not depend on thread timing.
+    together = _concurrent(backend, cell_fw, cell_bw)
+    if together:
+        if lengths is not None:
+            ctx.seq_mask()  # shared, computed once before the threads start
+        (y_fw, f_fw, bw_fw), (y_bw, f_bw, bw_bw) = _threads.run_concurrently(
+            lambda: _run(cell_fw, x, s_fw, ctx, reverse=False), lambda: _run(cell_bw, x, s_bw, ctx, reverse=True))
+    else:
+        y_fw, f_fw, bw_fw = _run(cell_fw, x, s_fw, ctx, reverse=False)
+        y_bw, f_bw, bw_bw = _run(cell_bw, x, s_bw, ctx, reverse=True)
     outs = (y_fw, y_bw) if time_major else (backend.swap_batch_time(y_fw), backend.swap_batch_time(y_bw))
     result = (
         (_out(backend, outs[0], native), _out(backend, outs[1], native)),
@@ -476,13 +512,20 @@ def _bidirectional(cell_fw, cell_bw, inputs, sequence_length, initial_state_fw, 
         d_out_fw, d_out_bw = (None, None) if d_outputs is None else d_outputs
         d_st_fw, d_st_bw = (None, None) if d_state is None else d_state
         acc = _Acc(backend)
-        dxs, d0s = [], []
+        jobs = []
         for c, d_out, d_st, final, bw in ((cell_fw, d_out_fw, d_st_fw, f_fw, bw_fw), (cell_bw, d_out_bw, d_st_bw, f_bw, bw_bw)):
             shape = (T, B, c.output_size) if time_major else (B, T, c.output_size)
             dy = _cotangent(backend, d_out, shape, dt, "d_outputs")
             if not time_major:
                 dy = backend.swap_batch_time(dy)
-            dx, d0 = bw(dy, _state_cotangent(c, backend, d_st, final, B, dt, "d_state"), acc)
+            jobs.append((c, bw, dy, _state_cotangent(c, backend, d_st, final, B, dt, "d_state"), _Acc(backend)))
+        if together:
+            res = _threads.run_concurrently(*[(lambda j=j: j[1](j[2], j[3], j[4])) for j in jobs])
+        else:
+            res = [j[1](j[2], j[3], j[4]) for j in jobs]
+        dxs, d0s = [], []
+        for (c, _, _, _, part), (dx, d0) in zip(jobs, res):
+            acc.merge(part)  # each direction accumulated on its own (a shared cell sums here)
             dxs.append(dx)
             d0s.append(c._to_public(d0))
         dx = backend.add(dxs[0], dxs[1])

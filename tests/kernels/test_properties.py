@@ -2,8 +2,6 @@
 directions against the reference; several Python threads at once; BLAS thread counts;
 no memory growth over many calls."""
 
-import ctypes
-import glob
 import os
 import threading
 
@@ -78,36 +76,23 @@ def test_concurrent_python_threads(numba_backend):
     assert not errors, errors[0]
 
 
-def _scipy_openblas():
-    import scipy
+@pytest.mark.parametrize("threads", [2, 3])
+def test_results_independent_of_thread_count(numba_backend, threads):
+    """Large products run multi-threaded in BLAS (fastseq.threads decides how many);
+    one thread and several agree to rounding."""
+    from fastseq import threads as fthreads
 
-    for path in glob.glob(os.path.join(os.path.dirname(scipy.__file__) + ".libs", "*openblas*")):
-        lib = ctypes.CDLL(path)
-        if hasattr(lib, "scipy_openblas_set_num_threads") and hasattr(lib, "scipy_openblas_get_num_threads"):
-            return lib
-    return None
-
-
-def test_results_independent_of_blas_threads(numba_backend):
-    """Large products run multi-threaded in BLAS; 1 vs 2 threads agree to rounding."""
-    lib = _scipy_openblas()
-    if lib is None:
-        pytest.skip("SciPy's OpenBLAS thread control not found")
     rng = np.random.default_rng(1)
     spec = SPECS["lstm"].__class__("lstm", 96)
     params = make_params(spec, 128, np.float64, rng, scale=0.1)
     x = rng.standard_normal((32, 64, 128))  # input GEMM: 2048 x 128 x 384 multiply-adds > threshold
     s0 = make_state(spec, 64, np.float64, rng)
     lens = rng.integers(1, 33, size=64).astype(np.int64)
-    old = lib.scipy_openblas_get_num_threads()
-    try:
-        lib.scipy_openblas_set_num_threads(1)
+    with fthreads.limit(1):
         one = _run_layer(numba_backend, spec, params, x, s0, lens, False)
-        lib.scipy_openblas_set_num_threads(2)
-        two = _run_layer(numba_backend, spec, params, x, s0, lens, False)
-    finally:
-        lib.scipy_openblas_set_num_threads(old)
-    for a, b in zip(one, two):
+    with fthreads.limit(threads):
+        many = _run_layer(numba_backend, spec, params, x, s0, lens, False)
+    for a, b in zip(one, many):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(b).max()))
 
 
