@@ -1,7 +1,6 @@
 """Splitting row ranges of a GIL-free Cython kernel over a few threads."""
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,14 +10,11 @@ _PARALLEL_MIN = 1 << 20  # elements below which one thread does all rows
 
 
 def num_threads():
-    """``FASTSEQ_NUM_THREADS`` or the CPUs this process may use (at most 8)."""
-    env = os.environ.get("FASTSEQ_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        return max(1, min(len(os.sched_getaffinity(0)), 8))
-    except AttributeError:  # pragma: no cover (non-Linux)
-        return max(1, min(os.cpu_count() or 1, 8))
+    """The calling thread's share of the cores (:func:`fastseq.threads.get_num_threads`:
+    ``set_num_threads``, ``FASTSEQ_NUM_THREADS`` or the usable cores), at most 8."""
+    from fastseq.threads import get_num_threads
+
+    return min(get_num_threads(), 8)
 
 
 def run_rows(fn, n_rows, row_size, *args, **kwargs):
