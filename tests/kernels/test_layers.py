@@ -19,6 +19,25 @@ def test_layer_matches_reference(numba_backend, ref_backend, cell, dtype, length
     compare_layer(numba_backend, ref_backend, SPECS[cell], T, B, I, dtype, rng, lens, reverse, None)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "lstm_proj"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_rows_cross_the_blas_threshold(numba_backend, ref_backend, cell, dtype, reverse):
+    """Per-step products switch from the in-house loop (few rows, one row and pairs) to
+    BLAS above _blas.SMALL_M rows: a batch whose active rows shrink from above the
+    threshold to one, with an odd count on the way, goes through every path."""
+    from fastseq_kernels._blas import SMALL_M
+
+    rng = np.random.default_rng(7)
+    B = SMALL_M + 9
+    T = 11
+    lens = np.minimum(T, np.arange(B) * (T + 1) // B).astype(np.int64)  # 0 .. T, one of length T
+    rng.shuffle(lens)
+    active = [(lens > k).sum() for k in range(T)]
+    assert active[0] > SMALL_M and active[-1] == 1 and any(a % 2 and 1 < a <= SMALL_M for a in active)
+    compare_layer(numba_backend, ref_backend, SPECS[cell], T, B, 6, dtype, rng, lens, reverse, None)
+
+
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm_peep_clip", "lstm_all"])
 @pytest.mark.parametrize("mask_kind", ["step", "fixed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
