@@ -135,21 +135,19 @@ class _Acc:
         self.by_leaf = {}
 
     def add(self, leaf, grads):
-        cur = self.by_leaf.get(id(leaf))
-        if cur is None:
-            self.by_leaf[id(leaf)] = dict(grads)
-        else:
-            for k, v in grads.items():
-                cur[k] = self.backend.add(cur[k], v)
+        self._add(id(leaf), grads)
 
     def merge(self, other):
         for key, grads in other.by_leaf.items():
-            cur = self.by_leaf.get(key)
-            if cur is None:
-                self.by_leaf[key] = dict(grads)
-            else:
-                for k, v in grads.items():
-                    cur[k] = self.backend.add(cur[k], v)
+            self._add(key, grads)
+
+    def _add(self, key, grads):
+        cur = self.by_leaf.get(key)
+        if cur is None:
+            self.by_leaf[key] = dict(grads)
+        else:
+            for k, v in grads.items():
+                cur[k] = self.backend.add(cur[k], v)
 
     def weights_of(self, cell, dtype):
         out = {}
