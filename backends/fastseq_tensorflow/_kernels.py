@@ -84,72 +84,236 @@ def recurrent_weights(spec: CellSpec, p, n_in):
     return w
 
 
-def step(spec: CellSpec, w, xw, state):
-    """One step given the projected input ``xw [B, G]``. Returns (output, new_state tuple)."""
+def _dact(name, y, x=None):
+    """d act(x)/dx from the output ``y = act(x)`` (``x`` only where precision needs it)."""
+    if name == "tanh":
+        return 1 - y * y
+    if name == "sigmoid":
+        return y * (1 - y)
+    if name == "relu":
+        return tf.cast(y > 0, y.dtype)
+    if name == "relu6":
+        return tf.cast(tf.logical_and(y > 0, y < 6), y.dtype)
+    if name == "elu":
+        return tf.where(y > 0, tf.ones_like(y), y + 1)
+    if name == "softsign":
+        return 1 / tf.square(1 + tf.abs(x))
+    if name == "softplus":
+        return tf.sigmoid(x)
+    if name == "linear":
+        return tf.ones_like(y)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def _needs_preact(name):
+    return name in ("softsign", "softplus")
+
+
+def step(spec: CellSpec, w, xw, state, keep=False):
+    """One step given the projected input ``xw [B, G]``.
+
+    Returns ``(output, new_state tuple, residuals)``; ``residuals`` (a dict, empty unless
+    ``keep``) holds what :func:`step_backward` needs besides the carried state.
+    """
     act = activation(spec.activation)
     H = spec.num_units
+    pre = _needs_preact(spec.activation)
+    res = {}
     if spec.kind == "rnn":
         (h,) = state
-        hn = act(xw + tf.matmul(h, w["h"]))
-        return hn, (hn,)
+        z = xw + tf.matmul(h, w["h"])
+        hn = act(z)
+        if keep:
+            res["y"] = hn
+            if pre:
+                res["z"] = z
+        return hn, (hn,), res
     if spec.kind == "gru":
         (h,) = state
         g = tf.sigmoid(xw[:, : 2 * H] + tf.matmul(h, w["gh"]))
         r, u = g[:, :H], g[:, H:]
-        c = act(xw[:, 2 * H :] + tf.matmul(r * h, w["ch"]))
-        hn = u * h + (1 - u) * c
-        return hn, (hn,)
+        zc = xw[:, 2 * H :] + tf.matmul(r * h, w["ch"])
+        c = act(zc)
+        hn = c + u * (h - c)
+        if keep:
+            res.update(g=g, c=c)
+            if pre:
+                res["zc"] = zc
+        return hn, (hn,), res
     c, h = state
     z = xw + tf.matmul(h, w["h"])
     i, j, f, o = tf.split(z, 4, axis=1)
     if spec.use_peepholes:
         f = f + w["wf"] * c
         i = i + w["wi"] * c
-    cn = tf.sigmoid(f) * c + tf.sigmoid(i) * act(j)
+    sf, si, aj = tf.sigmoid(f), tf.sigmoid(i), act(j)
+    cn = sf * c + si * aj
+    cn_pre = cn
     if spec.cell_clip is not None:
         clip = tf.constant(spec.cell_clip, cn.dtype)
         cn = tf.clip_by_value(cn, -clip, clip)
     if spec.use_peepholes:
         o = o + w["wo"] * cn
-    m = tf.sigmoid(o) * act(cn)
+    so, ac = tf.sigmoid(o), act(cn)
+    m = so * ac
+    m_pre = m
     if spec.num_proj:
         m = tf.matmul(m, w["proj"])
+        mp = m
         if spec.proj_clip is not None:
             pc = tf.constant(spec.proj_clip, m.dtype)
             m = tf.clip_by_value(m, -pc, pc)
-    return m, (cn, m)
+    if keep:
+        res.update(si=si, aj=aj, sf=sf, so=so, ac=ac)
+        if pre:
+            res.update(j=j, cn=cn)
+        elif spec.use_peepholes:
+            res["cn"] = cn
+        if spec.cell_clip is not None:
+            res["cn_pre"] = cn_pre
+        if spec.num_proj:
+            res["m_pre"] = m_pre
+            if spec.proj_clip is not None:
+                res["mp"] = mp
+    return m, (cn, m), res
 
 
-def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reverse, full_length):
+def residual_names(spec: CellSpec):
+    """The per-step residuals :func:`step` keeps, in a fixed order."""
+    pre = _needs_preact(spec.activation)
+    if spec.kind == "rnn":
+        return ("y", "z") if pre else ("y",)
+    if spec.kind == "gru":
+        return ("g", "c", "zc") if pre else ("g", "c")
+    names = ["si", "aj", "sf", "so", "ac"]
+    if pre:
+        names += ["j", "cn"]
+    elif spec.use_peepholes:
+        names.append("cn")
+    if spec.cell_clip is not None:
+        names.append("cn_pre")
+    if spec.num_proj:
+        names.append("m_pre")
+        if spec.proj_clip is not None:
+            names.append("mp")
+    return tuple(names)
+
+
+def step_backward(spec: CellSpec, w, r, state, d_out, d_new):
+    """Backward of one step from its residuals ``r`` and the state it started from.
+
+    ``d_out``/``d_new`` are the (already masked) cotangents of the step's output and new
+    state. Returns ``(dz, d_prev_state tuple, extra)``: ``dz [B, G]`` the cotangent of
+    the gate pre-activations in the layout of :func:`project_inputs` (the weight
+    gradients are formed from it after the loop), ``extra`` a dict of further per-step
+    values the weight gradients need (``dmp`` for the projection).
+    """
+    name = spec.activation
+    H = spec.num_units
+    if spec.kind == "rnn":
+        (h,) = state
+        dz = (d_out + d_new[0]) * _dact(name, r["y"], r.get("z"))
+        return dz, (tf.matmul(dz, w["h"], transpose_b=True),), {}
+    if spec.kind == "gru":
+        (h,) = state
+        g, c = r["g"], r["c"]
+        rr, u = g[:, :H], g[:, H:]
+        dhn = d_out + d_new[0]
+        du = dhn * (h - c)
+        dzc = (dhn - dhn * u) * _dact(name, c, r.get("zc"))
+        drh = tf.matmul(dzc, w["ch"], transpose_b=True)
+        dg = tf.concat([drh * h, du], axis=1) * (g * (1 - g))
+        dh = dhn * u + drh * rr + tf.matmul(dg, w["gh"], transpose_b=True)
+        return tf.concat([dg, dzc], axis=1), (dh,), {}
+    c, _ = state
+    dc_in, dm_state = d_new
+    dm = d_out + dm_state
+    extra = {}
+    if spec.num_proj:
+        dmp = dm
+        if spec.proj_clip is not None:
+            dmp = tf.where(tf.abs(r["mp"]) <= spec.proj_clip, dm, tf.zeros_like(dm))
+        extra["dmp"] = dmp
+        dm = tf.matmul(dmp, w["proj"], transpose_b=True)
+    si, aj, sf, so, ac = r["si"], r["aj"], r["sf"], r["so"], r["ac"]
+    doo = dm * ac * so * (1 - so)
+    dcn = dc_in + dm * so * _dact(name, ac, r.get("cn"))
+    if spec.use_peepholes:
+        dcn = dcn + doo * w["wo"]
+    if spec.cell_clip is not None:
+        dcn = tf.where(tf.abs(r["cn_pre"]) <= spec.cell_clip, dcn, tf.zeros_like(dcn))
+    dfi = dcn * c * sf * (1 - sf)
+    dii = dcn * aj * si * (1 - si)
+    dj = dcn * si * _dact(name, aj, r.get("j"))
+    dc = dcn * sf
+    if spec.use_peepholes:
+        dc = dc + dfi * w["wf"] + dii * w["wi"]
+    dz = tf.concat([dii, dj, dfi, doo], axis=1)
+    return dz, (dc, tf.matmul(dz, w["h"], transpose_b=True)), extra
+
+
+def _stack(ta, n, B, width, dtype):
+    # An empty TensorArray cannot be stacked without a fully known element shape.
+    return tf.cond(
+        n > 0,
+        lambda: tf.reshape(ta.stack(), tf.stack([n, B, width])),
+        lambda: tf.zeros(tf.stack([0, B, width]), dtype),
+    )
+
+
+def _reverser(lengths):
+    if lengths is not None:
+        return lambda a: tf.reverse_sequence(a, lengths, seq_axis=0, batch_axis=1)
+    return lambda a: tf.reverse(a, [0])
+
+
+def _step_masks(masks, mask_kinds, reverse, rev, T, dtype):
+    """Per state component: None, ("const", [B,S]) or ("seq", TensorArray)."""
+    mask_iter = iter(masks)
+    out = []
+    for kind in mask_kinds:
+        if kind is None:
+            out.append(None)
+            continue
+        m = tf.stop_gradient(next(mask_iter))
+        if kind == "const":
+            out.append(("const", m[0]))
+        else:
+            if reverse:
+                m = rev(m)
+            out.append(("seq", tf.TensorArray(dtype, size=T, clear_after_read=False).unstack(m)))
+    return out
+
+
+def _mask_value(m, t):
+    return m[1] if m[0] == "const" else m[1].read(t)
+
+
+def _widths(spec: CellSpec):
+    """Width of each residual (by name), of the state components and of ``dz``."""
+    H, P = spec.num_units, spec.output_size
+    return {"y": H, "z": H, "g": 2 * H, "c": H, "zc": H, "si": H, "aj": H, "sf": H, "so": H, "ac": H,
+            "j": H, "cn": H, "cn_pre": H, "m_pre": H, "mp": P}
+
+
+def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reverse, full_length, keep=False):
     """The layer of :meth:`fastseq.contract.Backend.layer_forward`, in graph code.
 
     ``lengths`` int32 ``[B]`` or None; ``masks`` the given masks (``[T, B, S]`` for kind
     "seq", ``[1, B, S]`` for kind "const"), aligned with ``mask_kinds`` (None entries
     omitted). ``full_length`` runs all ``T`` steps even when every sequence is shorter
-    (XLA needs static loop bounds).
+    (XLA needs static loop bounds). With ``keep`` also returns the residuals
+    :func:`run_layer_backward` needs: a tuple (the input in step order, the state each
+    step started from per component, then :func:`residual_names`), each ``[n, B, .]``
+    for the ``n`` steps run.
     """
     dtype = x.dtype
     T, B, n_in = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
     p = dict(zip(param_names(spec), params))
+    rev = _reverser(lengths)
     if reverse:
-        if lengths is not None:
-            rev = lambda a: tf.reverse_sequence(a, lengths, seq_axis=0, batch_axis=1)  # noqa: E731
-        else:
-            rev = lambda a: tf.reverse(a, [0])  # noqa: E731
         x = rev(x)
-    mask_iter = iter(masks)
-    step_masks = []  # per state component: None, ("const", [B,S]) or ("seq", TensorArray)
-    for kind in mask_kinds:
-        if kind is None:
-            step_masks.append(None)
-            continue
-        m = tf.stop_gradient(next(mask_iter))
-        if kind == "const":
-            step_masks.append(("const", m[0]))
-        else:
-            if reverse:
-                m = rev(m)
-            step_masks.append(("seq", tf.TensorArray(dtype, size=T, clear_after_read=False).unstack(m)))
+    step_masks = _step_masks(masks, mask_kinds, reverse, rev, T, dtype)
 
     G = {"rnn": 1, "gru": 3, "lstm": 4}[spec.kind] * spec.num_units
     xw = tf.reshape(project_inputs(spec, p, tf.reshape(x, [-1, n_in])), [T, B, G])
@@ -164,34 +328,143 @@ def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reve
     if lengths is not None:
         len_col = lengths[:, None]
     out_ta = tf.TensorArray(dtype, size=n_steps, element_shape=tf.TensorShape([None, P]))
+    names = residual_names(spec) if keep else ()
+    widths = _widths(spec)
+    n_state = len(state)
+    state_tas = tuple(tf.TensorArray(dtype, size=n_steps) for _ in range(n_state)) if keep else ()
+    res_tas = tuple(tf.TensorArray(dtype, size=n_steps) for _ in names)
 
-    def body(t, out_ta, *s):
-        out, s_new = step(spec, w, xw_ta.read(t), s)
+    def body(t, out_ta, state_tas, res_tas, *s):
+        out, s_new, res = step(spec, w, xw_ta.read(t), s, keep)
+        if keep:
+            state_tas = tuple(ta.write(t, a) for ta, a in zip(state_tas, s))
+            res_tas = tuple(ta.write(t, res[k]) for ta, k in zip(res_tas, names))
         s_new = list(s_new)
         for k, m in enumerate(step_masks):
             if m is not None:
-                s_new[k] = s_new[k] * (m[1] if m[0] == "const" else m[1].read(t))
+                s_new[k] = s_new[k] * _mask_value(m, t)
         if lengths is not None:
             valid = t < len_col
             s_new = [tf.where(valid, a, b) for a, b in zip(s_new, s)]
             out = tf.where(valid, out, tf.zeros_like(out))
-        return (t + 1, out_ta.write(t, out), *s_new)
+        return (t + 1, out_ta.write(t, out), state_tas, res_tas, *s_new)
 
-    loop_vars = (tf.constant(0, tf.int32), out_ta, *state)
-    _, out_ta, *final = tf.while_loop(
+    loop_vars = (tf.constant(0, tf.int32), out_ta, state_tas, res_tas, *state)
+    _, out_ta, state_tas, res_tas, *final = tf.while_loop(
         lambda t, *_: t < n_steps, body, loop_vars, maximum_iterations=n_steps, swap_memory=False
     )
-    # An empty TensorArray cannot be stacked without a fully known element shape.
-    y = tf.cond(
-        n_steps > 0,
-        lambda: tf.reshape(out_ta.stack(), [n_steps, B, P]),
-        lambda: tf.zeros(tf.stack([0, B, P]), dtype),
-    )
+    y = _stack(out_ta, n_steps, B, P, dtype)
     if lengths is not None and not full_length:
         y = tf.concat([y, tf.zeros(tf.stack([T - n_steps, B, P]), dtype)], axis=0)
     if reverse:
         y = rev(y)
-    return y, tuple(final)
+    if not keep:
+        return y, tuple(final)
+    widths_state = spec.state_sizes
+    residuals = (x,) + tuple(_stack(ta, n_steps, B, wd, dtype) for ta, wd in zip(state_tas, widths_state)) \
+        + tuple(_stack(ta, n_steps, B, widths[k], dtype) for ta, k in zip(res_tas, names))
+    return y, tuple(final), residuals
+
+
+def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, reverse, residuals, dy, d_final):
+    """Backpropagation through time for :func:`run_layer` from its residuals.
+
+    The loop runs backwards over the ``n`` steps the forward pass ran, computing only
+    the recurrent part of each step's cotangent; the input gradient and every weight
+    gradient are then formed as a few large matmuls over all steps at once.
+    Returns ``(d_inputs [T, B, I], d_initial_state tuple, d_params tuple)``.
+    """
+    n_state = len(spec.state_sizes)
+    xr = residuals[0]
+    s_prev = residuals[1:1 + n_state]
+    names = residual_names(spec)
+    res = dict(zip(names, residuals[1 + n_state:]))
+    dtype = xr.dtype
+    T, B, n_in = tf.shape(xr)[0], tf.shape(xr)[1], tf.shape(xr)[2]
+    n = tf.shape(s_prev[0])[0]
+    p = dict(zip(param_names(spec), params))
+    w = recurrent_weights(spec, p, n_in)
+    H, P = spec.num_units, spec.output_size
+    G = {"rnn": 1, "gru": 3, "lstm": 4}[spec.kind] * H
+    rev = _reverser(lengths)
+    if reverse:
+        dy = rev(dy)
+    step_masks = _step_masks(masks, mask_kinds, reverse, rev, T, dtype)
+    dy_ta = tf.TensorArray(dtype, size=T, clear_after_read=True).unstack(dy)
+    sp_tas = [tf.TensorArray(dtype, size=n, clear_after_read=True).unstack(a) for a in s_prev]
+    r_tas = {k: tf.TensorArray(dtype, size=n, clear_after_read=True).unstack(v) for k, v in res.items()}
+    dz_ta = tf.TensorArray(dtype, size=n, element_shape=tf.TensorShape([None, G]))
+    has_proj = spec.kind == "lstm" and bool(spec.num_proj)
+    dmp_ta = tf.TensorArray(dtype, size=n, element_shape=tf.TensorShape([None, P])) if has_proj else ()
+    if lengths is not None:
+        len_col = lengths[:, None]
+
+    def body(t, dz_ta, dmp_ta, *ds):
+        d_out = dy_ta.read(t)
+        d_new = list(ds)
+        if lengths is not None:
+            valid = t < len_col
+            d_out = tf.where(valid, d_out, tf.zeros_like(d_out))
+            d_new = [tf.where(valid, d, tf.zeros_like(d)) for d in d_new]
+        for k, m in enumerate(step_masks):
+            if m is not None:
+                d_new[k] = d_new[k] * _mask_value(m, t)
+        state = tuple(ta.read(t) for ta in sp_tas)
+        r = {k: ta.read(t) for k, ta in r_tas.items()}
+        dz, d_prev, extra = step_backward(spec, w, r, state, d_out, tuple(d_new))
+        if lengths is not None:
+            d_prev = [tf.where(valid, a, b) for a, b in zip(d_prev, ds)]
+        if has_proj:
+            dmp_ta = dmp_ta.write(t, extra["dmp"])
+        return (t - 1, dz_ta.write(t, dz), dmp_ta, *d_prev)
+
+    loop_vars = (n - 1, dz_ta, dmp_ta, *d_final)
+    _, dz_ta, dmp_ta, *d_init = tf.while_loop(
+        lambda t, *_: t >= 0, body, loop_vars, maximum_iterations=n, swap_memory=False
+    )
+    dZ = tf.reshape(_stack(dz_ta, n, B, G, dtype), [-1, G])  # [n*B, G]
+    X = tf.reshape(xr[:n], [-1, n_in])
+
+    # input gradient: one matmul over all steps, zeros for the steps not run
+    if spec.kind == "gru":
+        wx = tf.concat([p["gates/kernel"][:n_in], p["candidate/kernel"][:n_in]], axis=1)
+    else:
+        wx = p["kernel"][:n_in]
+    dx = tf.reshape(tf.matmul(dZ, wx, transpose_b=True), tf.stack([n, B, n_in]))
+    dx = tf.concat([dx, tf.zeros(tf.stack([T - n, B, n_in]), dtype)], axis=0)
+    if reverse:
+        dx = rev(dx)
+
+    Sp = [tf.reshape(a, [-1, wd]) for a, wd in zip(s_prev, spec.state_sizes)]
+    dXw = tf.matmul(X, dZ, transpose_a=True)  # [I, G]
+    db = tf.reduce_sum(dZ, axis=0)
+    grads = {}
+    if spec.kind == "rnn":
+        grads["kernel"] = tf.concat([dXw, tf.matmul(Sp[0], dZ, transpose_a=True)], axis=0)
+        grads["bias"] = db
+    elif spec.kind == "gru":
+        dG, dC = dZ[:, : 2 * H], dZ[:, 2 * H :]
+        Hp = Sp[0]
+        RH = tf.reshape(res["g"], [-1, 2 * H])[:, :H] * Hp
+        grads["gates/kernel"] = tf.concat([dXw[:, : 2 * H], tf.matmul(Hp, dG, transpose_a=True)], axis=0)
+        grads["gates/bias"] = db[: 2 * H]
+        grads["candidate/kernel"] = tf.concat([dXw[:, 2 * H :], tf.matmul(RH, dC, transpose_a=True)], axis=0)
+        grads["candidate/bias"] = db[2 * H :]
+    else:
+        grads["kernel"] = tf.concat([dXw, tf.matmul(Sp[1], dZ, transpose_a=True)], axis=0)
+        grads["bias"] = db
+        if spec.use_peepholes:
+            Cp = Sp[0]
+            CN = tf.reshape(res["cn"], [-1, H])
+            grads["w_f_diag"] = tf.reduce_sum(dZ[:, 2 * H : 3 * H] * Cp, axis=0)
+            grads["w_i_diag"] = tf.reduce_sum(dZ[:, :H] * Cp, axis=0)
+            grads["w_o_diag"] = tf.reduce_sum(dZ[:, 3 * H :] * CN, axis=0)
+        if has_proj:
+            dMP = tf.reshape(_stack(dmp_ta, n, B, P, dtype), [-1, P])
+            Mpre = tf.reshape(res["m_pre"], [-1, H])
+            grads["projection/kernel"] = tf.matmul(Mpre, dMP, transpose_a=True)
+    d_params = tuple(grads[k] for k in param_names(spec))
+    return dx, tuple(d_init), d_params
 
 
 class KernelCache:
@@ -211,8 +484,27 @@ class KernelCache:
             tf.TensorSpec([None, None] if name.endswith("kernel") else [None], dtype) for name in param_names(spec)
         )
 
-    def layer_fn(self, spec: CellSpec, dtype, has_lengths: bool, reverse: bool, mask_kinds, jit: bool):
-        key = ("layer", spec, dtype, has_lengths, reverse, mask_kinds, jit)
+    def _extra_specs(self, dtype, has_lengths, mask_kinds):
+        out = []
+        if has_lengths:
+            out.append(tf.TensorSpec([None], tf.int32))
+        n_masks = sum(k is not None for k in mask_kinds)
+        if n_masks:
+            out.append(tuple(tf.TensorSpec([None, None, None], dtype) for _ in range(n_masks)))
+        return out
+
+    @staticmethod
+    def _split_extra(rest, has_lengths, mask_kinds):
+        rest = list(rest)
+        lengths = rest.pop(0) if has_lengths else None
+        masks = rest.pop(0) if any(k is not None for k in mask_kinds) else ()
+        return lengths, masks
+
+    def layer_fn(self, spec: CellSpec, dtype, has_lengths: bool, reverse: bool, mask_kinds, jit: bool,
+                 keep: bool = False):
+        """The compiled layer: ``(x, state, params[, lengths][, masks]) -> (y, final)``,
+        with ``keep`` ``-> (y, final, residuals)`` for :meth:`backward_fn`."""
+        key = ("layer", spec, dtype, has_lengths, reverse, mask_kinds, jit, keep)
         fn = self._fns.get(key)
         if fn is not None:
             return fn
@@ -221,67 +513,43 @@ class KernelCache:
             tf.TensorSpec([None, None, None], dtype),
             tuple(tf.TensorSpec([None, None], dtype) for _ in range(nstate)),
             self._param_specs(spec, dtype),
-        ]
-        if has_lengths:
-            signature.append(tf.TensorSpec([None], tf.int32))
-        n_masks = sum(k is not None for k in mask_kinds)
-        if n_masks:
-            signature.append(tuple(tf.TensorSpec([None, None, None], dtype) for _ in range(n_masks)))
+        ] + self._extra_specs(dtype, has_lengths, mask_kinds)
 
         def layer(x, state, params, *rest):
             self.trace_count += 1
-            rest = list(rest)
-            lengths = rest.pop(0) if has_lengths else None
-            masks = rest.pop(0) if n_masks else ()
-            return run_layer(spec, x, state, params, lengths, masks, mask_kinds, reverse, full_length=jit)
+            lengths, masks = self._split_extra(rest, has_lengths, mask_kinds)
+            return run_layer(spec, x, state, params, lengths, masks, mask_kinds, reverse, full_length=jit, keep=keep)
 
         fn = tf.function(layer, input_signature=signature, jit_compile=jit or None, autograph=False)
-        if jit:
-            fn = self._xla_differentiable(fn, signature, nstate)
         with self._lock:
             self._fns[key] = fn
         return fn
 
-    def _xla_differentiable(self, fwd, signature, nstate):
-        """Wrap an XLA-compiled layer so that GradientTape can differentiate it.
+    def backward_fn(self, spec: CellSpec, dtype, has_lengths: bool, reverse: bool, mask_kinds, jit: bool):
+        """The compiled backward pass:
+        ``(params[, lengths][, masks], residuals, dy, d_final) -> (dx, d_state0, d_params)``."""
+        key = ("backward", spec, dtype, has_lengths, reverse, mask_kinds, jit)
+        fn = self._fns.get(key)
+        if fn is not None:
+            return fn
+        nstate = len(spec.state_sizes)
+        n_res = 1 + nstate + len(residual_names(spec))
+        signature = [self._param_specs(spec, dtype)] + self._extra_specs(dtype, has_lengths, mask_kinds) + [
+            tuple(tf.TensorSpec([None, None, None], dtype) for _ in range(n_res)),
+            tf.TensorSpec([None, None, None], dtype),
+            tuple(tf.TensorSpec([None, None], dtype) for _ in range(nstate)),
+        ]
 
-        The loop's intermediate TensorLists cannot leave an XLA cluster, so the gradient is
-        computed by a second XLA function that re-runs the forward pass and differentiates
-        it internally (one extra forward pass per backward pass).
-        """
-        n_float = 3  # x, state, params are differentiable; lengths and masks are not
+        def backward(params, *rest):
+            self.trace_count += 1
+            residuals, dy, d_final = rest[-3:]
+            lengths, masks = self._split_extra(rest[:-3], has_lengths, mask_kinds)
+            return run_layer_backward(spec, params, lengths, masks, mask_kinds, reverse, residuals, dy, d_final)
 
-        def fwd_bwd(args, dy, ds):
-            args = list(args)
-            with tf.GradientTape() as tape:
-                sources = [args[0], *args[1], *args[2]]
-                tape.watch(sources)
-                y, final = fwd(*args)
-            return tape.gradient([y, *final], sources, output_gradients=[dy, *ds],
-                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-        bwd = tf.function(fwd_bwd, jit_compile=True, autograph=False, reduce_retracing=True)
-
-        def call(*args):
-            flat = tf.nest.flatten(args)
-
-            @tf.custom_gradient
-            def inner(*flat_in):
-                packed = tf.nest.pack_sequence_as(args, list(flat_in))
-                # Unwatched inputs: the outer tape must not record the XLA call itself.
-                y, final = fwd(*tf.nest.map_structure(tf.stop_gradient, packed))
-
-                def grad(dy, *ds):
-                    g = bwd(tuple(packed), dy, tuple(ds))
-                    n_diff = len(tf.nest.flatten(packed[:n_float]))
-                    return list(g) + [None] * (len(flat_in) - n_diff)
-
-                return (y, *final), grad
-
-            y, *final = inner(*flat)
-            return y, tuple(final)
-
-        return call
+        fn = tf.function(backward, input_signature=signature, jit_compile=jit or None, autograph=False)
+        with self._lock:
+            self._fns[key] = fn
+        return fn
 
     def step_fn(self, spec: CellSpec, dtype, jit: bool):
         key = ("step", spec, dtype, jit)
@@ -299,7 +567,8 @@ class KernelCache:
             self.trace_count += 1
             p = dict(zip(param_names(spec), params))
             xw = project_inputs(spec, p, x)
-            return step(spec, recurrent_weights(spec, p, tf.shape(x)[1]), xw, tuple(state))
+            out, new_state, _ = step(spec, recurrent_weights(spec, p, tf.shape(x)[1]), xw, tuple(state))
+            return out, new_state
 
         fn = tf.function(one_step, input_signature=signature, jit_compile=jit or None, autograph=False)
         with self._lock:

@@ -14,13 +14,23 @@ from ._kernels import param_names
 
 
 class _Workspace:
-    """What :func:`layer_backward` needs: the tape and the watched tensors."""
+    """What :func:`layer_backward` needs: the compiled backward pass and its arguments."""
 
-    __slots__ = ("tape", "inputs", "state", "params", "outputs", "final")
+    __slots__ = ("backward", "extra", "residuals", "params", "n_state")
 
-    def __init__(self, tape, inputs, state, params, outputs, final):
-        self.tape, self.inputs, self.state, self.params = tape, inputs, state, params
-        self.outputs, self.final = outputs, final
+    def __init__(self, backward, extra, residuals, params, n_state):
+        self.backward, self.extra, self.residuals = backward, extra, residuals
+        self.params, self.n_state = params, n_state
+
+
+try:  # which tensors an active GradientTape (or graph-mode gradient) would record
+    from tensorflow.python.eager import record as _record
+
+    def _recording(tensors):
+        return _record.should_record_backprop(tensors)
+except Exception:  # pragma: no cover - private module moved: always take the differentiable path
+    def _recording(tensors):
+        return True
 
 
 def _float_dtype(backend, x, argname):
@@ -69,45 +79,64 @@ def layer_forward(backend, spec, params, inputs, initial_state, sequence_length,
                          f"got {len(state)}")
     plist = _params_tuple(backend, spec, params, dtype)
     T = x.shape[0] if x.shape[0] is not None else int(tf.shape(x)[0])
-    args = [x, state, plist]
-    if sequence_length is not None:
+    extra = []
+    has_lengths = sequence_length is not None
+    if has_lengths:
         lengths = sequence_length
         if isinstance(lengths, (tf.Tensor, tf.Variable)):
             lengths = tf.cast(lengths, tf.int32)
         else:
             lengths = tf.convert_to_tensor(np.asarray(lengths, dtype=np.int32))
-        args.append(lengths)
+        extra.append(lengths)
     kinds, masks = _mask_config(state_mask, len(state), T, dtype, backend)
     if masks:
-        args.append(tuple(masks))
-    fn = backend._kernels.layer_fn(spec, dtype, sequence_length is not None, bool(reverse), kinds,
-                                   bool(backend.jit_compile))
-    if not need_grad:
-        y, final = fn(*args)
-        return y, tuple(final), None
-    tape = tf.GradientTape(persistent=True)
-    with tape:
-        tape.watch([x, *state, *plist])
-        y, final = fn(*args)
-    final = tuple(final)
-    return y, final, _Workspace(tape, x, state, plist, y, final)
+        extra.append(tuple(masks))
+    jit = bool(backend.jit_compile)
+    config = (spec, dtype, has_lengths, bool(reverse), kinds, jit)
+    kernels = backend._kernels
+    if need_grad:
+        # fastseq.vjp: the forward pass keeps its residuals; the backward pass is a second
+        # compiled function (hand-written BPTT), no GradientTape involved.
+        y, final, res = kernels.layer_fn(*config, keep=True)(x, state, plist, *extra)
+        ws = _Workspace(kernels.backward_fn(*config), tuple(extra), res, plist, len(state))
+        return y, tuple(final), ws
+    if _recording([x, *state, *plist]):
+        # A GradientTape (or tf.gradients) is watching: the same two compiled functions,
+        # joined by tf.custom_gradient.
+        y, final = _differentiable_call(kernels.layer_fn(*config, keep=True), kernels.backward_fn(*config),
+                                        x, state, plist, tuple(extra))
+        return y, final, None
+    y, final = kernels.layer_fn(*config)(x, state, plist, *extra)
+    return y, tuple(final), None
+
+
+def _differentiable_call(fwd, bwd, x, state, plist, extra):
+    n_state = len(state)
+
+    @tf.custom_gradient
+    def call(x, *flat):
+        st, pl = tuple(flat[:n_state]), tuple(flat[n_state:])
+        y, final, res = fwd(x, st, pl, *extra)
+        outs = (y, *final)
+
+        def grad(*upstream):
+            up = [tf.zeros_like(o) if u is None else u for u, o in zip(upstream, outs)]
+            dx, d0, dp = bwd(pl, *extra, res, up[0], tuple(up[1:]))
+            return [dx, *d0, *dp]
+
+        return outs, grad
+
+    y, *final = call(x, *state, *plist)
+    return y, tuple(final)
 
 
 def layer_backward(backend, spec, params, workspace, d_outputs, d_final_state):
     ws = workspace
-    dtype = ws.inputs.dtype
+    dtype = ws.residuals[0].dtype
     dy = backend.asarray(d_outputs, dtype)
-    ds = [backend.asarray(d, dtype) for d in d_final_state]
-    sources = [ws.inputs, *ws.state, *ws.params]
-    grads = ws.tape.gradient(
-        [ws.outputs, *ws.final], sources, output_gradients=[dy, *ds],
-        unconnected_gradients=tf.UnconnectedGradients.ZERO,
-    )
-    n_state = len(ws.state)
-    d_inputs = grads[0]
-    d_state = tuple(grads[1:1 + n_state])
-    d_params = dict(zip(param_names(spec), grads[1 + n_state:]))
-    return d_inputs, d_state, d_params
+    ds = tuple(backend.asarray(d, dtype) for d in d_final_state)
+    d_inputs, d_state, d_params = ws.backward(ws.params, *ws.extra, ws.residuals, dy, ds)
+    return d_inputs, tuple(d_state), dict(zip(param_names(spec), d_params))
 
 
 def cell_step(backend, spec, params, inputs, state):
