@@ -35,6 +35,14 @@ __all__ = ["TensorFlowBackend"]
 _VAR_NAME_BAD = re.compile(r"[^A-Za-z0-9_.\-/]")
 
 
+def _could_record() -> bool:
+    try:
+        from tensorflow.python.eager import record
+    except Exception:  # pragma: no cover - private module moved: assume a tape may be active
+        return True
+    return bool(record.could_possibly_record())
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
@@ -77,6 +85,21 @@ class TensorFlowBackend(Backend):
         if self._tf is None:
             self.initialize()
         return self._tf
+
+    @property
+    def concurrent_layers(self) -> bool:
+        """Whether the drivers may run independent layers (the two directions of a
+        bidirectional RNN) on two Python threads at once. TensorFlow releases the GIL while
+        a compiled function runs, so eager calls overlap; but a GradientTape, a graph being
+        traced and a ``tf.device`` scope all belong to the calling thread, so this is True
+        only for eager calls with no tape active and no device scope set."""
+        if self._tf is None:
+            return False
+        from tensorflow.python.eager import context
+
+        if not self._tf.executing_eagerly() or context.context().device_name:
+            return False
+        return not _could_record()
 
     @property
     def trace_count(self) -> int:

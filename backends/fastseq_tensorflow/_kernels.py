@@ -48,25 +48,26 @@ def project_inputs(spec: CellSpec, p, x2d):
     """The input half of every matmul, for all rows at once: ``x2d [N, I] -> [N, G]``.
 
     Biases are added here (and the LSTM forget bias folded into the ``f`` columns), so the
-    loop only adds the recurrent matmul.
+    loop only adds the recurrent matmul. The bias is one vector added by ``bias_add``, which
+    TensorFlow's CPU remapper fuses into the matmul (one pass over the result).
     """
     n_in = tf.shape(x2d)[1]
     if spec.kind == "rnn":
-        return tf.matmul(x2d, p["kernel"][:n_in]) + p["bias"]
+        return tf.nn.bias_add(tf.matmul(x2d, p["kernel"][:n_in]), p["bias"])
     if spec.kind == "gru":
         w = tf.concat([p["gates/kernel"][:n_in], p["candidate/kernel"][:n_in]], axis=1)
         b = tf.concat([p["gates/bias"], p["candidate/bias"]], axis=0)
-        return tf.matmul(x2d, w) + b
+        return tf.nn.bias_add(tf.matmul(x2d, w), b)
     if spec.kind == "lstm":
-        y = tf.matmul(x2d, p["kernel"][:n_in]) + p["bias"]
+        b = p["bias"]
         if spec.forget_bias:
             H = spec.num_units
             fb = tf.concat(
-                [tf.zeros([2 * H], y.dtype), tf.fill([H], tf.constant(spec.forget_bias, y.dtype)), tf.zeros([H], y.dtype)],
+                [tf.zeros([2 * H], b.dtype), tf.fill([H], tf.constant(spec.forget_bias, b.dtype)), tf.zeros([H], b.dtype)],
                 axis=0,
             )
-            y = y + fb
-        return y
+            b = b + fb
+        return tf.nn.bias_add(tf.matmul(x2d, p["kernel"][:n_in]), b)
     raise ValueError(f"unknown cell kind {spec.kind!r}")
 
 
@@ -317,7 +318,6 @@ def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reve
 
     G = {"rnn": 1, "gru": 3, "lstm": 4}[spec.kind] * spec.num_units
     xw = tf.reshape(project_inputs(spec, p, tf.reshape(x, [-1, n_in])), [T, B, G])
-    xw_ta = tf.TensorArray(dtype, size=T, clear_after_read=True).unstack(xw)
     w = recurrent_weights(spec, p, n_in)
     P = spec.output_size
 
@@ -335,7 +335,7 @@ def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reve
     res_tas = tuple(tf.TensorArray(dtype, size=n_steps) for _ in names)
 
     def body(t, out_ta, state_tas, res_tas, *s):
-        out, s_new, res = step(spec, w, xw_ta.read(t), s, keep)
+        out, s_new, res = step(spec, w, xw[t], s, keep)
         if keep:
             state_tas = tuple(ta.write(t, a) for ta, a in zip(state_tas, s))
             res_tas = tuple(ta.write(t, res[k]) for ta, k in zip(res_tas, names))
