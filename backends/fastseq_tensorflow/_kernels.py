@@ -366,6 +366,64 @@ def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reve
     return y, tuple(final), residuals
 
 
+def block_lstm_ok(spec: CellSpec, dtype, mask_kinds, jit: bool) -> bool:
+    """Whether :func:`run_layer_block` can compute this layer: TensorFlow's fused
+    ``BlockLSTM`` op (the kernel of TF1's ``LSTMBlockFusedCell``) implements LSTMCell's
+    math with tanh, the forget bias and peepholes, float32 only; not clipping, projection
+    or state masks."""
+    return (spec.kind == "lstm" and spec.activation == "tanh" and dtype == tf.float32 and not spec.num_proj
+            and spec.cell_clip is None and all(k is None for k in mask_kinds) and not jit)
+
+
+def run_layer_block(spec: CellSpec, x, state, params, lengths, reverse, keep=False):
+    """:func:`run_layer` for an LSTM layer as one ``BlockLSTM`` op: the whole time loop in
+    one C++ kernel, no graph executor work per step (what small batches are bound by).
+
+    The op has no per-row lengths: it runs ``max(lengths)`` steps for every row, and rows
+    past their length are then ignored (outputs zeroed, final state gathered at the last
+    valid step, and the backward pass masks those steps), which gives TF1's results since
+    the steps before a row's length never depend on later ones.
+    """
+    dtype = x.dtype
+    T, B = tf.shape(x)[0], tf.shape(x)[1]
+    H = spec.num_units
+    p = dict(zip(param_names(spec), params))
+    rev = _reverser(lengths)
+    if reverse:
+        x = rev(x)
+    c0, h0 = state
+    if lengths is not None:
+        n_steps = tf.minimum(tf.maximum(tf.reduce_max(tf.concat([lengths, [0]], 0)), 0), T)
+    else:
+        n_steps = T
+    if spec.use_peepholes:
+        wci, wcf, wco = p["w_i_diag"], p["w_f_diag"], p["w_o_diag"]
+    else:
+        wci = wcf = wco = tf.zeros([H], dtype)
+    i, cs, f, o, ci, co, h = tf.raw_ops.BlockLSTM(
+        seq_len_max=tf.cast(n_steps, tf.int64), x=x, cs_prev=c0, h_prev=h0, w=p["kernel"], wci=wci, wcf=wcf,
+        wco=wco, b=p["bias"], forget_bias=float(spec.forget_bias), cell_clip=-1.0, use_peephole=spec.use_peepholes)
+    last = lengths if lengths is not None else tf.fill([B], T)
+    rows = tf.range(B)
+    idx = tf.stack([tf.maximum(last - 1, 0), rows], axis=1)
+    started = (last > 0)[:, None]
+    final = (tf.where(started, tf.gather_nd(cs, idx), c0), tf.where(started, tf.gather_nd(h, idx), h0))
+    y = h
+    if lengths is not None:
+        valid = (tf.range(T)[:, None] < lengths[None, :])[:, :, None]
+        y = tf.where(valid, h, tf.zeros_like(h))
+    if reverse:
+        y = rev(y)
+    if not keep:
+        return y, final
+    n = n_steps
+    c_prev = tf.concat([c0[None], cs[: n - 1]], axis=0)[:n]
+    h_prev = tf.concat([h0[None], h[: n - 1]], axis=0)[:n]
+    res = {"si": i, "aj": ci, "sf": f, "so": o, "ac": co, "cn": cs}
+    residuals = (x, c_prev, h_prev) + tuple(res[k][:n] for k in residual_names(spec))
+    return y, final, residuals
+
+
 def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, reverse, residuals, dy, d_final):
     """Backpropagation through time for :func:`run_layer` from its residuals.
 
@@ -501,10 +559,10 @@ class KernelCache:
         return lengths, masks
 
     def layer_fn(self, spec: CellSpec, dtype, has_lengths: bool, reverse: bool, mask_kinds, jit: bool,
-                 keep: bool = False):
+                 keep: bool = False, block: bool = False):
         """The compiled layer: ``(x, state, params[, lengths][, masks]) -> (y, final)``,
         with ``keep`` ``-> (y, final, residuals)`` for :meth:`backward_fn`."""
-        key = ("layer", spec, dtype, has_lengths, reverse, mask_kinds, jit, keep)
+        key = ("layer", spec, dtype, has_lengths, reverse, mask_kinds, jit, keep, block)
         fn = self._fns.get(key)
         if fn is not None:
             return fn
@@ -518,6 +576,8 @@ class KernelCache:
         def layer(x, state, params, *rest):
             self.trace_count += 1
             lengths, masks = self._split_extra(rest, has_lengths, mask_kinds)
+            if block:
+                return run_layer_block(spec, x, state, params, lengths, reverse, keep=keep)
             return run_layer(spec, x, state, params, lengths, masks, mask_kinds, reverse, full_length=jit, keep=keep)
 
         fn = tf.function(layer, input_signature=signature, jit_compile=jit or None, autograph=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from . import _kernels as kernels_mod
 from ._kernels import param_names
 
 
@@ -94,19 +95,22 @@ def layer_forward(backend, spec, params, inputs, initial_state, sequence_length,
     jit = bool(backend.jit_compile)
     config = (spec, dtype, has_lengths, bool(reverse), kinds, jit)
     kernels = backend._kernels
+    B = x.shape[1]
+    block = (B is not None and B <= backend.block_lstm_max_batch
+             and kernels_mod.block_lstm_ok(spec, dtype, kinds, jit))
     if need_grad:
         # fastseq.vjp: the forward pass keeps its residuals; the backward pass is a second
         # compiled function (hand-written BPTT), no GradientTape involved.
-        y, final, res = kernels.layer_fn(*config, keep=True)(x, state, plist, *extra)
+        y, final, res = kernels.layer_fn(*config, keep=True, block=block)(x, state, plist, *extra)
         ws = _Workspace(kernels.backward_fn(*config), tuple(extra), res, plist, len(state))
         return y, tuple(final), ws
     if _recording([x, *state, *plist]):
         # A GradientTape (or tf.gradients) is watching: the same two compiled functions,
         # joined by tf.custom_gradient.
-        y, final = _differentiable_call(kernels.layer_fn(*config, keep=True), kernels.backward_fn(*config),
+        y, final = _differentiable_call(kernels.layer_fn(*config, keep=True, block=block), kernels.backward_fn(*config),
                                         x, state, plist, tuple(extra))
         return y, final, None
-    y, final = kernels.layer_fn(*config)(x, state, plist, *extra)
+    y, final = kernels.layer_fn(*config, block=block)(x, state, plist, *extra)
     return y, tuple(final), None
 
 

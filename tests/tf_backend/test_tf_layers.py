@@ -141,3 +141,24 @@ def test_xla_switch(tfb):
     xla.initialize()
     _compare(xla, SPECS["lstm"], np.float64, True, "mixed", "seq", seed=4)
     _compare(xla, SPECS["gru"], np.float32, False, "mixed", None, seed=5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [None, "mixed"])
+@pytest.mark.parametrize("spec", [CellSpec("lstm", 5, forget_bias=0.5),
+                                  CellSpec("lstm", 5, use_peepholes=True, forget_bias=0.7)], ids=["plain", "peep"])
+def test_block_lstm_path(spec, reverse, lengths):
+    """Small float32 LSTM batches run as the fused BlockLSTM op: same forward and
+    gradients as the reference and as the generic loop (lengths include 0 and T)."""
+    from fastseq_tensorflow import TensorFlowBackend
+
+    fused, generic = TensorFlowBackend(), TensorFlowBackend()
+    fused.jit_compile = generic.jit_compile = False
+    fused.block_lstm_max_batch, generic.block_lstm_max_batch = 64, 0
+    for b in (fused, generic):
+        b.initialize()
+    _compare(fused, spec, np.float32, reverse, lengths, None, seed=6)
+    _compare(generic, spec, np.float32, reverse, lengths, None, seed=6)
+    used = {k[-1] for k in fused._kernels._fns if k[0] == "layer"}
+    assert used == {True}, "the fused backend did not take the BlockLSTM path"
+    assert {k[-1] for k in generic._kernels._fns if k[0] == "layer"} == {False}
