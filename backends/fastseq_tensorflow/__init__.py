@@ -65,6 +65,10 @@ class TensorFlowBackend(Backend):
     #: generic loop, whose input projection as one matmul is faster there (measured: B=1
     #: 2.5x faster with the op, B=32 to 64 15-30% slower). 0 turns the op off.
     block_lstm_max_batch = 8
+    #: Batches of at least this many rows run the time loop as two independent
+    #: recurrences over the two halves of the rows (their per-step matmuls run side by
+    #: side on two cores). 0 turns the split off.
+    split_rows_min = 16
 
     def __init__(self):
         self.jit_compile = _env_flag("FASTSEQ_TF_JIT")

@@ -297,7 +297,16 @@ def _widths(spec: CellSpec):
             "j": H, "cn": H, "cn_pre": H, "m_pre": H, "mp": P}
 
 
-def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reverse, full_length, keep=False):
+def _row_chains(B, chains):
+    """Row ranges ``[(lo, hi), ...]`` splitting ``B`` rows into ``chains`` parts."""
+    if chains == 1:
+        return [(0, B)]
+    cut = B // 2
+    return [(0, cut), (cut, B)]
+
+
+def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reverse, full_length, keep=False,
+              chains=1):
     """The layer of :meth:`fastseq.contract.Backend.layer_forward`, in graph code.
 
     ``lengths`` int32 ``[B]`` or None; ``masks`` the given masks (``[T, B, S]`` for kind
@@ -307,6 +316,11 @@ def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reve
     :func:`run_layer_backward` needs: a tuple (the input in step order, the state each
     step started from per component, then :func:`residual_names`), each ``[n, B, .]``
     for the ``n`` steps run.
+
+    ``chains=2`` splits the rows into two halves computed as two independent recurrences
+    in the same loop body: the executor runs their small matmuls side by side on two
+    cores instead of one matmul split across threads per step (the rows' results do not
+    depend on the split).
     """
     dtype = x.dtype
     T, B, n_in = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
@@ -314,56 +328,82 @@ def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reve
     rev = _reverser(lengths)
     if reverse:
         x = rev(x)
-    step_masks = _step_masks(masks, mask_kinds, reverse, rev, T, dtype)
-
     G = {"rnn": 1, "gru": 3, "lstm": 4}[spec.kind] * spec.num_units
     xw = tf.reshape(project_inputs(spec, p, tf.reshape(x, [-1, n_in])), [T, B, G])
     w = recurrent_weights(spec, p, n_in)
     P = spec.output_size
-
     if lengths is not None and not full_length:
         n_steps = tf.minimum(tf.maximum(tf.reduce_max(tf.concat([lengths, [0]], 0)), 0), T)
     else:
         n_steps = T
-    if lengths is not None:
-        len_col = lengths[:, None]
-    out_ta = tf.TensorArray(dtype, size=n_steps, element_shape=tf.TensorShape([None, P]))
     names = residual_names(spec) if keep else ()
     widths = _widths(spec)
     n_state = len(state)
-    state_tas = tuple(tf.TensorArray(dtype, size=n_steps) for _ in range(n_state)) if keep else ()
-    res_tas = tuple(tf.TensorArray(dtype, size=n_steps) for _ in names)
 
-    def body(t, out_ta, state_tas, res_tas, *s):
-        out, s_new, res = step(spec, w, xw[t], s, keep)
-        if keep:
-            state_tas = tuple(ta.write(t, a) for ta, a in zip(state_tas, s))
-            res_tas = tuple(ta.write(t, res[k]) for ta, k in zip(res_tas, names))
-        s_new = list(s_new)
-        for k, m in enumerate(step_masks):
-            if m is not None:
-                s_new[k] = s_new[k] * _mask_value(m, t)
-        if lengths is not None:
-            valid = t < len_col
-            s_new = [tf.where(valid, a, b) for a, b in zip(s_new, s)]
-            out = tf.where(valid, out, tf.zeros_like(out))
-        return (t + 1, out_ta.write(t, out), state_tas, res_tas, *s_new)
+    ranges = _row_chains(B, chains)
+    if reverse:  # reverse the per-step masks over all rows before splitting them
+        kinds = [k for k in mask_kinds if k is not None]
+        masks = tuple(rev(m) if k == "seq" else m for m, k in zip(masks, kinds))
+    parts = []  # per chain: xw, step masks, length column
+    for lo, hi in ranges:
+        cm = tuple(m[:, lo:hi] for m in masks) if chains > 1 else masks
+        parts.append((
+            xw if chains == 1 else xw[:, lo:hi],
+            _step_masks(cm, mask_kinds, False, rev, T, dtype),
+            None if lengths is None else lengths[lo:hi, None],
+        ))
+    state_c = [tuple(a if chains == 1 else a[lo:hi] for a in state) for lo, hi in ranges]
 
-    loop_vars = (tf.constant(0, tf.int32), out_ta, state_tas, res_tas, *state)
-    _, out_ta, state_tas, res_tas, *final = tf.while_loop(
+    def new_tas(n):
+        return tuple(tf.TensorArray(dtype, size=n_steps) for _ in range(n))
+
+    out_tas = tuple(tf.TensorArray(dtype, size=n_steps, element_shape=tf.TensorShape([None, P])) for _ in ranges)
+    state_tas = tuple(new_tas(n_state) if keep else () for _ in ranges)
+    res_tas = tuple(new_tas(len(names)) for _ in ranges)
+
+    def body(t, out_tas, state_tas, res_tas, states):
+        outs, sts, rts, new_states = [], [], [], []
+        for c, (xw_c, step_masks, len_col) in enumerate(parts):
+            s = states[c]
+            out, s_new, res = step(spec, w, xw_c[t], s, keep)
+            st, rt = state_tas[c], res_tas[c]
+            if keep:
+                st = tuple(ta.write(t, a) for ta, a in zip(st, s))
+                rt = tuple(ta.write(t, res[k]) for ta, k in zip(rt, names))
+            s_new = list(s_new)
+            for k, m in enumerate(step_masks):
+                if m is not None:
+                    s_new[k] = s_new[k] * _mask_value(m, t)
+            if len_col is not None:
+                valid = t < len_col
+                s_new = [tf.where(valid, a, b) for a, b in zip(s_new, s)]
+                out = tf.where(valid, out, tf.zeros_like(out))
+            outs.append(out_tas[c].write(t, out))
+            sts.append(st)
+            rts.append(rt)
+            new_states.append(tuple(s_new))
+        return (t + 1, tuple(outs), tuple(sts), tuple(rts), tuple(new_states))
+
+    loop_vars = (tf.constant(0, tf.int32), out_tas, state_tas, res_tas, tuple(state_c))
+    _, out_tas, state_tas, res_tas, finals = tf.while_loop(
         lambda t, *_: t < n_steps, body, loop_vars, maximum_iterations=n_steps, swap_memory=False
     )
-    y = _stack(out_ta, n_steps, B, P, dtype)
+
+    def gather(tas, width):  # stack each chain's TensorArray and join the rows
+        stacked = [_stack(ta, n_steps, hi - lo, width, dtype) for ta, (lo, hi) in zip(tas, ranges)]
+        return stacked[0] if chains == 1 else tf.concat(stacked, axis=1)
+
+    final = tuple(finals[0][k] if chains == 1 else tf.concat([f[k] for f in finals], axis=0) for k in range(n_state))
+    y = gather(out_tas, P)
     if lengths is not None and not full_length:
         y = tf.concat([y, tf.zeros(tf.stack([T - n_steps, B, P]), dtype)], axis=0)
     if reverse:
         y = rev(y)
     if not keep:
-        return y, tuple(final)
-    widths_state = spec.state_sizes
-    residuals = (x,) + tuple(_stack(ta, n_steps, B, wd, dtype) for ta, wd in zip(state_tas, widths_state)) \
-        + tuple(_stack(ta, n_steps, B, widths[k], dtype) for ta, k in zip(res_tas, names))
-    return y, tuple(final), residuals
+        return y, final
+    residuals = (x,) + tuple(gather([st[k] for st in state_tas], wd) for k, wd in enumerate(spec.state_sizes)) \
+        + tuple(gather([rt[j] for rt in res_tas], widths[k]) for j, k in enumerate(names))
+    return y, final, residuals
 
 
 def block_lstm_ok(spec: CellSpec, dtype, mask_kinds, jit: bool) -> bool:
@@ -559,10 +599,10 @@ class KernelCache:
         return lengths, masks
 
     def layer_fn(self, spec: CellSpec, dtype, has_lengths: bool, reverse: bool, mask_kinds, jit: bool,
-                 keep: bool = False, block: bool = False):
+                 keep: bool = False, block: bool = False, chains: int = 1):
         """The compiled layer: ``(x, state, params[, lengths][, masks]) -> (y, final)``,
         with ``keep`` ``-> (y, final, residuals)`` for :meth:`backward_fn`."""
-        key = ("layer", spec, dtype, has_lengths, reverse, mask_kinds, jit, keep, block)
+        key = ("layer", spec, dtype, has_lengths, reverse, mask_kinds, jit, keep, block, chains)
         fn = self._fns.get(key)
         if fn is not None:
             return fn
@@ -578,7 +618,8 @@ class KernelCache:
             lengths, masks = self._split_extra(rest, has_lengths, mask_kinds)
             if block:
                 return run_layer_block(spec, x, state, params, lengths, reverse, keep=keep)
-            return run_layer(spec, x, state, params, lengths, masks, mask_kinds, reverse, full_length=jit, keep=keep)
+            return run_layer(spec, x, state, params, lengths, masks, mask_kinds, reverse, full_length=jit, keep=keep,
+                             chains=chains)
 
         fn = tf.function(layer, input_signature=signature, jit_compile=jit or None, autograph=False)
         with self._lock:

@@ -98,19 +98,20 @@ def layer_forward(backend, spec, params, inputs, initial_state, sequence_length,
     B = x.shape[1]
     block = (B is not None and B <= backend.block_lstm_max_batch
              and kernels_mod.block_lstm_ok(spec, dtype, kinds, jit))
+    chains = 2 if (not block and backend.split_rows_min and B is not None and B >= backend.split_rows_min) else 1
     if need_grad:
         # fastseq.vjp: the forward pass keeps its residuals; the backward pass is a second
         # compiled function (hand-written BPTT), no GradientTape involved.
-        y, final, res = kernels.layer_fn(*config, keep=True, block=block)(x, state, plist, *extra)
+        y, final, res = kernels.layer_fn(*config, keep=True, block=block, chains=chains)(x, state, plist, *extra)
         ws = _Workspace(kernels.backward_fn(*config), tuple(extra), res, plist, len(state))
         return y, tuple(final), ws
     if _recording([x, *state, *plist]):
         # A GradientTape (or tf.gradients) is watching: the same two compiled functions,
         # joined by tf.custom_gradient.
-        y, final = _differentiable_call(kernels.layer_fn(*config, keep=True, block=block), kernels.backward_fn(*config),
+        y, final = _differentiable_call(kernels.layer_fn(*config, keep=True, block=block, chains=chains), kernels.backward_fn(*config),
                                         x, state, plist, tuple(extra))
         return y, final, None
-    y, final = kernels.layer_fn(*config, block=block)(x, state, plist, *extra)
+    y, final = kernels.layer_fn(*config, block=block, chains=chains)(x, state, plist, *extra)
     return y, tuple(final), None
 
 

@@ -159,6 +159,21 @@ def test_block_lstm_path(spec, reverse, lengths):
         b.initialize()
     _compare(fused, spec, np.float32, reverse, lengths, None, seed=6)
     _compare(generic, spec, np.float32, reverse, lengths, None, seed=6)
-    used = {k[-1] for k in fused._kernels._fns if k[0] == "layer"}
+    used = {k[-2] for k in fused._kernels._fns if k[0] == "layer"}
     assert used == {True}, "the fused backend did not take the BlockLSTM path"
-    assert {k[-1] for k in generic._kernels._fns if k[0] == "layer"} == {False}
+    assert {k[-2] for k in generic._kernels._fns if k[0] == "layer"} == {False}
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm_full"])
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: f"rev{int(c[0])}-{c[1]}-{c[2]}")
+def test_row_split_path(name, combo):
+    """Batches at or above split_rows_min run as two independent half-batch recurrences:
+    same results as the reference (odd B, so the halves differ in size)."""
+    from fastseq_tensorflow import TensorFlowBackend
+
+    split = TensorFlowBackend()
+    split.jit_compile = False
+    split.split_rows_min = 2
+    split.initialize()
+    _compare(split, SPECS[name], np.float64, *combo, seed=7, B=5)
+    assert {k[-1] for k in split._kernels._fns if k[0] == "layer"} == {2}
