@@ -464,7 +464,8 @@ def run_layer_block(spec: CellSpec, x, state, params, lengths, reverse, keep=Fal
     return y, final, residuals
 
 
-def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, reverse, residuals, dy, d_final):
+def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, reverse, residuals, dy, d_final,
+                       chains=1):
     """Backpropagation through time for :func:`run_layer` from its residuals.
 
     The loop runs backwards over the ``n`` steps the forward pass ran, computing only
@@ -487,40 +488,66 @@ def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, rever
     rev = _reverser(lengths)
     if reverse:
         dy = rev(dy)
-    step_masks = _step_masks(masks, mask_kinds, reverse, rev, T, dtype)
-    dy_ta = tf.TensorArray(dtype, size=T, clear_after_read=True).unstack(dy)
-    sp_tas = [tf.TensorArray(dtype, size=n, clear_after_read=True).unstack(a) for a in s_prev]
-    r_tas = {k: tf.TensorArray(dtype, size=n, clear_after_read=True).unstack(v) for k, v in res.items()}
-    dz_ta = tf.TensorArray(dtype, size=n, element_shape=tf.TensorShape([None, G]))
     has_proj = spec.kind == "lstm" and bool(spec.num_proj)
-    dmp_ta = tf.TensorArray(dtype, size=n, element_shape=tf.TensorShape([None, P])) if has_proj else ()
-    if lengths is not None:
-        len_col = lengths[:, None]
+    ranges = _row_chains(B, chains)
+    if reverse:  # reverse the per-step masks over all rows before splitting them
+        kinds = [k for k in mask_kinds if k is not None]
+        masks = tuple(rev(m) if k == "seq" else m for m, k in zip(masks, kinds))
 
-    def body(t, dz_ta, dmp_ta, *ds):
-        d_out = dy_ta.read(t)
-        d_new = list(ds)
-        if lengths is not None:
-            valid = t < len_col
-            d_out = tf.where(valid, d_out, tf.zeros_like(d_out))
-            d_new = [tf.where(valid, d, tf.zeros_like(d)) for d in d_new]
-        for k, m in enumerate(step_masks):
-            if m is not None:
-                d_new[k] = d_new[k] * _mask_value(m, t)
-        state = tuple(ta.read(t) for ta in sp_tas)
-        r = {k: ta.read(t) for k, ta in r_tas.items()}
-        dz, d_prev, extra = step_backward(spec, w, r, state, d_out, tuple(d_new))
-        if lengths is not None:
-            d_prev = [tf.where(valid, a, b) for a, b in zip(d_prev, ds)]
-        if has_proj:
-            dmp_ta = dmp_ta.write(t, extra["dmp"])
-        return (t - 1, dz_ta.write(t, dz), dmp_ta, *d_prev)
+    def rows(a, lo, hi, axis=1):
+        if chains == 1:
+            return a
+        return a[:, lo:hi] if axis == 1 else a[lo:hi]
 
-    loop_vars = (n - 1, dz_ta, dmp_ta, *d_final)
-    _, dz_ta, dmp_ta, *d_init = tf.while_loop(
+    parts = []  # per chain: dy, step masks, length column, previous states, residuals
+    for lo, hi in ranges:
+        parts.append((
+            rows(dy, lo, hi),
+            _step_masks(tuple(rows(m, lo, hi) for m in masks), mask_kinds, False, rev, T, dtype),
+            None if lengths is None else rows(lengths, lo, hi, axis=0)[:, None],
+            tuple(rows(a, lo, hi) for a in s_prev),
+            {k: rows(v, lo, hi) for k, v in res.items()},
+        ))
+    dz_tas = tuple(tf.TensorArray(dtype, size=n, element_shape=tf.TensorShape([None, G])) for _ in ranges)
+    dmp_tas = tuple(tf.TensorArray(dtype, size=n, element_shape=tf.TensorShape([None, P])) if has_proj else ()
+                    for _ in ranges)
+    d_final_c = tuple(tuple(rows(d, lo, hi, axis=0) for d in d_final) for lo, hi in ranges)
+
+    def body(t, dz_tas, dmp_tas, dss):
+        new_dz, new_dmp, new_ds = [], [], []
+        for c, (dy_c, step_masks, len_col, sp_c, res_c) in enumerate(parts):
+            ds = dss[c]
+            d_out = dy_c[t]
+            d_new = list(ds)
+            if len_col is not None:
+                valid = t < len_col
+                d_out = tf.where(valid, d_out, tf.zeros_like(d_out))
+                d_new = [tf.where(valid, d, tf.zeros_like(d)) for d in d_new]
+            for k, m in enumerate(step_masks):
+                if m is not None:
+                    d_new[k] = d_new[k] * _mask_value(m, t)
+            state = tuple(a[t] for a in sp_c)
+            r = {k: v[t] for k, v in res_c.items()}
+            dz, d_prev, extra = step_backward(spec, w, r, state, d_out, tuple(d_new))
+            if len_col is not None:
+                d_prev = [tf.where(valid, a, b) for a, b in zip(d_prev, ds)]
+            new_dz.append(dz_tas[c].write(t, dz))
+            new_dmp.append(dmp_tas[c].write(t, extra["dmp"]) if has_proj else ())
+            new_ds.append(tuple(d_prev))
+        return (t - 1, tuple(new_dz), tuple(new_dmp), tuple(new_ds))
+
+    loop_vars = (n - 1, dz_tas, dmp_tas, d_final_c)
+    _, dz_tas, dmp_tas, d_init_c = tf.while_loop(
         lambda t, *_: t >= 0, body, loop_vars, maximum_iterations=n, swap_memory=False
     )
-    dZ = tf.reshape(_stack(dz_ta, n, B, G, dtype), [-1, G])  # [n*B, G]
+
+    def gather(tas, width):  # stack each chain's TensorArray and join the rows
+        stacked = [_stack(ta, n, hi - lo, width, dtype) for ta, (lo, hi) in zip(tas, ranges)]
+        return stacked[0] if chains == 1 else tf.concat(stacked, axis=1)
+
+    d_init = [d_init_c[0][k] if chains == 1 else tf.concat([d[k] for d in d_init_c], axis=0)
+              for k in range(n_state)]
+    dZ = tf.reshape(gather(dz_tas, G), [-1, G])  # [n*B, G]
     X = tf.reshape(xr[:n], [-1, n_in])
 
     # input gradient: one matmul over all steps, zeros for the steps not run
@@ -558,7 +585,7 @@ def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, rever
             grads["w_i_diag"] = tf.reduce_sum(dZ[:, :H] * Cp, axis=0)
             grads["w_o_diag"] = tf.reduce_sum(dZ[:, 3 * H :] * CN, axis=0)
         if has_proj:
-            dMP = tf.reshape(_stack(dmp_ta, n, B, P, dtype), [-1, P])
+            dMP = tf.reshape(gather(dmp_tas, P), [-1, P])
             Mpre = tf.reshape(res["m_pre"], [-1, H])
             grads["projection/kernel"] = tf.matmul(Mpre, dMP, transpose_a=True)
     d_params = tuple(grads[k] for k in param_names(spec))
@@ -626,10 +653,11 @@ class KernelCache:
             self._fns[key] = fn
         return fn
 
-    def backward_fn(self, spec: CellSpec, dtype, has_lengths: bool, reverse: bool, mask_kinds, jit: bool):
+    def backward_fn(self, spec: CellSpec, dtype, has_lengths: bool, reverse: bool, mask_kinds, jit: bool,
+                    chains: int = 1):
         """The compiled backward pass:
         ``(params[, lengths][, masks], residuals, dy, d_final) -> (dx, d_state0, d_params)``."""
-        key = ("backward", spec, dtype, has_lengths, reverse, mask_kinds, jit)
+        key = ("backward", spec, dtype, has_lengths, reverse, mask_kinds, jit, chains)
         fn = self._fns.get(key)
         if fn is not None:
             return fn
@@ -645,7 +673,8 @@ class KernelCache:
             self.trace_count += 1
             residuals, dy, d_final = rest[-3:]
             lengths, masks = self._split_extra(rest[:-3], has_lengths, mask_kinds)
-            return run_layer_backward(spec, params, lengths, masks, mask_kinds, reverse, residuals, dy, d_final)
+            return run_layer_backward(spec, params, lengths, masks, mask_kinds, reverse, residuals, dy, d_final,
+                                      chains=chains)
 
         fn = tf.function(backward, input_signature=signature, jit_compile=jit or None, autograph=False)
         with self._lock:

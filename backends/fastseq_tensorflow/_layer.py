@@ -103,12 +103,12 @@ def layer_forward(backend, spec, params, inputs, initial_state, sequence_length,
         # fastseq.vjp: the forward pass keeps its residuals; the backward pass is a second
         # compiled function (hand-written BPTT), no GradientTape involved.
         y, final, res = kernels.layer_fn(*config, keep=True, block=block, chains=chains)(x, state, plist, *extra)
-        ws = _Workspace(kernels.backward_fn(*config), tuple(extra), res, plist, len(state))
+        ws = _Workspace(kernels.backward_fn(*config, chains=chains), tuple(extra), res, plist, len(state))
         return y, tuple(final), ws
     if _recording([x, *state, *plist]):
         # A GradientTape (or tf.gradients) is watching: the same two compiled functions,
         # joined by tf.custom_gradient.
-        y, final = _differentiable_call(kernels.layer_fn(*config, keep=True, block=block, chains=chains), kernels.backward_fn(*config),
+        y, final = _differentiable_call(kernels.layer_fn(*config, keep=True, block=block, chains=chains), kernels.backward_fn(*config, chains=chains),
                                         x, state, plist, tuple(extra))
         return y, final, None
     y, final = kernels.layer_fn(*config, block=block, chains=chains)(x, state, plist, *extra)
