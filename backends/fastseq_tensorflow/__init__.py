@@ -69,6 +69,9 @@ class TensorFlowBackend(Backend):
     #: recurrences over the two halves of the rows (their per-step matmuls run side by
     #: side on two cores). 0 turns the split off.
     split_rows_min = 16
+    #: Forward calls with ``sequence_length`` (no gradient wanted, no state masks) sort
+    #: the rows by length and shrink the active batch as sequences finish.
+    shrink_batch = True
 
     def __init__(self):
         self.jit_compile = _env_flag("FASTSEQ_TF_JIT")

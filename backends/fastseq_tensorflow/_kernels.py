@@ -406,6 +406,48 @@ def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reve
     return y, final, residuals
 
 
+def run_layer_packed(spec: CellSpec, x, state, params, lengths, reverse):
+    """Forward-only :func:`run_layer` for a batch with lengths that does no work on
+    finished rows: the rows are sorted by length once (longest first), step ``t`` runs
+    the cell on the first ``count(lengths > t)`` rows only (the active batch shrinks as
+    sequences finish, as in PyTorch's packed sequences, but from plain lengths), and the
+    rows are put back in their order at the end. TF1 computes every padded step; this
+    does about ``mean(lengths) / max(lengths)`` of that work."""
+    dtype = x.dtype
+    T, B, n_in = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+    p = dict(zip(param_names(spec), params))
+    rev = _reverser(lengths)
+    if reverse:
+        x = rev(x)
+    order = tf.argsort(lengths, direction="DESCENDING", stable=True)
+    undo = tf.math.invert_permutation(order)
+    lens = tf.gather(lengths, order)
+    n_steps = tf.minimum(tf.maximum(tf.reduce_max(tf.concat([lengths, [0]], 0)), 0), T)
+    counts = tf.reduce_sum(tf.cast(lens[None, :] > tf.range(n_steps)[:, None], tf.int32), axis=1)
+    G = {"rnn": 1, "gru": 3, "lstm": 4}[spec.kind] * spec.num_units
+    xs = tf.gather(x[:n_steps], order, axis=1)
+    xw = tf.reshape(project_inputs(spec, p, tf.reshape(xs, [-1, n_in])), tf.stack([n_steps, B, G]))
+    w = recurrent_weights(spec, p, n_in)
+    P = spec.output_size
+    out_ta = tf.TensorArray(dtype, size=n_steps, element_shape=tf.TensorShape([None, P]))
+    zeros_out = tf.zeros(tf.stack([B, P]), dtype)
+
+    def body(t, out_ta, *s):
+        n = counts[t]
+        out, s_new, _ = step(spec, w, xw[t][:n], tuple(a[:n] for a in s))
+        s_next = tuple(tf.concat([a, b[n:]], axis=0) for a, b in zip(s_new, s))
+        return (t + 1, out_ta.write(t, tf.concat([out, zeros_out[n:]], axis=0)), *s_next)
+
+    state_sorted = tuple(tf.gather(a, order) for a in state)
+    _, out_ta, *final = tf.while_loop(lambda t, *_: t < n_steps, body, (tf.constant(0), out_ta, *state_sorted),
+                                      maximum_iterations=n_steps)
+    y = tf.gather(_stack(out_ta, n_steps, B, P, dtype), undo, axis=1)
+    y = tf.concat([y, tf.zeros(tf.stack([T - n_steps, B, P]), dtype)], axis=0)
+    if reverse:
+        y = rev(y)
+    return y, tuple(tf.gather(a, undo) for a in final)
+
+
 def block_lstm_ok(spec: CellSpec, dtype, mask_kinds, jit: bool) -> bool:
     """Whether :func:`run_layer_block` can compute this layer: TensorFlow's fused
     ``BlockLSTM`` op (the kernel of TF1's ``LSTMBlockFusedCell``) implements LSTMCell's
@@ -626,10 +668,10 @@ class KernelCache:
         return lengths, masks
 
     def layer_fn(self, spec: CellSpec, dtype, has_lengths: bool, reverse: bool, mask_kinds, jit: bool,
-                 keep: bool = False, block: bool = False, chains: int = 1):
+                 keep: bool = False, block: bool = False, chains: int = 1, packed: bool = False):
         """The compiled layer: ``(x, state, params[, lengths][, masks]) -> (y, final)``,
         with ``keep`` ``-> (y, final, residuals)`` for :meth:`backward_fn`."""
-        key = ("layer", spec, dtype, has_lengths, reverse, mask_kinds, jit, keep, block, chains)
+        key = ("layer", spec, dtype, has_lengths, reverse, mask_kinds, jit, keep, block, chains, packed)
         fn = self._fns.get(key)
         if fn is not None:
             return fn
@@ -643,6 +685,8 @@ class KernelCache:
         def layer(x, state, params, *rest):
             self.trace_count += 1
             lengths, masks = self._split_extra(rest, has_lengths, mask_kinds)
+            if packed:
+                return run_layer_packed(spec, x, state, params, lengths, reverse)
             if block:
                 return run_layer_block(spec, x, state, params, lengths, reverse, keep=keep)
             return run_layer(spec, x, state, params, lengths, masks, mask_kinds, reverse, full_length=jit, keep=keep,

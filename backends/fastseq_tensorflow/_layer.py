@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from fastseq import threads as _threads
+
 from . import _kernels as kernels_mod
 from ._kernels import param_names
 
@@ -98,7 +100,10 @@ def layer_forward(backend, spec, params, inputs, initial_state, sequence_length,
     B = x.shape[1]
     block = (B is not None and B <= backend.block_lstm_max_batch
              and kernels_mod.block_lstm_ok(spec, dtype, kinds, jit))
-    chains = 2 if (not block and backend.split_rows_min and B is not None and B >= backend.split_rows_min) else 1
+    # Two half-batch chains need two cores: not when this call already runs beside
+    # another layer (the directions of a bidirectional RNN each get a share of one).
+    chains = 2 if (not block and backend.split_rows_min and B is not None and B >= backend.split_rows_min
+                   and _threads.get_num_threads() >= 2) else 1
     if need_grad:
         # fastseq.vjp: the forward pass keeps its residuals; the backward pass is a second
         # compiled function (hand-written BPTT), no GradientTape involved.
@@ -111,6 +116,10 @@ def layer_forward(backend, spec, params, inputs, initial_state, sequence_length,
         y, final = _differentiable_call(kernels.layer_fn(*config, keep=True, block=block, chains=chains), kernels.backward_fn(*config, chains=chains),
                                         x, state, plist, tuple(extra))
         return y, final, None
+    if has_lengths and not masks and not jit and not block and backend.shrink_batch:
+        # forward only: finished rows drop out of the computation
+        y, final = kernels.layer_fn(*config, packed=True)(x, state, plist, *extra)
+        return y, tuple(final), None
     y, final = kernels.layer_fn(*config, block=block, chains=chains)(x, state, plist, *extra)
     return y, tuple(final), None
 

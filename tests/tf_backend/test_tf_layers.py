@@ -159,9 +159,9 @@ def test_block_lstm_path(spec, reverse, lengths):
         b.initialize()
     _compare(fused, spec, np.float32, reverse, lengths, None, seed=6)
     _compare(generic, spec, np.float32, reverse, lengths, None, seed=6)
-    used = {k[-2] for k in fused._kernels._fns if k[0] == "layer"}
+    used = {k[8] for k in fused._kernels._fns if k[0] == "layer" and not k[-1]}
     assert used == {True}, "the fused backend did not take the BlockLSTM path"
-    assert {k[-2] for k in generic._kernels._fns if k[0] == "layer"} == {False}
+    assert {k[8] for k in generic._kernels._fns if k[0] == "layer"} == {False}
 
 
 @pytest.mark.parametrize("name", ["gru", "lstm_full"])
@@ -176,4 +176,23 @@ def test_row_split_path(name, combo):
     split.split_rows_min = 2
     split.initialize()
     _compare(split, SPECS[name], np.float64, *combo, seed=7, B=5)
-    assert {k[-1] for k in split._kernels._fns if k[0] == "layer"} == {2}
+    assert {k[9] for k in split._kernels._fns if k[0] == "layer" and not k[-1]} == {2}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_shrinking_batch_forward(tfb, name, reverse, dtype):
+    """Forward calls with lengths sort the rows and shrink the active batch: outputs and
+    final states equal the reference, for lengths with 0, T, ties, all 0 and all T."""
+    spec = SPECS[name]
+    T, B = 7, 6
+    for seq in ([0, 7, 3, 3, 1, 5], [0] * B, [T] * B, [2, 6, 6, 0, 7, 1]):
+        params, x, s0, _, _, _ = _problem(spec, dtype, T=T, B=B, seed=8)
+        seq = np.asarray(seq, dtype=np.int64)
+        y_ref, f_ref, _ = REF.layer_forward(spec, params, x, s0, seq, reverse, None)
+        y, f, ws = tfb.layer_forward(spec, params, x, s0, seq, reverse, None)
+        assert ws is None
+        assert_close([tfb.to_numpy(y), [tfb.to_numpy(s) for s in f]], [y_ref, list(f_ref)], dtype,
+                     f"{name} rev={reverse} lengths={list(seq)}")
+    assert any(k[0] == "layer" and k[-1] for k in tfb._kernels._fns), "the shrinking-batch path was not used"
