@@ -12,9 +12,14 @@ What runs where (see README.md in this folder):
   ``tf.while_loop`` over time in which ``sequence_length`` is handled with ``tf.where``
   (no Python per step). ``jit_compile=True`` (attribute, or env ``FASTSEQ_TF_JIT=1``)
   compiles the same function with XLA.
-- ``layer_backward``: ``layer_forward(need_grad=True)`` records the compiled call on a
-  ``tf.GradientTape`` kept in the workspace; the backward pass is TensorFlow's gradient of
-  that call (itself a compiled function), so the gradients are exactly TensorFlow's.
+- ``layer_backward``: hand-written backpropagation through time, compiled like the forward
+  pass: the forward pass keeps per-step residuals, the backward loop does only the
+  recurrent part and the weight gradients are large matmuls over all steps afterwards.
+  ``fastseq.vjp`` calls it directly; under a ``tf.GradientTape`` the forward and backward
+  functions are joined by ``tf.custom_gradient``.
+- Paths per call: small float32 LSTM batches as the fused ``BlockLSTM`` op; batches of 16+
+  rows as two half-batch recurrences; forward calls with lengths on a shrinking batch;
+  the two directions of a bidirectional RNN on two threads (see README.md).
 - ``cell_step``: one compiled step per cell configuration.
 - Devices: every op is placed by TensorFlow's placer, so ``with tf.device(...)`` scopes are
   honoured and CPU is used when no GPU is present. No cuDNN path is used (see README.md).

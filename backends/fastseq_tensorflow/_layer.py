@@ -1,8 +1,10 @@
 """Glue from the backend contract to the compiled kernels of :mod:`._kernels`.
 
 Converts arguments to tensors (NumPy in is fine; the drivers convert results back),
-picks the compiled function for the configuration, and for ``need_grad=True`` records
-the call on a persistent ``tf.GradientTape`` that :func:`layer_backward` differentiates.
+picks the compiled function for the configuration and the path (BlockLSTM, half-batch
+chains, shrinking batch), and for ``need_grad=True`` keeps the forward pass's residuals
+in a workspace that :func:`layer_backward` hands to the compiled backward pass. Under a
+GradientTape the two are joined by ``tf.custom_gradient``.
 """
 
 from __future__ import annotations
