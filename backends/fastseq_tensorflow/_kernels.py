@@ -297,6 +297,28 @@ def _widths(spec: CellSpec):
             "j": H, "cn": H, "cn_pre": H, "m_pre": H, "mp": P}
 
 
+def _gate_width(spec: CellSpec):
+    """Width ``G`` of the projected input: rnn ``H``, gru ``3H``, lstm ``4H``."""
+    return {"rnn": 1, "gru": 3, "lstm": 4}[spec.kind] * spec.num_units
+
+
+def _steps_run(lengths, T):
+    """How many steps a loop with these lengths runs: ``max(lengths)`` (0 for none)."""
+    return tf.minimum(tf.maximum(tf.reduce_max(tf.concat([lengths, [0]], 0)), 0), T)
+
+
+def _reverse_masks(masks, mask_kinds, rev):
+    """Reverse the per-step ("seq") masks over all rows (before any split of the rows)."""
+    kinds = [k for k in mask_kinds if k is not None]
+    return tuple(rev(m) if k == "seq" else m for m, k in zip(masks, kinds))
+
+
+def _join_rows(tas, n, ranges, width, dtype):
+    """Stack each chain's TensorArray (``n`` steps) and join the chains' rows."""
+    stacked = [_stack(ta, n, hi - lo, width, dtype) for ta, (lo, hi) in zip(tas, ranges)]
+    return stacked[0] if len(stacked) == 1 else tf.concat(stacked, axis=1)
+
+
 def _row_chains(B, chains):
     """Row ranges ``[(lo, hi), ...]`` splitting ``B`` rows into ``chains`` parts."""
     if chains == 1:
@@ -328,12 +350,12 @@ def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reve
     rev = _reverser(lengths)
     if reverse:
         x = rev(x)
-    G = {"rnn": 1, "gru": 3, "lstm": 4}[spec.kind] * spec.num_units
+    G = _gate_width(spec)
     xw = tf.reshape(project_inputs(spec, p, tf.reshape(x, [-1, n_in])), [T, B, G])
     w = recurrent_weights(spec, p, n_in)
     P = spec.output_size
     if lengths is not None and not full_length:
-        n_steps = tf.minimum(tf.maximum(tf.reduce_max(tf.concat([lengths, [0]], 0)), 0), T)
+        n_steps = _steps_run(lengths, T)
     else:
         n_steps = T
     names = residual_names(spec) if keep else ()
@@ -341,9 +363,8 @@ def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reve
     n_state = len(state)
 
     ranges = _row_chains(B, chains)
-    if reverse:  # reverse the per-step masks over all rows before splitting them
-        kinds = [k for k in mask_kinds if k is not None]
-        masks = tuple(rev(m) if k == "seq" else m for m, k in zip(masks, kinds))
+    if reverse:
+        masks = _reverse_masks(masks, mask_kinds, rev)
     parts = []  # per chain: xw, step masks, length column
     for lo, hi in ranges:
         cm = tuple(m[:, lo:hi] for m in masks) if chains > 1 else masks
@@ -389,9 +410,8 @@ def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reve
         lambda t, *_: t < n_steps, body, loop_vars, maximum_iterations=n_steps, swap_memory=False
     )
 
-    def gather(tas, width):  # stack each chain's TensorArray and join the rows
-        stacked = [_stack(ta, n_steps, hi - lo, width, dtype) for ta, (lo, hi) in zip(tas, ranges)]
-        return stacked[0] if chains == 1 else tf.concat(stacked, axis=1)
+    def gather(tas, width):
+        return _join_rows(tas, n_steps, ranges, width, dtype)
 
     final = tuple(finals[0][k] if chains == 1 else tf.concat([f[k] for f in finals], axis=0) for k in range(n_state))
     y = gather(out_tas, P)
@@ -422,9 +442,9 @@ def run_layer_packed(spec: CellSpec, x, state, params, lengths, reverse):
     order = tf.argsort(lengths, direction="DESCENDING", stable=True)
     undo = tf.math.invert_permutation(order)
     lens = tf.gather(lengths, order)
-    n_steps = tf.minimum(tf.maximum(tf.reduce_max(tf.concat([lengths, [0]], 0)), 0), T)
+    n_steps = _steps_run(lengths, T)
     counts = tf.reduce_sum(tf.cast(lens[None, :] > tf.range(n_steps)[:, None], tf.int32), axis=1)
-    G = {"rnn": 1, "gru": 3, "lstm": 4}[spec.kind] * spec.num_units
+    G = _gate_width(spec)
     xs = tf.gather(x[:n_steps], order, axis=1)
     xw = tf.reshape(project_inputs(spec, p, tf.reshape(xs, [-1, n_in])), tf.stack([n_steps, B, G]))
     w = recurrent_weights(spec, p, n_in)
@@ -475,7 +495,7 @@ def run_layer_block(spec: CellSpec, x, state, params, lengths, reverse, keep=Fal
         x = rev(x)
     c0, h0 = state
     if lengths is not None:
-        n_steps = tf.minimum(tf.maximum(tf.reduce_max(tf.concat([lengths, [0]], 0)), 0), T)
+        n_steps = _steps_run(lengths, T)
     else:
         n_steps = T
     if spec.use_peepholes:
@@ -526,15 +546,14 @@ def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, rever
     p = dict(zip(param_names(spec), params))
     w = recurrent_weights(spec, p, n_in)
     H, P = spec.num_units, spec.output_size
-    G = {"rnn": 1, "gru": 3, "lstm": 4}[spec.kind] * H
+    G = _gate_width(spec)
     rev = _reverser(lengths)
     if reverse:
         dy = rev(dy)
     has_proj = spec.kind == "lstm" and bool(spec.num_proj)
     ranges = _row_chains(B, chains)
-    if reverse:  # reverse the per-step masks over all rows before splitting them
-        kinds = [k for k in mask_kinds if k is not None]
-        masks = tuple(rev(m) if k == "seq" else m for m, k in zip(masks, kinds))
+    if reverse:
+        masks = _reverse_masks(masks, mask_kinds, rev)
 
     def rows(a, lo, hi, axis=1):
         if chains == 1:
@@ -583,9 +602,8 @@ def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, rever
         lambda t, *_: t >= 0, body, loop_vars, maximum_iterations=n, swap_memory=False
     )
 
-    def gather(tas, width):  # stack each chain's TensorArray and join the rows
-        stacked = [_stack(ta, n, hi - lo, width, dtype) for ta, (lo, hi) in zip(tas, ranges)]
-        return stacked[0] if chains == 1 else tf.concat(stacked, axis=1)
+    def gather(tas, width):
+        return _join_rows(tas, n, ranges, width, dtype)
 
     d_init = [d_init_c[0][k] if chains == 1 else tf.concat([d[k] for d in d_init_c], axis=0)
               for k in range(n_state)]
