@@ -251,6 +251,24 @@ class Backend:
         """
         raise NotImplementedError
 
+    def stack_forward(self, specs, params_list, inputs, initial_states, sequence_length=None, reverse=False,
+                      need_grad=False):
+        """Optional: run a stack of layers (a MultiRNNCell of plain cells, each layer's
+        outputs the next one's inputs) in one call, as :meth:`layer_forward` per layer would.
+
+        ``specs``/``params_list``/``initial_states``: one entry per layer, bottom first.
+        Returns ``(outputs of the top layer, final states per layer, workspace)``, or
+        ``None`` (the default) to have the drivers call :meth:`layer_forward` per layer.
+        A backend gains from it where a call has a fixed cost (the tensorflow backend: one
+        compiled dispatch instead of one per layer).
+        """
+        return None
+
+    def stack_backward(self, specs, params_list, workspace, d_outputs, d_final_states):
+        """Gradients of :meth:`stack_forward`: ``(d_inputs, d_initial_states per layer,
+        [d_params dict per layer])``; ``d_final_states`` per layer, entries never None."""
+        raise NotImplementedError
+
     def cell_step(self, spec: CellSpec, params, inputs, state):
         """One step: inputs ``[B, I]``, state tuple. Returns ``(output [B, P], new_state)``."""
         raise NotImplementedError

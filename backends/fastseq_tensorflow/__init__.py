@@ -20,6 +20,8 @@ What runs where (see README.md in this folder):
 - Paths per call: small float32 LSTM batches as the fused ``BlockLSTM`` op; batches of 16+
   rows as two half-batch recurrences; forward calls with lengths on a shrinking batch;
   the two directions of a bidirectional RNN on two threads (see README.md).
+- ``stack_forward``/``stack_backward``: a MultiRNNCell of plain cells as one compiled
+  call (the layers' compiled functions called inside one ``tf.function``).
 - ``cell_step``: one compiled step per cell configuration.
 - Devices: every op is placed by TensorFlow's placer, so ``with tf.device(...)`` scopes are
   honoured and CPU is used when no GPU is present. No cuDNN path is used (see README.md).
@@ -253,6 +255,19 @@ class TensorFlowBackend(Backend):
         from ._layer import layer_backward
 
         return layer_backward(self, spec, params, workspace, d_outputs, d_final_state)
+
+    def stack_forward(self, specs, params_list, inputs, initial_states, sequence_length=None, reverse=False,
+                      need_grad=False):
+        self._ensure()
+        from ._layer import stack_forward
+
+        return stack_forward(self, specs, params_list, inputs, initial_states, sequence_length, reverse, need_grad)
+
+    def stack_backward(self, specs, params_list, workspace, d_outputs, d_final_states):
+        self._ensure()
+        from ._layer import stack_backward
+
+        return stack_backward(self, specs, params_list, workspace, d_outputs, d_final_states)
 
     def cell_step(self, spec, params, inputs, state):
         self._ensure()

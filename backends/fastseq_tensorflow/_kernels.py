@@ -743,6 +743,78 @@ class KernelCache:
             self._fns[key] = fn
         return fn
 
+    def stack_fn(self, layers, dtype, has_lengths: bool, reverse: bool, jit: bool, keep: bool = False,
+                 packed: bool = False):
+        """A MultiRNNCell of plain layers as one compiled call:
+        ``(x, states, params[, lengths]) -> (y, finals)`` (``keep``: ``-> (y, finals,
+        residuals)``), states, params, finals and residuals one entry per layer.
+
+        ``layers``: per layer ``(spec, block, chains)``, the path :meth:`layer_fn` runs it
+        on (``packed`` applies to the layers that are not ``block``). The layers' own
+        compiled functions are called inside this one, so a call is one dispatch."""
+        key = ("stack", layers, dtype, has_lengths, reverse, jit, keep, packed)
+        fn = self._fns.get(key)
+        if fn is not None:
+            return fn
+        fns = [self.layer_fn(spec, dtype, has_lengths, reverse, (None,) * len(spec.state_sizes), jit, keep=keep,
+                             block=block, chains=chains, packed=packed and not block)
+               for spec, block, chains in layers]
+        signature = [
+            tf.TensorSpec([None, None, None], dtype),
+            tuple(tuple(tf.TensorSpec([None, None], dtype) for _ in spec.state_sizes) for spec, _, _ in layers),
+            tuple(self._param_specs(spec, dtype) for spec, _, _ in layers),
+        ] + self._extra_specs(dtype, has_lengths, ())
+
+        def stack(x, states, params, *lengths):
+            self.trace_count += 1
+            finals, residuals = [], []
+            for layer, st, pl in zip(fns, states, params):
+                out = layer(x, st, pl, *lengths)
+                x = out[0]
+                finals.append(tuple(out[1]))
+                if keep:
+                    residuals.append(tuple(out[2]))
+            return (x, tuple(finals), tuple(residuals)) if keep else (x, tuple(finals))
+
+        fn = tf.function(stack, input_signature=signature, autograph=False)
+        with self._lock:
+            self._fns[key] = fn
+        return fn
+
+    def stack_backward_fn(self, layers, dtype, has_lengths: bool, reverse: bool, jit: bool):
+        """The backward pass of :meth:`stack_fn` (``keep=True``), one compiled call:
+        ``(params[, lengths], residuals, dy, d_finals) -> (dx, d_states, d_params)``, the
+        last three per layer but ``dx``."""
+        key = ("stack_backward", layers, dtype, has_lengths, reverse, jit)
+        fn = self._fns.get(key)
+        if fn is not None:
+            return fn
+        fns = [self.backward_fn(spec, dtype, has_lengths, reverse, (None,) * len(spec.state_sizes), jit,
+                                chains=chains)
+               for spec, _, chains in layers]
+        signature = [tuple(self._param_specs(spec, dtype) for spec, _, _ in layers)] \
+            + self._extra_specs(dtype, has_lengths, ()) + [
+            tuple(tuple(tf.TensorSpec([None, None, None], dtype)
+                        for _ in range(1 + len(spec.state_sizes) + len(residual_names(spec))))
+                  for spec, _, _ in layers),
+            tf.TensorSpec([None, None, None], dtype),
+            tuple(tuple(tf.TensorSpec([None, None], dtype) for _ in spec.state_sizes) for spec, _, _ in layers),
+        ]
+
+        def backward(params, *rest):
+            self.trace_count += 1
+            residuals, dy, d_finals = rest[-3:]
+            lengths = rest[:-3]
+            d_states, d_params = [None] * len(fns), [None] * len(fns)
+            for k in range(len(fns) - 1, -1, -1):
+                dy, d_states[k], d_params[k] = fns[k](params[k], *lengths, residuals[k], dy, d_finals[k])
+            return dy, tuple(tuple(d) for d in d_states), tuple(tuple(d) for d in d_params)
+
+        fn = tf.function(backward, input_signature=signature, autograph=False)
+        with self._lock:
+            self._fns[key] = fn
+        return fn
+
     def step_fn(self, spec: CellSpec, dtype, jit: bool):
         key = ("step", spec, dtype, jit)
         fn = self._fns.get(key)

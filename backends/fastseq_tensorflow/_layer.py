@@ -73,39 +73,57 @@ def _mask_config(state_mask, n_state, T, dtype, backend):
     return tuple(kinds), tensors
 
 
-def layer_forward(backend, spec, params, inputs, initial_state, sequence_length, reverse, state_mask, need_grad):
+def _inputs(backend, inputs):
     x = backend.asarray(inputs)
     dtype = _float_dtype(backend, x, "inputs")
     if x.shape.rank != 3:
         raise ValueError(f"inputs must be [T, B, I] (rank 3), got shape {x.shape}")
+    return x, dtype
+
+
+def _state(backend, spec, initial_state, dtype, argname="initial_state"):
     state = tuple(backend.asarray(s, dtype) for s in initial_state)
     if len(state) != len(spec.state_sizes):
-        raise ValueError(f"initial_state must have {len(spec.state_sizes)} components for a {spec.kind} cell, "
+        raise ValueError(f"{argname} must have {len(spec.state_sizes)} components for a {spec.kind} cell, "
                          f"got {len(state)}")
-    plist = _params_tuple(backend, spec, params, dtype)
-    T = x.shape[0] if x.shape[0] is not None else int(tf.shape(x)[0])
-    extra = []
-    has_lengths = sequence_length is not None
-    if has_lengths:
-        lengths = sequence_length
-        if isinstance(lengths, (tf.Tensor, tf.Variable)):
-            lengths = tf.cast(lengths, tf.int32)
-        else:
-            lengths = tf.convert_to_tensor(np.asarray(lengths, dtype=np.int32))
-        extra.append(lengths)
-    kinds, masks = _mask_config(state_mask, len(state), T, dtype, backend)
-    if masks:
-        extra.append(tuple(masks))
-    jit = bool(backend.jit_compile)
-    config = (spec, dtype, has_lengths, bool(reverse), kinds, jit)
-    kernels = backend._kernels
-    B = x.shape[1]
+    return state
+
+
+def _lengths_extra(sequence_length):
+    """``[lengths int32 tensor]`` or ``[]``: the optional argument of the compiled functions."""
+    if sequence_length is None:
+        return []
+    if isinstance(sequence_length, (tf.Tensor, tf.Variable)):
+        return [tf.cast(sequence_length, tf.int32)]
+    return [tf.convert_to_tensor(np.asarray(sequence_length, dtype=np.int32))]
+
+
+def _plan(backend, spec, dtype, B, kinds, jit):
+    """``(block, chains)``: whether the layer runs as the fused BlockLSTM op, and in how
+    many independent row chains the generic loop runs."""
     block = (B is not None and B <= backend.block_lstm_max_batch
              and kernels_mod.block_lstm_ok(spec, dtype, kinds, jit))
     # Two half-batch chains need two cores: not when this call already runs beside
     # another layer (the directions of a bidirectional RNN each get a share of one).
     chains = 2 if (not block and backend.split_rows_min and B is not None and B >= backend.split_rows_min
                    and _threads.get_num_threads() >= 2) else 1
+    return block, chains
+
+
+def layer_forward(backend, spec, params, inputs, initial_state, sequence_length, reverse, state_mask, need_grad):
+    x, dtype = _inputs(backend, inputs)
+    state = _state(backend, spec, initial_state, dtype)
+    plist = _params_tuple(backend, spec, params, dtype)
+    T = x.shape[0] if x.shape[0] is not None else int(tf.shape(x)[0])
+    extra = _lengths_extra(sequence_length)
+    has_lengths = bool(extra)
+    kinds, masks = _mask_config(state_mask, len(state), T, dtype, backend)
+    if masks:
+        extra.append(tuple(masks))
+    jit = bool(backend.jit_compile)
+    config = (spec, dtype, has_lengths, bool(reverse), kinds, jit)
+    kernels = backend._kernels
+    block, chains = _plan(backend, spec, dtype, x.shape[1], kinds, jit)
     if need_grad:
         # fastseq.vjp: the forward pass keeps its residuals; the backward pass is a second
         # compiled function (hand-written BPTT), no GradientTape involved.
@@ -115,8 +133,8 @@ def layer_forward(backend, spec, params, inputs, initial_state, sequence_length,
     if _recording([x, *state, *plist]):
         # A GradientTape (or tf.gradients) is watching: the same two compiled functions,
         # joined by tf.custom_gradient.
-        y, final = _differentiable_call(kernels.layer_fn(*config, keep=True, block=block, chains=chains), kernels.backward_fn(*config, chains=chains),
-                                        x, state, plist, tuple(extra))
+        y, final = _differentiable_call(kernels.layer_fn(*config, keep=True, block=block, chains=chains),
+                                        kernels.backward_fn(*config, chains=chains), x, state, plist, tuple(extra))
         return y, final, None
     if has_lengths and not masks and not jit and not block and backend.shrink_batch:
         # forward only: finished rows drop out of the computation
@@ -126,24 +144,74 @@ def layer_forward(backend, spec, params, inputs, initial_state, sequence_length,
     return y, tuple(final), None
 
 
+def stack_forward(backend, specs, params_list, inputs, initial_states, sequence_length, reverse, need_grad):
+    """A MultiRNNCell of plain layers as one compiled call (see :meth:`TensorFlowBackend.stack_forward`).
+
+    Each layer takes the path :func:`layer_forward` would give it; the layers' compiled
+    functions are called inside one ``tf.function``, so the call costs one dispatch
+    instead of one per layer, and the backward pass is one compiled call as well."""
+    x, dtype = _inputs(backend, inputs)
+    if len(initial_states) != len(specs):
+        raise ValueError(f"initial_states must have one entry per layer ({len(specs)}), got {len(initial_states)}")
+    states = tuple(_state(backend, spec, st, dtype, f"initial_states[{k}]")
+                   for k, (spec, st) in enumerate(zip(specs, initial_states)))
+    plists = tuple(_params_tuple(backend, spec, p, dtype) for spec, p in zip(specs, params_list))
+    extra = tuple(_lengths_extra(sequence_length))
+    jit = bool(backend.jit_compile)
+    kernels = backend._kernels
+    layers = tuple((spec,) + _plan(backend, spec, dtype, x.shape[1], (None,) * len(spec.state_sizes), jit)
+                   for spec in specs)
+    config = (layers, dtype, bool(extra), bool(reverse), jit)
+    if need_grad:
+        y, finals, res = kernels.stack_fn(*config, keep=True)(x, states, plists, *extra)
+        ws = _Workspace(kernels.stack_backward_fn(*config), extra, res, plists, None)
+        return y, _tuples(finals), ws
+    flat_states = tuple(a for st in states for a in st)
+    if _recording([x, *flat_states, *(p for pl in plists for p in pl)]):
+        y, finals = _differentiable_call(kernels.stack_fn(*config, keep=True), kernels.stack_backward_fn(*config),
+                                         x, states, plists, extra)
+        return y, _tuples(finals), None
+    packed = bool(extra) and not jit and backend.shrink_batch
+    y, finals = kernels.stack_fn(*config, packed=packed)(x, states, plists, *extra)
+    return y, _tuples(finals), None
+
+
+def _tuples(finals):
+    return tuple(tuple(f) for f in finals)
+
+
+def stack_backward(backend, specs, params_list, workspace, d_outputs, d_final_states):
+    ws = workspace
+    dtype = ws.residuals[0][0].dtype
+    dy = backend.asarray(d_outputs, dtype)
+    ds = tuple(tuple(backend.asarray(d, dtype) for d in df) for df in d_final_states)
+    d_inputs, d_states, d_params = ws.backward(ws.params, *ws.extra, ws.residuals, dy, ds)
+    return (d_inputs, _tuples(d_states),
+            [dict(zip(param_names(spec), dp)) for spec, dp in zip(specs, d_params)])
+
+
 def _differentiable_call(fwd, bwd, x, state, plist, extra):
-    n_state = len(state)
+    """``fwd``/``bwd`` joined by ``tf.custom_gradient``; ``state`` and ``plist`` may be
+    nested (per layer for a stack); the final state comes back in ``state``'s structure."""
+    flat_state, flat_params = tf.nest.flatten(state), tf.nest.flatten(plist)
+    n_state = len(flat_state)
 
     @tf.custom_gradient
     def call(x, *flat):
-        st, pl = tuple(flat[:n_state]), tuple(flat[n_state:])
+        st = tf.nest.pack_sequence_as(state, list(flat[:n_state]))
+        pl = tf.nest.pack_sequence_as(plist, list(flat[n_state:]))
         y, final, res = fwd(x, st, pl, *extra)
-        outs = (y, *final)
+        outs = (y, *tf.nest.flatten(final))
 
         def grad(*upstream):
             up = [tf.zeros_like(o) if u is None else u for u, o in zip(upstream, outs)]
-            dx, d0, dp = bwd(pl, *extra, res, up[0], tuple(up[1:]))
-            return [dx, *d0, *dp]
+            dx, d0, dp = bwd(pl, *extra, res, up[0], tf.nest.pack_sequence_as(state, up[1:]))
+            return [dx, *tf.nest.flatten(d0), *tf.nest.flatten(dp)]
 
         return outs, grad
 
-    y, *final = call(x, *state, *plist)
-    return y, tuple(final)
+    y, *final = call(x, *flat_state, *flat_params)
+    return y, tf.nest.pack_sequence_as(state, final)
 
 
 def layer_backward(backend, spec, params, workspace, d_outputs, d_final_state):

@@ -159,6 +159,29 @@ class _Acc:
 
 
 # ============================================================================ the sequence walk
+def _run_stack(cells, x, state, ctx, reverse):
+    """A MultiRNNCell of plain layers in one backend call (:meth:`Backend.stack_forward`);
+    ``None`` when the backend runs layers one by one."""
+    b = ctx.backend
+    specs = [c.spec for c in cells]
+    params = [c._params(b, ctx.dtype) for c in cells]
+    try:
+        got = b.stack_forward(specs, params, x, tuple(state), ctx.lengths, reverse, ctx.record)
+    except NotImplementedError:
+        got = None
+    if got is None:
+        return None
+    y, finals, ws = got
+
+    def backward(dy, dfinal, acc):
+        dx, d0, dps = b.stack_backward(specs, params, ws, dy, tuple(tuple(d) for d in dfinal))
+        for c, dp in zip(cells, dps):
+            acc.add(c, dp)
+        return dx, tuple(tuple(d) for d in d0)
+
+    return y, tuple(tuple(f) for f in finals), backward if ctx.record else None
+
+
 def _run(cell, x, state, ctx, reverse, state_keeps=()):
     """Run ``cell`` over the time-major sequence ``x [T, B, I]`` from the internal state.
 
@@ -195,6 +218,10 @@ def _run(cell, x, state, ctx, reverse, state_keeps=()):
         return y, final, backward if ctx.record else None
 
     if isinstance(cell, MultiRNNCell):
+        if not state_keeps and all(isinstance(sub, _LeafCell) for sub in cell._cells):
+            stacked = _run_stack(cell._cells, x, state, ctx, reverse)
+            if stacked is not None:
+                return stacked
         finals, backs = [], []
         h = x
         for k, sub in enumerate(cell._cells):

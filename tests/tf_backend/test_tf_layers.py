@@ -202,3 +202,117 @@ def test_shrinking_batch_forward(name, reverse, dtype):
         assert_close([tfb.to_numpy(y), [tfb.to_numpy(s) for s in f]], [y_ref, list(f_ref)], dtype,
                      f"{name} rev={reverse} lengths={list(seq)}")
     assert any(k[0] == "layer" and k[-1] for k in tfb._kernels._fns), "the shrinking-batch path was not used"
+
+
+# ------------------------------------------------------------------ a stack in one call
+STACK = [CellSpec("gru", 5), SPECS["lstm_full"], CellSpec("rnn", 4)]  # depths 3 -> 5 -> 3 -> 4
+BLOCK_STACK = [CellSpec("lstm", 5, forget_bias=0.5), CellSpec("lstm", 4, use_peepholes=True)]
+
+
+def _stack_backend(**attrs):
+    from fastseq_tensorflow import TensorFlowBackend
+
+    b = TensorFlowBackend()  # its own kernel cache, so the paths it took can be read from it
+    b.jit_compile = False
+    for k, v in attrs.items():
+        setattr(b, k, v)
+    b.initialize()
+    return b
+
+
+def _stack_problem(specs, dtype, T=6, B=5, I=3, lengths=None, seed=0):
+    rng = np.random.default_rng(seed)
+    params, s0s, depth = [], [], I
+    for spec in specs:
+        params.append({k: rng.normal(0, 0.6, s).astype(dtype) for k, s in spec.param_shapes(depth).items()})
+        s0s.append(tuple(rng.normal(size=(B, s)).astype(dtype) for s in spec.state_sizes))
+        depth = spec.output_size
+    x = rng.normal(size=(T, B, I)).astype(dtype)
+    seq = None
+    if lengths == "mixed":
+        seq = np.array([0, T] + list(rng.integers(1, T + 1, size=B - 2)), dtype=np.int64)
+    return params, x, tuple(s0s), seq, rng
+
+
+def _ref_stack(specs, params, x, s0s, seq, reverse, dy, d_finals):
+    """The reference layer by layer: forward, then the gradients chained top down."""
+    finals, wss = [], []
+    for spec, p, s0 in zip(specs, params, s0s):
+        x, f, ws = REF.layer_forward(spec, p, x, s0, seq, reverse, None, need_grad=True)
+        finals.append(list(f))
+        wss.append(ws)
+    y, d0s, dps = x, [None] * len(specs), [None] * len(specs)
+    for k in range(len(specs) - 1, -1, -1):
+        dy, d0, dps[k] = REF.layer_backward(specs[k], params[k], wss[k], dy, d_finals[k])
+        d0s[k] = list(d0)
+    return y, finals, dy, d0s, dps
+
+
+def _check_stack(tfb, specs, dtype, reverse, lengths, seed=0, **shape):
+    params, x, s0s, seq, rng = _stack_problem(specs, dtype, lengths=lengths, seed=seed, **shape)
+    y_probe = REF.layer_forward(specs[-1], params[-1], np.zeros(x.shape[:2] + (specs[-2].output_size,), dtype),
+                                s0s[-1], None, False, None)[0]
+    dy = rng.normal(size=y_probe.shape).astype(dtype)
+    d_finals = tuple(tuple(rng.normal(size=s.shape).astype(dtype) for s in s0) for s0 in s0s)
+    y_ref, f_ref, dx_ref, d0_ref, dp_ref = _ref_stack(specs, params, x, s0s, seq, reverse, dy, d_finals)
+    tag = f"stack/{np.dtype(dtype).name}/rev={reverse}/len={lengths}"
+    # forward only (the shrinking-batch path where there are lengths)
+    y, f, ws = tfb.stack_forward(specs, params, x, s0s, seq, reverse)
+    assert ws is None
+    assert_close([tfb.to_numpy(y), [[tfb.to_numpy(s) for s in fl] for fl in f]], [y_ref, f_ref], dtype,
+                 tag + " forward")
+    # fastseq.vjp's way: residuals kept, one compiled backward call
+    y, f, ws = tfb.stack_forward(specs, params, x, s0s, seq, reverse, need_grad=True)
+    assert_close(tfb.to_numpy(y), y_ref, dtype, tag + " forward (need_grad)")
+    dx, d0, dp = tfb.stack_backward(specs, params, ws, dy, d_finals)
+    got = [tfb.to_numpy(dx), [[tfb.to_numpy(a) for a in d] for d in d0],
+           [{k: tfb.to_numpy(v) for k, v in g.items()} for g in dp]]
+    assert_close(got, [dx_ref, d0_ref, dp_ref], dtype, tag + " gradients")
+    # under a GradientTape: the same two functions joined by tf.custom_gradient
+    xt = tf.constant(x)
+    st = [[tf.constant(a) for a in s0] for s0 in s0s]
+    pt = [{k: tf.constant(v) for k, v in p.items()} for p in params]
+    with tf.GradientTape() as tape:
+        tape.watch([xt, st, pt])
+        y, f, _ = tfb.stack_forward(specs, pt, xt, st, seq, reverse)
+        loss = tf.reduce_sum(y * dy) + tf.add_n([tf.reduce_sum(a * b) for fl, dl in zip(f, d_finals)
+                                                  for a, b in zip(fl, dl)])
+    g = tape.gradient(loss, [xt, st, pt])
+    got = [g[0].numpy(), [[a.numpy() for a in d] for d in g[1]], [{k: v.numpy() for k, v in d.items()} for d in g[2]]]
+    assert_close(got, [dx_ref, d0_ref, dp_ref], dtype, tag + " tape gradients")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("lengths", [None, "mixed"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_stack_in_one_call(dtype, reverse, lengths):
+    """A stack of layers (rnn, gru, lstm with every option) as one compiled call: forward,
+    vjp-style and tape gradients equal the reference run layer by layer (lengths with 0
+    and T; odd B so the two row chains differ in size)."""
+    tfb = _stack_backend(split_rows_min=2)
+    _check_stack(tfb, STACK, dtype, reverse, lengths, seed=9)
+    keys = [k for k in tfb._kernels._fns if k[0] == "stack"]
+    assert keys and all(all(chains == 2 for _, _, chains in k[1]) for k in keys)
+    assert any(k[0] == "stack_backward" for k in tfb._kernels._fns)
+
+
+@pytest.mark.parametrize("lengths", [None, "mixed"])
+def test_stack_of_block_lstm_layers(lengths):
+    """Small float32 LSTM batches inside a stack take the BlockLSTM path per layer."""
+    tfb = _stack_backend(block_lstm_max_batch=64)
+    _check_stack(tfb, BLOCK_STACK, np.float32, True, lengths, seed=10, B=4)
+    keys = [k for k in tfb._kernels._fns if k[0] == "stack"]
+    assert keys and all(all(block for _, block, _ in k[1]) for k in keys)
+
+
+def test_stack_no_retrace_for_new_shapes():
+    tfb = _stack_backend()
+    specs = [CellSpec("gru", 4), CellSpec("gru", 4)]
+    counts = []
+    for T, B, I in [(5, 3, 2), (8, 20, 2), (2, 1, 6)]:
+        params, x, s0s, _, _ = _stack_problem(specs, np.float32, T=T, B=B, I=I)
+        y, _, _ = tfb.stack_forward(specs, params, x, s0s)
+        assert tuple(y.shape) == (T, B, 4)
+        counts.append(tfb.trace_count)
+    # B=20 takes the two-chain path (a second configuration); B=1 reuses the first
+    assert counts[2] == counts[1]
