@@ -23,19 +23,50 @@ def test_layer_matches_reference(numba_backend, ref_backend, cell, dtype, length
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_rows_cross_the_blas_threshold(numba_backend, ref_backend, cell, dtype, reverse):
-    """Per-step products switch from the in-house loop (few rows, one row and pairs) to
-    BLAS above _blas.SMALL_M rows: a batch whose active rows shrink from above the
-    threshold to one, with an odd count on the way, goes through every path."""
-    from fastseq_kernels._blas import SMALL_M
+    """Per-step products switch from the in-house loops (float32: four rows at a time up
+    to _blas.SMALL_M_F32 rows, then the remainder; float64: one row and pairs up to
+    _blas.SMALL_M) to BLAS above the threshold: a batch whose active rows shrink from
+    above the threshold to one, through every remainder modulo four, goes through every
+    path."""
+    from fastseq_kernels._blas import SMALL_M, SMALL_M_F32
 
+    limit = SMALL_M_F32 if dtype == np.float32 else SMALL_M
     rng = np.random.default_rng(7)
-    B = SMALL_M + 9
-    T = 11
+    B = limit + 9
+    T = 17
     lens = np.minimum(T, np.arange(B) * (T + 1) // B).astype(np.int64)  # 0 .. T, one of length T
     rng.shuffle(lens)
     active = [(lens > k).sum() for k in range(T)]
-    assert active[0] > SMALL_M and active[-1] == 1 and any(a % 2 and 1 < a <= SMALL_M for a in active)
+    assert active[0] > limit and 1 <= active[-1] <= 2
+    assert {a % 4 for a in active if 4 < a <= limit} == {0, 1, 2, 3}
     compare_layer(numba_backend, ref_backend, SPECS[cell], T, B, 6, dtype, rng, lens, reverse, None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_step_products_against_numpy(dtype):
+    """The per-step product C += A @ B on every path (in-house loops, BLAS) for row counts
+    around the thresholds, inner sizes that are not a multiple of four, and offsets and
+    leading dimensions into larger buffers, against NumPy in float64."""
+    from numba import njit
+
+    from fastseq_kernels._blas import step_gemm_acc
+
+    @njit
+    def call(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
+        step_gemm_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, 1)
+
+    rng = np.random.default_rng(3)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for m in (1, 2, 3, 4, 5, 7, 12, 13, 31, 32, 33, 45):
+        for n, k in ((9, 7), (40, 13), (33, 64)):
+            a = rng.normal(size=(m + 1, k + 3)).astype(dtype)  # rows from 1, columns 2 .. k+2
+            b = rng.normal(size=(k + 2, n + 5)).astype(dtype)  # rows from 2, columns 0 .. n-1
+            c = rng.normal(size=(m + 2, n + 1)).astype(dtype)  # rows from 1
+            want = c.astype(np.float64)
+            want[1:m + 1, :n] += a[1:, 2:k + 2].astype(np.float64) @ b[2:, :n].astype(np.float64)
+            call(m, n, k, a, (k + 3) + 2, k + 3, b, 2 * (n + 5), n + 5, c, n + 1, n + 1)
+            scale = np.abs(want).max()
+            assert np.abs(c - want).max() <= tol * scale, f"m={m} n={n} k={k}"
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm_peep_clip", "lstm_all"])
