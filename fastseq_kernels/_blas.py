@@ -308,8 +308,9 @@ def gemm_acc_rows4(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
 @kernel
 def step_gemm_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, nthreads):
     """Per-step ``C += A @ B`` (row-major, offsets as :func:`gemm`): in-house loops for
-    ``m <= SMALL_M`` (float32: ``m <= SMALL_M_F32``), else BLAS."""
-    if c.itemsize == 4 and m <= SMALL_M_F32:
+    ``m <= SMALL_M`` (float32: ``m <= SMALL_M_F32`` unless the product is large enough
+    for two BLAS threads and ``nthreads`` allows them), else BLAS."""
+    if c.itemsize == 4 and m <= SMALL_M_F32 and (nthreads < 2 or m * n * k < PARALLEL_MIN_MACS):
         done = gemm_acc_rows4(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc)
         if done < m:
             gemm_acc_small(m - done, n, k, a, aoff + done * lda, lda, b, boff, ldb, c, coff + done * ldc, ldc)
