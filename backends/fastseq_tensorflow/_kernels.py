@@ -669,6 +669,10 @@ class KernelCache:
             tf.TensorSpec([None, None] if name.endswith("kernel") else [None], dtype) for name in param_names(spec)
         )
 
+    @staticmethod
+    def _state_specs(spec, dtype):
+        return tuple(tf.TensorSpec([None, None], dtype) for _ in spec.state_sizes)
+
     def _extra_specs(self, dtype, has_lengths, mask_kinds):
         out = []
         if has_lengths:
@@ -693,10 +697,9 @@ class KernelCache:
         fn = self._fns.get(key)
         if fn is not None:
             return fn
-        nstate = len(spec.state_sizes)
         signature = [
             tf.TensorSpec([None, None, None], dtype),
-            tuple(tf.TensorSpec([None, None], dtype) for _ in range(nstate)),
+            self._state_specs(spec, dtype),
             self._param_specs(spec, dtype),
         ] + self._extra_specs(dtype, has_lengths, mask_kinds)
 
@@ -728,7 +731,7 @@ class KernelCache:
         signature = [self._param_specs(spec, dtype)] + self._extra_specs(dtype, has_lengths, mask_kinds) + [
             tuple(tf.TensorSpec([None, None, None], dtype) for _ in range(n_res)),
             tf.TensorSpec([None, None, None], dtype),
-            tuple(tf.TensorSpec([None, None], dtype) for _ in range(nstate)),
+            self._state_specs(spec, dtype),
         ]
 
         def backward(params, *rest):
@@ -761,7 +764,7 @@ class KernelCache:
                for spec, block, chains in layers]
         signature = [
             tf.TensorSpec([None, None, None], dtype),
-            tuple(tuple(tf.TensorSpec([None, None], dtype) for _ in spec.state_sizes) for spec, _, _ in layers),
+            tuple(self._state_specs(spec, dtype) for spec, _, _ in layers),
             tuple(self._param_specs(spec, dtype) for spec, _, _ in layers),
         ] + self._extra_specs(dtype, has_lengths, ())
 
@@ -798,7 +801,7 @@ class KernelCache:
                         for _ in range(1 + len(spec.state_sizes) + len(residual_names(spec))))
                   for spec, _, _ in layers),
             tf.TensorSpec([None, None, None], dtype),
-            tuple(tuple(tf.TensorSpec([None, None], dtype) for _ in spec.state_sizes) for spec, _, _ in layers),
+            tuple(self._state_specs(spec, dtype) for spec, _, _ in layers),
         ]
 
         def backward(params, *rest):
@@ -820,10 +823,9 @@ class KernelCache:
         fn = self._fns.get(key)
         if fn is not None:
             return fn
-        nstate = len(spec.state_sizes)
         signature = [
             tf.TensorSpec([None, None], dtype),
-            tuple(tf.TensorSpec([None, None], dtype) for _ in range(nstate)),
+            self._state_specs(spec, dtype),
             self._param_specs(spec, dtype),
         ]
 
