@@ -164,6 +164,36 @@ def test_block_lstm_path(spec, reverse, lengths):
     assert {k[8] for k in generic._kernels._fns if k[0] == "layer"} == {False}
 
 
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: f"rev{int(c[0])}-{c[1]}-{c[2]}")
+@pytest.mark.parametrize("spec", [CellSpec("gru", 5), CellSpec("lstm", 5, forget_bias=0.5),
+                                  CellSpec("lstm", 5, use_peepholes=True, forget_bias=0.7)],
+                         ids=["gru", "lstm", "lstm_peep"])
+def test_fused_backward_step(spec, combo, monkeypatch):
+    """float32 tanh GRU/LSTM backward steps run through TensorFlow's fused cell-gradient
+    ops; gradients equal the reference's, and the plain graph's (the switch off), with
+    lengths 0 and T, state masks, reverse and the two row chains."""
+    from fastseq_tensorflow import TensorFlowBackend, _kernels
+
+    assert _kernels.fused_backward_ok(spec, tf.float32)
+    assert not _kernels.fused_backward_ok(spec, tf.float64)
+    for other in (CellSpec(spec.kind, 5, activation="relu"), CellSpec("lstm", 5, cell_clip=1.0),
+                  CellSpec("lstm", 5, num_proj=3), CellSpec("rnn", 5)):
+        assert not _kernels.fused_backward_ok(other, tf.float32), other
+    grads = []
+    for fused in (True, False):
+        monkeypatch.setattr(_kernels, "FUSED_BACKWARD", fused)
+        b = TensorFlowBackend()
+        b.jit_compile, b.block_lstm_max_batch, b.split_rows_min = False, 0, 4
+        b.initialize()
+        _compare(b, spec, np.float32, *combo, seed=8, B=5)
+        params, x, s0, seq, masks, rng = _problem(spec, np.float32, lengths=combo[1], mask=combo[2], seed=9, B=5)
+        y, f, ws = b.layer_forward(spec, params, x, s0, seq, combo[0], masks, need_grad=True)
+        dy = rng.normal(size=tuple(y.shape)).astype(np.float32)
+        g = b.layer_backward(spec, params, ws, dy, tuple(np.ones(tuple(s.shape), np.float32) for s in f))
+        grads.append([b.to_numpy(g[0]), [b.to_numpy(d) for d in g[1]], {k: b.to_numpy(v) for k, v in g[2].items()}])
+    assert_close(grads[0], grads[1], np.float32, f"{spec} fused vs plain backward")
+
+
 @pytest.mark.parametrize("name", ["gru", "lstm_full"])
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: f"rev{int(c[0])}-{c[1]}-{c[2]}")
 def test_row_split_path(name, combo):
