@@ -497,39 +497,42 @@ def run_layer_packed(spec: CellSpec, x, state, params, lengths, reverse):
     the cell on the first ``count(lengths > t)`` rows only (the active batch shrinks as
     sequences finish, as in PyTorch's packed sequences, but from plain lengths), and the
     rows are put back in their order at the end. TF1 computes every padded step; this
-    does about ``mean(lengths) / max(lengths)`` of that work."""
+    does about ``mean(lengths) / max(lengths)`` of that work.
+
+    The valid (step, row) pairs are laid out packed, step-major (PyTorch's
+    ``PackedSequence`` order): the input is gathered into that layout once (the reverse
+    direction reads ``x[len - 1 - t]``, no reversed copy), projected in one matmul over
+    the valid rows only, each step reads its contiguous block, and the outputs are
+    scattered to their places in ``[T, B, P]`` at the end (zeros past each length)."""
     dtype = x.dtype
-    T, B, n_in = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+    T, B = tf.shape(x)[0], tf.shape(x)[1]
     p = dict(zip(param_names(spec), params))
-    rev = _reverser(lengths)
-    if reverse:
-        x = rev(x)
     order = tf.argsort(lengths, direction="DESCENDING", stable=True)
     undo = tf.math.invert_permutation(order)
     lens = tf.gather(lengths, order)
     n_steps = _steps_run(lengths, T)
     counts = tf.reduce_sum(tf.cast(lens[None, :] > tf.range(n_steps)[:, None], tf.int32), axis=1)
-    G = _gate_width(spec)
-    xs = tf.gather(x[:n_steps], order, axis=1)
-    xw = tf.reshape(project_inputs(spec, p, tf.reshape(xs, [-1, n_in])), tf.stack([n_steps, B, G]))
-    w = recurrent_weights(spec, p, n_in)
+    starts = tf.cumsum(counts, exclusive=True)
+    tj = tf.cast(tf.where(tf.range(B)[None, :] < counts[:, None]), tf.int32)  # [N, 2] (step, sorted row)
+    t_idx, j_idx = tj[:, 0], tj[:, 1]
+    src_t = tf.gather(lens, j_idx) - 1 - t_idx if reverse else t_idx
+    pos = tf.stack([src_t, tf.gather(order, j_idx)], axis=1)  # where each packed row lives in [T, B]
+    xw = project_inputs(spec, p, tf.gather_nd(x, pos))  # [N, G]
+    w = recurrent_weights(spec, p, tf.shape(x)[2])
     P = spec.output_size
-    out_ta = tf.TensorArray(dtype, size=n_steps, element_shape=tf.TensorShape([None, P]))
-    zeros_out = tf.zeros(tf.stack([B, P]), dtype)
+    out_ta = tf.TensorArray(dtype, size=n_steps, element_shape=tf.TensorShape([None, P]), infer_shape=False)
 
     def body(t, out_ta, *s):
-        n = counts[t]
-        out, s_new, _ = step(spec, w, xw[t][:n], tuple(a[:n] for a in s))
+        n, at = counts[t], starts[t]
+        out, s_new, _ = step(spec, w, xw[at:at + n], tuple(a[:n] for a in s))
         s_next = tuple(tf.concat([a, b[n:]], axis=0) for a, b in zip(s_new, s))
-        return (t + 1, out_ta.write(t, tf.concat([out, zeros_out[n:]], axis=0)), *s_next)
+        return (t + 1, out_ta.write(t, out), *s_next)
 
     state_sorted = tuple(tf.gather(a, order) for a in state)
     _, out_ta, *final = tf.while_loop(lambda t, *_: t < n_steps, body, (tf.constant(0), out_ta, *state_sorted),
                                       maximum_iterations=n_steps)
-    y = tf.gather(_stack(out_ta, n_steps, B, P, dtype), undo, axis=1)
-    y = tf.concat([y, tf.zeros(tf.stack([T - n_steps, B, P]), dtype)], axis=0)
-    if reverse:
-        y = rev(y)
+    y_packed = tf.cond(n_steps > 0, lambda: out_ta.concat(), lambda: tf.zeros([0, P], dtype))
+    y = tf.scatter_nd(pos, y_packed, tf.stack([T, B, P]))
     return y, tuple(tf.gather(a, undo) for a in final)
 
 
