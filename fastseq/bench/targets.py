@@ -1,4 +1,6 @@
-"""The numba issue's performance targets (issue 3, item 5), checked on a benchmark run.
+"""The performance targets, checked on a benchmark run: the numba backend's (issue 3,
+item 5: :data:`TARGETS`) and the tensorflow backend's (issue 5, item 3: at least as fast
+as Keras on every configuration, :data:`TF_TARGETS`).
 
 Each target compares two medians of the same run (``slower / faster >= minimum``), or,
 for P3, fastseq-numba's achieved GFLOP/s with the measured float32 GEMM rate.
@@ -9,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-__all__ = ["Target", "TARGETS", "evaluate"]
+__all__ = ["Target", "TARGETS", "TF_TARGETS", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,14 @@ TARGETS = (
            slow="fastseq-numba padded"),
     Target("P4", "forward", "P4 forward >= 2x faster than PyTorch packed", 2.0, slow="torch packed"),
     Target("P4", "train", "P4 training >= 2x faster than PyTorch padded", 2.0, slow="torch padded"),
+)
+
+#: The tensorflow backend against Keras 3 on TensorFlow (Keras with a mask on P4, where
+#: fastseq-tensorflow gets ``sequence_length``): at least as fast on each.
+TF_TARGETS = tuple(
+    Target(cfg, mode, f"{cfg} {'training' if mode == 'train' else mode}: fastseq-tensorflow at least as fast "
+                      f"as Keras", 1.0, fast="fastseq-tensorflow", slow="keras mask" if cfg == "P4" else "keras")
+    for cfg in ("P1", "P2", "P3", "P4") for mode in ("forward", "train") if (cfg, mode) != ("P1", "train")
 )
 
 

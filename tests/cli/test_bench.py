@@ -181,6 +181,23 @@ def test_targets_are_ratios_of_the_same_run():
     assert rows["torch"]["numba_speedup"] == pytest.approx(2.5)
 
 
+def test_tensorflow_targets_compare_with_keras():
+    from fastseq.bench.targets import TF_TARGETS, evaluate
+
+    run = _fake_run({
+        ("P1", "forward", "fastseq-tensorflow"): 1.0, ("P1", "forward", "keras"): 1.5,
+        ("P2", "train", "fastseq-tensorflow"): 2.0, ("P2", "train", "keras"): 1.9,
+        ("P4", "forward", "fastseq-tensorflow"): 3.0, ("P4", "forward", "keras mask"): 3.0,
+        ("P4", "forward", "keras"): 1.0,  # not the peer for P4: Keras gets the mask there
+    })
+    by = {(t["config"], t["mode"]): t for t in evaluate(run, TF_TARGETS)}
+    assert len(by) == 7  # P1 forward, P2-P4 forward and training
+    assert by[("P1", "forward")]["measured"] == pytest.approx(1.5) and by[("P1", "forward")]["met"] is True
+    assert by[("P2", "train")]["met"] is False
+    assert by[("P4", "forward")]["measured"] == pytest.approx(1.0) and by[("P4", "forward")]["met"] is True
+    assert by[("P3", "train")]["met"] is None
+
+
 def test_speedup_table_uses_torch_as_baseline():
     from fastseq.bench.plot import speedup_table
 
