@@ -67,6 +67,9 @@ class NumbaBackend(NumpyArrayOps, Backend):
             return
         from fastseq_kernels import gru, lstm, rnn
 
+        from . import _malloc
+
+        _malloc.apply_default()  # freed large buffers are reused, not re-faulted (see _malloc)
         self._k = {"rnn": rnn, "gru": gru, "lstm": lstm}
         for dt in _FLOATS:
             self._empty[dt] = (np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt))

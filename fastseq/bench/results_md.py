@@ -41,6 +41,9 @@ def _machine_section(run: dict) -> list:
                      + (f"; at the end: {', '.join(str(x) for x in m['load_average_end'])}"
                         if m.get("load_average_end") else "")
                      + " (above the core count means other processes shared the CPU)")
+    if m.get("malloc"):
+        lines.append(f"- Memory allocator (process-wide, set by the numba backend, shared by every "
+                     f"implementation in the run): {m['malloc']}")
     if blas:
         lines.append(f"- NumPy BLAS: {blas.get('name', '?')} {blas.get('version', '')}")
     if gemm:

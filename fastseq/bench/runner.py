@@ -95,6 +95,8 @@ def run_benchmarks(
         results.append(rec)
     add_ratios(results)
     info["threads"]["libraries"] = library_threads()
+    if "fastseq_numba._malloc" in sys.modules:  # the numba backend ran and set the allocator
+        info["malloc"] = sys.modules["fastseq_numba._malloc"].malloc_setting()
     try:
         info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
