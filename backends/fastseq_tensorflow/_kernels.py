@@ -203,7 +203,8 @@ def residual_names(spec: CellSpec):
 #: Backward steps of float32 tanh GRU and LSTM layers (no clipping or projection) use
 #: TensorFlow's fused cell-gradient ops (the kernels of TF1's GRUBlockCell and
 #: LSTMBlockCell) for the element-wise part: one op where the plain graph has ~15-20, each
-#: a separate executor launch per step. Set False to compare.
+#: a separate executor launch per step. Read when a configuration is first traced: set it
+#: False before the first call (or on a fresh backend) to compare.
 FUSED_BACKWARD = True
 
 
