@@ -234,6 +234,26 @@ def test_shrinking_batch_forward(name, reverse, dtype):
     assert any(k[0] == "layer" and k[-1] for k in tfb._kernels._fns), "the shrinking-batch path was not used"
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_shrinking_batch_forward_empty_shapes(reverse):
+    """The packed shrinking-batch path with no steps, no rows and a single step."""
+    from fastseq_tensorflow import TensorFlowBackend
+
+    tfb = TensorFlowBackend()
+    tfb.jit_compile, tfb.block_lstm_max_batch = False, 0
+    tfb.initialize()
+    spec = SPECS["lstm"]
+    for T, B, seq in [(0, 3, [0, 0, 0]), (5, 0, []), (1, 2, [1, 0])]:
+        params, x, s0, _, _, _ = _problem(spec, np.float32, T=T, B=B, seed=10)
+        seq = np.asarray(seq, dtype=np.int64)
+        y_ref, f_ref, _ = REF.layer_forward(spec, params, x, s0, seq, reverse, None)
+        y, f, _ = tfb.layer_forward(spec, params, x, s0, seq, reverse, None)
+        assert tuple(y.shape) == y_ref.shape
+        assert_close([tfb.to_numpy(y), [tfb.to_numpy(a) for a in f]], [y_ref, list(f_ref)], np.float32,
+                     f"T={T} B={B} rev={reverse}")
+    assert any(k[0] == "layer" and k[-1] for k in tfb._kernels._fns), "the shrinking-batch path was not used"
+
+
 # ------------------------------------------------------------------ a stack in one call
 STACK = [CellSpec("gru", 5), SPECS["lstm_full"], CellSpec("rnn", 4)]  # depths 3 -> 5 -> 3 -> 4
 BLOCK_STACK = [CellSpec("lstm", 5, forget_bias=0.5), CellSpec("lstm", 4, use_peepholes=True)]
