@@ -276,11 +276,12 @@ def cmd_bench(args) -> int:
     print()
     print(runner.format_table(run))
     if any(c.name in ("P1", "P2", "P3", "P4") for c in configs):
-        from fastseq.bench.targets import TF_TARGETS, evaluate
+        from fastseq.bench.targets import TARGETS, TF_TARGETS, evaluate
 
-        for title, targets in (("targets (issue 3)", None), ("targets (issue 5)", TF_TARGETS)):
-            rows = [t for t in (evaluate(run) if targets is None else evaluate(run, targets))
-                    if t["measured"] is not None]
+        run["targets"] = evaluate(run, TARGETS)
+        run["targets_tensorflow"] = evaluate(run, TF_TARGETS)
+        for title, key in (("targets (issue 3)", "targets"), ("targets (issue 5)", "targets_tensorflow")):
+            rows = [t for t in run[key] if t["measured"] is not None]
             if rows:
                 print()
                 print(title + ":" + (" [P4 at the quick shape]" if args.quick else ""))
@@ -288,8 +289,6 @@ def cmd_bench(args) -> int:
                     val = (f"{100 * t['measured']:.0f}% of GEMM" if t["slow"] is None
                            else f"{t['measured']:.2f}x")
                     print(f"  {'met ' if t['met'] else 'MISS'}  {t['target']}: {val}")
-        run["targets"] = evaluate(run)
-        run["targets_tensorflow"] = evaluate(run, TF_TARGETS)
     if args.json:
         runner.write_json(run, args.json)
         _err(f"wrote {args.json}")

@@ -10,7 +10,7 @@ import os
 from typing import Optional
 
 from .runner import _fmt_spread, _fmt_time, _ok
-from .targets import TF_TARGETS, evaluate
+from .targets import TARGETS, TF_TARGETS, evaluate
 
 __all__ = ["render"]
 
@@ -99,10 +99,10 @@ def _tables(run: dict) -> list:
     return lines
 
 
-def _targets(run: dict, title: str = "## Targets (issue 3, item 5)", targets=None) -> list:
+def _targets(run: dict, title: str = "## Targets (issue 3, item 5)", targets=TARGETS) -> list:
     lines = [title, "",
              "| target | measured | met |", "|---|---:|:---:|"]
-    for t in (evaluate(run) if targets is None else evaluate(run, targets)):
+    for t in evaluate(run, targets):
         if t["measured"] is None:
             meas, met = "not measured in this run", "-"
         else:
