@@ -67,7 +67,10 @@ def _tables(run: dict) -> list:
     lines = ["## Results", "",
              "Medians of the repetitions. *x fastest*: time over the fastest time of the same "
              "configuration and mode. *numba is*: time over fastseq-numba's time (how many times "
-             "faster fastseq-numba is; above 1 means fastseq-numba wins). *spread*: half the "
+             "faster fastseq-numba is; above 1 means fastseq-numba wins). *paired*: the same ratio "
+             "taken call by call (the implementations of a configuration are timed in rounds, "
+             "one call of each per round, order rotated; median over the rounds of t / "
+             "t(fastseq-numba) in the same round). *spread*: half the "
              "interquartile range over the median. GFLOP/s counts the useful matmul work "
              "(padding excluded; training = 3x forward).", ""]
     cfgs = run.get("configs", {})
@@ -81,20 +84,20 @@ def _tables(run: dict) -> list:
         c = cfgs.get(cname, {})
         lines.append(f"### {cname} {mode}: {c.get('shape', '')}")
         lines.append("")
-        lines.append("| implementation | median | spread | x fastest | numba is | GFLOP/s |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        lines.append("| implementation | median | spread | x fastest | numba is | paired | GFLOP/s |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             if not _ok(r):
                 why = r.get("skipped") or r.get("error") or "no result"
-                lines.append(f"| {r['impl']} | {why} | | | | |")
+                lines.append(f"| {r['impl']} | {why} | | | | | |")
                 continue
             sp = r.get("numba_speedup")
+            pp = r.get("paired_numba_speedup")
+            gf = r.get("gflops")
             lines.append(
                 f"| {r['impl']} | {_fmt_time(r['median_s'])} | {_fmt_spread(r['spread'])} | "
-                f"{r['ratio_to_fastest']:.2f} | {f'{sp:.2f}' if sp else '-'} | "
-                f"{r['gflops']:.1f} |" if r.get("gflops") else
-                f"| {r['impl']} | {_fmt_time(r['median_s'])} | {_fmt_spread(r['spread'])} | "
-                f"{r['ratio_to_fastest']:.2f} | {f'{sp:.2f}' if sp else '-'} | - |")
+                f"{r['ratio_to_fastest']:.2f} | {f'{sp:.2f}' if sp else '-'} | {f'{pp:.2f}' if pp else '-'} | "
+                f"{f'{gf:.1f}' if gf else '-'} |")
         lines.append("")
     return lines
 

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from . import machine
 from .configs import Config
 from .impls import Skip, implementations, peer_unavailable
-from .timing import measure
+from .timing import measure_interleaved
 
 __all__ = ["run_benchmarks", "add_ratios", "format_table", "write_json", "SCHEMA"]
 
@@ -39,6 +39,10 @@ def run_benchmarks(
     settings: Optional[dict] = None,
 ) -> dict:
     """Time every (config, mode, implementation) and return the JSON-ready run record.
+
+    The implementations of one (config, mode) are prepared together and timed in rounds
+    (:func:`fastseq.bench.timing.measure_interleaved`), so that a drift of the machine's
+    speed during the run affects each of them alike.
 
     ``modes`` filters each config's own modes (None keeps them all). Unavailable peers are
     skipped with a note; an implementation that fails is recorded with its error and the
@@ -68,31 +72,56 @@ def run_benchmarks(
         info["gemm_float32"] = machine.gemm_gflops(repeat=gemm_repeat)
         progress(f"  {info['gemm_float32']['gflops']:.1f} GFLOP/s")
 
+    # One group per (config, mode): its implementations are timed in rounds
+    # (measure_interleaved), so drift of the machine's speed lands on all of them alike.
+    groups: Dict[tuple, list] = {}
+    for item in plan:
+        groups.setdefault((item[0].name, item[1]), []).append(item)
     results = []
     t_start = time.perf_counter()
-    for k, (cfg, mode, impl) in enumerate(plan, 1):
-        head = f"[{k}/{len(plan)}] {cfg.name} {mode:<7} {impl.label:<26}"
-        rec = {"config": cfg.name, "mode": mode, "impl": impl.label, **impl.describe()}
-        rec.pop("label", None)
-        try:
-            fn = impl.prepare(cfg, mode)
-            stats = measure(fn, repeat=repeat, warmup=warmup, budget_s=budget_s,
-                            min_repeat=min_repeat)
-            rec.update(stats)
-            flops = cfg.flops(mode)
-            rec["gflops"] = flops / stats["median_s"] / 1e9 if stats["median_s"] > 0 else None
-            rec["error"] = None
-            progress(f"{head} {_fmt_time(stats['median_s']):>10}  {_fmt_spread(stats['spread']):>5}"
-                     f"  (n={stats['n']}, first call {_fmt_time(stats['warmup_s'])})")
-        except Skip as exc:
-            rec["error"] = None
-            rec["skipped"] = str(exc)
-            progress(f"{head} skipped: {exc}")
-        except Exception as exc:  # record and go on
-            rec["error"] = f"{type(exc).__name__}: {exc}"
-            rec["traceback"] = traceback.format_exc(limit=6)
-            progress(f"{head} FAILED: {rec['error']}")
-        results.append(rec)
+    k = 0
+    for items in groups.values():
+        recs, fns = {}, {}
+        for cfg, mode, impl in items:
+            k += 1
+            rec = {"config": cfg.name, "mode": mode, "impl": impl.label, **impl.describe()}
+            rec.pop("label", None)
+            rec["_head"] = f"[{k}/{len(plan)}] {cfg.name} {mode:<7} {impl.label:<26}"
+            recs[impl.label] = rec
+            try:
+                fns[impl.label] = impl.prepare(cfg, mode)
+            except Skip as exc:
+                rec["error"] = None
+                rec["skipped"] = str(exc)
+            except Exception as exc:  # record and go on
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+                rec["traceback"] = traceback.format_exc(limit=6)
+        cfg, mode = items[0][0], items[0][1]
+        measured = measure_interleaved(fns, repeat=repeat, warmup=warmup, budget_s=budget_s,
+                                       min_repeat=min_repeat) if fns else {}
+        for label, rec in recs.items():
+            head = rec.pop("_head")
+            got = measured.get(label)
+            if isinstance(got, dict):
+                rec.update(got)
+                flops = cfg.flops(mode)
+                rec["gflops"] = flops / got["median_s"] / 1e9 if got["median_s"] > 0 else None
+                rec["error"] = None
+                progress(f"{head} {_fmt_time(got['median_s']):>10}  {_fmt_spread(got['spread']):>5}"
+                         f"  (n={got['n']}, first call {_fmt_time(got['warmup_s'])})")
+            elif isinstance(got, BaseException):
+                if isinstance(got, Skip):
+                    rec["error"] = None
+                    rec["skipped"] = str(got)
+                else:
+                    rec["error"] = f"{type(got).__name__}: {got}"
+                    rec["traceback"] = "".join(traceback.format_exception(type(got), got, got.__traceback__,
+                                                                          limit=6))
+            if rec.get("skipped"):
+                progress(f"{head} skipped: {rec['skipped']}")
+            elif rec.get("error"):
+                progress(f"{head} FAILED: {rec['error']}")
+            results.append(rec)
     add_ratios(results)
     info["threads"]["libraries"] = library_threads()
     if "fastseq_numba._malloc" in sys.modules:  # the numba backend ran and set the allocator
@@ -160,9 +189,26 @@ def add_ratios(results: List[dict]) -> None:
             continue
         fastest = min(r["median_s"] for r in ok)
         numba = next((r["median_s"] for r in ok if r["impl"] == "fastseq-numba"), None)
+        numba_rec = next((r for r in ok if r["impl"] == "fastseq-numba"), None)
         for r in ok:
             r["ratio_to_fastest"] = r["median_s"] / fastest
             r["numba_speedup"] = r["median_s"] / numba if numba else None
+            r["paired_numba_speedup"] = paired_ratio(r, numba_rec) if numba_rec is not None else None
+
+
+def paired_ratio(rec: dict, ref: dict) -> Optional[float]:
+    """Median over the rounds both were timed in of ``t(rec) / t(ref)`` (calls timed in the
+    same round of :func:`measure_interleaved` ran back to back); None without rounds."""
+    ra, rb = rec.get("rounds"), ref.get("rounds")
+    if not ra or not rb:
+        return None
+    tb = dict(zip(rb, ref["times_s"]))
+    q = [t / tb[k] for k, t in zip(ra, rec["times_s"]) if k in tb and tb[k] > 0]
+    if not q:
+        return None
+    q.sort()
+    n = len(q)
+    return q[n // 2] if n % 2 else 0.5 * (q[n // 2 - 1] + q[n // 2])
 
 
 def _fmt_time(t: Optional[float]) -> str:
@@ -195,7 +241,7 @@ def format_table(run: dict) -> str:
         shape = cfgs.get(cname, {}).get("shape", "")
         lines.append(f"{cname} {mode}: {shape}")
         lines.append(f"  {'implementation':<26}{'median':>11}{'spread':>8}{'x fastest':>11}"
-                     f"{'numba is':>10}{'GFLOP/s':>9}")
+                     f"{'numba is':>10}{'paired':>8}{'GFLOP/s':>9}")
         rows.sort(key=lambda r: (not _ok(r), r.get("median_s") or 0))
         for r in rows:
             if not _ok(r):
@@ -203,11 +249,13 @@ def format_table(run: dict) -> str:
                 lines.append(f"  {r['impl']:<26}  {why}")
                 continue
             sp = r.get("numba_speedup")
+            pp = r.get("paired_numba_speedup")
             gf = r.get("gflops")
             lines.append(
                 f"  {r['impl']:<26}{_fmt_time(r['median_s']):>11}{_fmt_spread(r['spread']):>7} "
                 f"{r['ratio_to_fastest']:>10.2f}x"
                 f"{(f'{sp:.2f}x' if sp else '-'):>10}"
+                f"{(f'{pp:.2f}x' if pp else '-'):>8}"
                 f"{(f'{gf:.1f}' if gf else '-'):>9}"
             )
         lines.append("")
@@ -215,6 +263,8 @@ def format_table(run: dict) -> str:
         lines.append(f"float32 GEMM rate (numpy matmul 2048x2048): {gemm:.1f} GFLOP/s")
     lines.append("spread: +- half the interquartile range (range below 4 samples) over the median; "
                  "'numba is': t / t(fastseq-numba), how many times faster fastseq-numba is; "
+                 "'paired': the same call by call (median over rounds; each round times every "
+                 "implementation once, back to back); "
                  "GFLOP/s counts useful work only (padding excluded).")
     for n in run.get("notes", []):
         lines.append(f"note: {n}")

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["measure", "summarize"]
+__all__ = ["measure", "measure_interleaved", "summarize"]
 
 
 def summarize(times: List[float]) -> Dict[str, object]:
@@ -77,4 +77,81 @@ def measure(
             gc.enable()
     out = summarize(times)
     out["warmup_s"] = float(warm_times[0]) if warm_times else None
+    return out
+
+
+def measure_interleaved(
+    fns: Dict[str, Callable[[], object]],
+    repeat: int = 10,
+    warmup: int = 1,
+    budget_s: Optional[float] = None,
+    min_repeat: int = 3,
+) -> Dict[str, object]:
+    """Time several implementations of the same work in rounds: each round calls every
+    implementation once, in an order rotated from round to round.
+
+    On a machine whose speed drifts (a shared VM, frequency changes, a neighbour's load)
+    timing one implementation's series after another's lets the drift land on one side
+    of a ratio; in rounds, every implementation sees the same conditions, so the ratio of
+    medians compares like with like. ``warmup`` untimed calls of each come first. An
+    implementation leaves the rounds once it has ``repeat`` timed calls, or once its
+    timed calls exceed ``budget_s`` (never before ``min(min_repeat, repeat)``). An
+    implementation that raises is dropped; its entry is the exception.
+
+    Returns ``{label: summarize(...) dict plus warmup_s}`` or ``{label: exception}``; the
+    dicts also carry ``"rounds"``: the round index of each timed call (for paired ratios).
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    out: Dict[str, object] = {}
+    warm: Dict[str, Optional[float]] = {}
+    live: List[str] = []
+    for label, fn in fns.items():
+        try:
+            t_first = None
+            for i in range(warmup):
+                t0 = time.perf_counter()
+                fn()
+                if i == 0:
+                    t_first = time.perf_counter() - t0
+            warm[label] = t_first
+            live.append(label)
+        except Exception as exc:  # recorded; the other implementations go on
+            out[label] = exc
+    times: Dict[str, List[float]] = {label: [] for label in live}
+    rounds: Dict[str, List[int]] = {label: [] for label in live}
+    floor = min(min_repeat, repeat)
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        k = 0
+        while live:
+            shift = k % len(live)
+            for label in live[shift:] + live[:shift]:
+                t0 = time.perf_counter()
+                try:
+                    fns[label]()
+                except Exception as exc:
+                    out[label] = exc
+                    continue
+                times[label].append(time.perf_counter() - t0)
+                rounds[label].append(k)
+            live = [
+                label for label in live
+                if label not in out
+                and len(times[label]) < repeat
+                and not (budget_s is not None and len(times[label]) >= floor and sum(times[label]) > budget_s)
+            ]
+            k += 1
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    for label in times:
+        if label in out:
+            continue
+        stats = summarize(times[label])
+        stats["warmup_s"] = float(warm[label]) if warm[label] is not None else None
+        stats["rounds"] = rounds[label]
+        out[label] = stats
     return out

@@ -149,6 +149,52 @@ def test_measure_excludes_warmup_and_respects_budget():
     assert 1 <= r["n"] <= 4  # stopped by the budget, not by repeat
 
 
+def test_measure_interleaved_rounds_rotation_budget_and_errors():
+    import time
+
+    from fastseq.bench.timing import measure_interleaved
+
+    log = []
+
+    def make(label, sleep):
+        def fn():
+            log.append(label)
+            time.sleep(sleep)
+        return fn
+
+    def broken():
+        log.append("bad")
+        if log.count("bad") > 2:  # fails on its second timed call
+            raise RuntimeError("boom")
+
+    fns = {"a": make("a", 0.001), "b": make("b", 0.004), "slow": make("slow", 0.03), "bad": broken}
+    out = measure_interleaved(fns, repeat=6, warmup=1, budget_s=0.07, min_repeat=2)
+    assert out["a"]["n"] == 6 and out["b"]["n"] == 6
+    assert 2 <= out["slow"]["n"] <= 3  # left the rounds once over its budget
+    assert isinstance(out["bad"], RuntimeError)
+    assert out["a"]["median_s"] < out["b"]["median_s"] < out["slow"]["median_s"]
+    assert out["a"]["rounds"] == list(range(6))
+    # warm-up calls first, one per implementation, then rounds with a rotated order
+    assert log[:4] == ["a", "b", "slow", "bad"]
+    rounds = log[4:]
+    assert rounds[:4] == ["a", "b", "slow", "bad"]
+    assert rounds[4:8] == ["b", "slow", "bad", "a"]  # round 1 starts one further on; "bad" fails here
+    assert rounds[8:11] == ["slow", "a", "b"]  # round 2 without it, rotated by two
+    with pytest.raises(ValueError, match="repeat"):
+        measure_interleaved(fns, repeat=0)
+
+
+def test_paired_ratio_matches_rounds():
+    from fastseq.bench.runner import paired_ratio
+
+    ref = {"times_s": [1.0, 2.0, 4.0, 1.0], "rounds": [0, 1, 2, 3]}
+    # rounds 0-2 only; per-round ratios 3, 2, 2.5 -> median 2.5 (the ratio of medians would be 3.0 / 1.5 = 2)
+    rec = {"times_s": [3.0, 4.0, 10.0], "rounds": [0, 1, 2]}
+    assert paired_ratio(rec, ref) == pytest.approx(2.5)
+    assert paired_ratio({"times_s": [1.0], "rounds": []}, ref) is None
+    assert paired_ratio({"times_s": [2.0, 6.0], "rounds": [1, 3]}, ref) == pytest.approx(3.5)
+
+
 def _fake_run(times, gemm=100.0, gflops=None):
     results = []
     for (cfg, mode, impl), t in times.items():
