@@ -86,14 +86,24 @@ def measure_interleaved(
     warmup: int = 1,
     budget_s: Optional[float] = None,
     min_repeat: int = 3,
+    settle_s: float = 0.1,
+    settle_max_call_s: float = 1.0,
 ) -> Dict[str, object]:
-    """Time several implementations of the same work in rounds: each round calls every
+    """Time several implementations of the same work in rounds: each round times every
     implementation once, in an order rotated from round to round.
 
     On a machine whose speed drifts (a shared VM, frequency changes, a neighbour's load)
     timing one implementation's series after another's lets the drift land on one side
     of a ratio; in rounds, every implementation sees the same conditions, so the ratio of
-    medians compares like with like. ``warmup`` untimed calls of each come first. An
+    medians compares like with like. ``warmup`` untimed calls of each come first.
+
+    Before its timed call in a round, an implementation runs untimed for at least
+    ``settle_s`` seconds (one call or more; none when its calls take longer than
+    ``settle_max_call_s``, where a switch costs little in proportion): right after
+    another implementation, a call pays for that one's leftovers, such as its worker
+    threads still spin-waiting on the other core and its data in the caches (on the
+    2-core reference machine a 0.7 ms fastseq call took 3.9 ms right after a PyTorch
+    call). The timed call then measures the steady state, as a series would. An
     implementation leaves the rounds once it has ``repeat`` timed calls, or once its
     timed calls exceed ``budget_s`` (never before ``min(min_repeat, repeat)``). An
     implementation that raises is dropped; its entry is the exception.
@@ -129,13 +139,21 @@ def measure_interleaved(
         while live:
             shift = k % len(live)
             for label in live[shift:] + live[:shift]:
-                t0 = time.perf_counter()
+                fn = fns[label]
                 try:
-                    fns[label]()
+                    last = times[label][-1] if times[label] else warm[label]
+                    if settle_s > 0 and (last is None or last <= settle_max_call_s):
+                        t_settle = time.perf_counter()
+                        fn()
+                        while time.perf_counter() - t_settle < settle_s:
+                            fn()
+                    t0 = time.perf_counter()
+                    fn()
+                    dt = time.perf_counter() - t0
                 except Exception as exc:
                     out[label] = exc
                     continue
-                times[label].append(time.perf_counter() - t0)
+                times[label].append(dt)
                 rounds[label].append(k)
             live = [
                 label for label in live

@@ -168,7 +168,7 @@ def test_measure_interleaved_rounds_rotation_budget_and_errors():
             raise RuntimeError("boom")
 
     fns = {"a": make("a", 0.001), "b": make("b", 0.004), "slow": make("slow", 0.03), "bad": broken}
-    out = measure_interleaved(fns, repeat=6, warmup=1, budget_s=0.07, min_repeat=2)
+    out = measure_interleaved(fns, repeat=6, warmup=1, budget_s=0.07, min_repeat=2, settle_s=0)
     assert out["a"]["n"] == 6 and out["b"]["n"] == 6
     assert 2 <= out["slow"]["n"] <= 3  # left the rounds once over its budget
     assert isinstance(out["bad"], RuntimeError)
@@ -182,6 +182,30 @@ def test_measure_interleaved_rounds_rotation_budget_and_errors():
     assert rounds[8:11] == ["slow", "a", "b"]  # round 2 without it, rotated by two
     with pytest.raises(ValueError, match="repeat"):
         measure_interleaved(fns, repeat=0)
+
+
+def test_measure_interleaved_settles_before_each_timed_call():
+    import time
+
+    from fastseq.bench.timing import measure_interleaved
+
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+        time.sleep(0.002)
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.02)
+
+    out = measure_interleaved({"fast": fast, "slow": slow}, repeat=3, warmup=1, settle_s=0.01,
+                              settle_max_call_s=0.015)
+    assert out["fast"]["n"] == 3 and out["slow"]["n"] == 3
+    # fast: 1 warm-up + per round >= 0.01 s of untimed calls (>= 2 of 2 ms, sleep may overshoot) + 1 timed
+    assert calls["fast"] >= 1 + 3 * (2 + 1)
+    # slow: its calls take longer than settle_max_call_s, so no untimed calls between rounds
+    assert calls["slow"] == 1 + 3
 
 
 def test_paired_ratio_matches_rounds():
