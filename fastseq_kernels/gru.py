@@ -16,10 +16,11 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 
 import numpy as np
 
-from ._blas import gemm, step_gemm_acc
+from ._blas import gemm
 from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
     sigmoid, time_index
 from ._jit import kernel
+from ._packed import pack_if_worth, scratch_for, step_product
 
 
 @kernel(inline="always")
@@ -94,6 +95,9 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
     XC = np.empty((R, H), dt)
     gemm(0, 0, R, H2, I, 1.0, X, 0, I, gates_kernel, 0, H2, 0.0, XG, 0, H2, nthreads)
     gemm(0, 0, R, H, I, 1.0, X, 0, I, cand_kernel, 0, H, 0.0, XC, 0, H, nthreads)
+    KPg = pack_if_worth(L, gates_kernel, I * H2, H2, H, H2, False)  # recurrent rows, packed once per call
+    KPc = pack_if_worth(L, cand_kernel, I * H, H, H, H, False)
+    scr = scratch_for(XG)
     Hh = np.empty((R if need_grad else 2 * B, H), dt)
     RH = np.empty((R if need_grad else B, H), dt)
     if uniform:
@@ -120,10 +124,10 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
         hb = hbase[k]
         nhb = hbase[k + 1]
         rb = gb if need_grad else 0
-        step_gemm_acc(n, H2, H, Hh, hb * H, H, gates_kernel, I * H2, H2, XG, gb * H2, H2, nthreads)
+        step_product(n, H2, H, Hh, hb * H, H, KPg, gates_kernel, I * H2, H2, 0, XG, gb * H2, H2, 1, nthreads, scr)
         for r in range(n):
             _gates_row(XG[gb + r], gates_bias, Hh[hb + r], RH[rb + r], H)
-        step_gemm_acc(n, H, H, RH, rb * H, H, cand_kernel, I * H, H, XC, gb * H, H, nthreads)
+        step_product(n, H, H, RH, rb * H, H, KPc, cand_kernel, I * H, H, 0, XC, gb * H, H, 1, nthreads, scr)
         if fast_out:
             for r in range(n):
                 g = gb + r
@@ -175,6 +179,9 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
     dRH = np.empty((B, H), dt)
     dXG = np.empty((R, H2), dt)
     dXC = np.empty((R, H), dt)
+    KPct = pack_if_worth(L, cand_kernel, I * H, H, H, H, True)  # transposed recurrent rows, packed once
+    KPgt = pack_if_worth(L, gates_kernel, I * H2, H2, H2, H, True)
+    scr = scratch_for(dXG)
     mh_on = mask_h.shape[0] > 0
     fast_out = code == TANH and not mh_on  # decided once: see _grad_out_tanh_row
     for k in range(L - 1, -1, -1):
@@ -205,11 +212,11 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
                 dXC[g, j] = dhn * (one - ug) * dcc
                 dXG[g, H + j] = dhn * (h - cc) * ug * (one - ug)
                 dH[r, j] = dhn * ug
-        gemm(0, 1, n, H, H, 1.0, dXC, gb * H, H, cand_kernel, I * H, H, 0.0, dRH, 0, H, nthreads)
+        step_product(n, H, H, dXC, gb * H, H, KPct, cand_kernel, I * H, H, 1, dRH, 0, H, 0, nthreads, scr)
         for r in range(n):
             g = gb + r
             _grad_reset_row(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, H)
-        gemm(0, 1, n, H, H2, 1.0, dXG, gb * H2, H2, gates_kernel, I * H2, H2, 1.0, dH, 0, H, nthreads)
+        step_product(n, H, H2, dXG, gb * H2, H2, KPgt, gates_kernel, I * H2, H2, 1, dH, 0, H, 1, nthreads, scr)
 
     dgk = np.empty((I + H, H2), dt)
     gemm(1, 0, I, H2, R, 1.0, X, 0, I, dXG, 0, H2, 0.0, dgk, 0, H2, nthreads)

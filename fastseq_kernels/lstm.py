@@ -20,10 +20,11 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 
 import numpy as np
 
-from ._blas import gemm, step_gemm_acc
+from ._blas import gemm
 from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
     sigmoid, time_index
 from ._jit import kernel
+from ._packed import pack_if_worth, scratch_for, step_product
 
 
 @kernel(inline="always")
@@ -128,6 +129,8 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
         X = gather_rows(x, order, lens_s, nb, base, R, reverse)
     G = np.empty((R, G4), dt)
     gemm(0, 0, R, G4, I, 1.0, X, 0, I, kernel, 0, G4, 0.0, G, 0, G4, nthreads)
+    KP = pack_if_worth(L, kernel, I * G4, G4, P, G4, False)  # recurrent rows, packed once per call
+    scr = scratch_for(G)
 
     nh = R if need_grad else 2 * B
     Hh = np.empty((nh, P), dt)
@@ -171,7 +174,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
         nhb = hbase[k + 1]
         mb = gb if need_grad else 0
         # recurrent part: G[gb:gb+n] += h @ kernel[I:]
-        step_gemm_acc(n, G4, P, Hh, hb * P, P, kernel, I * G4, G4, G, gb * G4, G4, nthreads)
+        step_product(n, G4, P, Hh, hb * P, P, KP, kernel, I * G4, G4, 0, G, gb * G4, G4, 1, nthreads, scr)
         if fast_gates:
             for r in range(n):
                 g = gb + r
@@ -288,6 +291,8 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
     dMraw = np.empty((R, P) if use_proj else (0, P), dt)
     dMpre = np.empty((B, H) if use_proj else (0, H), dt)
     dG = np.empty((R, G4), dt)
+    KPt = pack_if_worth(L, kernel, I * G4, G4, G4, P, True)  # kernel[I:].T, packed once per call
+    scr = scratch_for(dG)
     mc_on = mask_c.shape[0] > 0
     mh_on = mask_h.shape[0] > 0
     # decided once: the common configuration takes the vectorising _grad_tanh_row
@@ -369,7 +374,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
                 dG[g, 2 * H + j] = d_gf
                 dG[g, 3 * H + j] = d_go
         # d h_prev = dG @ kernel[I:].T
-        gemm(0, 1, n, P, G4, 1.0, dG, gb * G4, G4, kernel, I * G4, G4, 0.0, dH, 0, P, nthreads)
+        step_product(n, P, G4, dG, gb * G4, G4, KPt, kernel, I * G4, G4, 1, dH, 0, P, 0, nthreads, scr)
 
     dkernel = np.empty((I + P, G4), dt)
     gemm(1, 0, I, G4, R, 1.0, X, 0, I, dG, 0, G4, 0.0, dkernel, 0, G4, nthreads)

@@ -11,9 +11,10 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 
 import numpy as np
 
-from ._blas import gemm, step_gemm_acc
+from ._blas import gemm
 from ._common import act, dact, gather_rows, make_plan, output_activation_stored, scatter_rows, time_index
 from ._jit import kernel
+from ._packed import pack_if_worth, scratch_for, step_product
 
 
 @kernel
@@ -31,6 +32,8 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, 
         X = gather_rows(x, order, lens_s, nb, base, R, reverse)
     G = np.empty((R, H), dt)
     gemm(0, 0, R, H, I, 1.0, X, 0, I, kernel, 0, H, 0.0, G, 0, H, nthreads)
+    KP = pack_if_worth(L, kernel, I * H, H, H, H, False)  # recurrent rows, packed once per call
+    scr = scratch_for(G)
     Hh = np.empty((R if need_grad else 2 * B, H), dt)
     if uniform:
         y = np.empty((T, B, H), dt)
@@ -54,7 +57,7 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, 
         gb = base[k]
         hb = hbase[k]
         nhb = hbase[k + 1]
-        step_gemm_acc(n, H, H, Hh, hb * H, H, kernel, I * H, H, G, gb * H, H, nthreads)
+        step_product(n, H, H, Hh, hb * H, H, KP, kernel, I * H, H, 0, G, gb * H, H, 1, nthreads, scr)
         for r in range(n):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
@@ -95,6 +98,8 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads):
         for j in range(H):
             dH[r, j] = dhT[b, j]
     dG = np.empty((R, H), dt)
+    KPt = pack_if_worth(L, kernel, I * H, H, H, H, True)  # transposed recurrent rows, packed once
+    scr = scratch_for(dG)
     mh_on = mask_h.shape[0] > 0
     for k in range(L - 1, -1, -1):
         n = nb[k]
@@ -113,7 +118,7 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads):
                 else:
                     z = G[g, j]
                     dG[g, j] = d * dact(z, act(z, code), code)
-        gemm(0, 1, n, H, H, 1.0, dG, gb * H, H, kernel, I * H, H, 0.0, dH, 0, H, nthreads)
+        step_product(n, H, H, dG, gb * H, H, KPt, kernel, I * H, H, 1, dH, 0, H, 0, nthreads, scr)
     dk = np.empty((I + H, H), dt)
     gemm(1, 0, I, H, R, 1.0, X, 0, I, dG, 0, H, 0.0, dk, 0, H, nthreads)
     gemm(1, 0, H, H, R, 1.0, Hh, 0, H, dG, 0, H, 0.0, dk, I * H, H, nthreads)

@@ -1,0 +1,291 @@
+"""Per-step products on weights packed once per call: ``C[m, n] += A[m, k] @ B[k, n]``.
+
+The recurrent product of every step multiplies the same ``B`` (the recurrent rows of the
+kernel). BLAS packs ``B`` into its own panel layout on every call, i.e. on every step;
+here it is packed once per kernel call (:func:`pack_panels`) into column panels of ``NR``
+columns, each ``[k, NR]`` contiguous and zero-padded at the right edge, and every step
+runs the register-blocked micro-kernel below over the panels.
+
+The micro-kernel is LLVM IR emitted through ``@intrinsic``: ``MR`` rows of ``C`` by one
+panel (two 64-byte vectors: 32 float32 or 16 float64 columns) are accumulated in
+registers over the whole depth ``k`` (one fused multiply-add per vector and row per
+depth step), then added to ``C`` once. Numba's own loops keep such accumulators in
+memory, which bounds them by loads and stores. On CPUs without 512-bit vectors LLVM
+splits the vectors into halves: same results, fewer registers.
+
+Rounding: each element of ``C`` gets ``sum_p a[i, p] * b[p, j]`` accumulated in order of
+``p`` with fused multiply-adds, then added to ``C`` (the in-house loops of :mod:`._blas`
+round the same way up to the grouping of four depth steps); results agree with BLAS to
+float rounding.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._blas import PARALLEL_MIN_MACS, gemm, step_gemm_acc
+from ._jit import kernel
+
+_i64 = ir.IntType(64)
+_i32 = ir.IntType(32)
+
+#: Micro-kernel heights generated (rows of ``C`` per call); a block of ``m`` rows is cut
+#: into these, largest first. 12 rows x 2 vectors = 24 accumulators, which with the two
+#: panel vectors and a broadcast fit in the 32 vector registers of AVX-512.
+HEIGHTS = (12, 8, 4, 2, 1)
+
+
+def _vector_width(dtype):
+    return 16 if dtype == types.float32 else 8
+
+
+def _make_micro(MR):
+    @intrinsic
+    def micro(typingctx, k, a, aoff, lda, bp, bpoff, c, coff, ldc, full, scratch):
+        """``MR`` rows: accumulate ``A[aoff.., :k] @ panel`` in registers; when ``full``
+        add the two vectors of each row into ``C`` at ``coff + i*ldc``, else store them
+        into ``scratch`` (``[MR, NR]``) for the caller to add the valid columns."""
+        arrs = (a, bp, c, scratch)
+        if not all(isinstance(x, types.Array) for x in arrs):
+            return None
+        dt = a.dtype
+        if dt not in (types.float32, types.float64) or any(x.dtype != dt for x in arrs):
+            return None
+        sig = types.void(k, a, aoff, lda, bp, bpoff, c, coff, ldc, full, scratch)
+        VW = _vector_width(dt)
+        ES = 4 if dt == types.float32 else 8  # element alignment: the vectors need not be aligned
+
+        def codegen(context, builder, signature, args):
+            (vk, va, vaoff, vlda, vbp, vbpoff, vc, vcoff, vldc, vfull, vscr) = args
+            sa = signature.args
+            fty = context.get_value_type(dt)
+            vty = ir.VectorType(fty, VW)
+            vptr = vty.as_pointer()
+
+            def i64(val, ty):
+                return context.cast(builder, val, ty, types.int64)
+
+            def data(arrty, val):
+                return context.make_array(arrty)(context, builder, val).data
+
+            kk = i64(vk, sa[0])
+            lda_ = i64(vlda, sa[3])
+            ldc_ = i64(vldc, sa[8])
+            pa = builder.gep(data(sa[1], va), [i64(vaoff, sa[2])])
+            pb = builder.gep(data(sa[4], vbp), [i64(vbpoff, sa[5])])
+            pc = builder.gep(data(sa[6], vc), [i64(vcoff, sa[7])])
+            ps = data(sa[10], vscr)
+            zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * VW)
+            undef = ir.Constant(vty, ir.Undefined)
+            splat_mask = ir.Constant(ir.VectorType(_i32, VW), [ir.Constant(_i32, 0)] * VW)
+            fma_ty = ir.FunctionType(vty, [vty, vty, vty])
+            fma = cgutils.get_or_insert_function(builder.module, fma_ty, f"llvm.fma.v{VW}f{8 * ES}")
+            # row pointers of A (loop invariant)
+            arow = [builder.gep(pa, [builder.mul(ir.Constant(_i64, i), lda_)]) for i in range(MR)]
+
+            entry = builder.block
+            loop = builder.append_basic_block("mk_loop")
+            after = builder.append_basic_block("mk_after")
+            builder.cbranch(builder.icmp_signed(">", kk, ir.Constant(_i64, 0)), loop, after)
+
+            builder.position_at_end(loop)
+            p = builder.phi(_i64)
+            p.add_incoming(ir.Constant(_i64, 0), entry)
+            acc = [[builder.phi(vty) for _ in range(2)] for _ in range(MR)]
+            for row in acc:
+                for ph in row:
+                    ph.add_incoming(zero, entry)
+            boff = builder.mul(p, ir.Constant(_i64, 2 * VW))
+            b0 = builder.load(builder.bitcast(builder.gep(pb, [boff]), vptr), align=ES)
+            b1 = builder.load(builder.bitcast(builder.gep(pb, [builder.add(boff, ir.Constant(_i64, VW))]), vptr),
+                              align=ES)
+            new = []
+            for i in range(MR):
+                av = builder.load(builder.gep(arow[i], [p]))
+                s = builder.shuffle_vector(builder.insert_element(undef, av, ir.Constant(_i32, 0)), undef,
+                                           splat_mask)
+                new.append([builder.call(fma, [s, b0, acc[i][0]]), builder.call(fma, [s, b1, acc[i][1]])])
+            pn = builder.add(p, ir.Constant(_i64, 1))
+            p.add_incoming(pn, loop)
+            for i in range(MR):
+                for h in range(2):
+                    acc[i][h].add_incoming(new[i][h], loop)
+            builder.cbranch(builder.icmp_signed("<", pn, kk), loop, after)
+
+            builder.position_at_end(after)
+            res = []
+            for i in range(MR):
+                row = []
+                for h in range(2):
+                    ph = builder.phi(vty)
+                    ph.add_incoming(zero, entry)
+                    ph.add_incoming(new[i][h], loop)
+                    row.append(ph)
+                res.append(row)
+            is_full = builder.icmp_signed("!=", context.cast(builder, vfull, sa[9], types.int64),
+                                          ir.Constant(_i64, 0))
+            with builder.if_else(is_full) as (then, otherwise):
+                with then:
+                    for i in range(MR):
+                        crow = builder.gep(pc, [builder.mul(ir.Constant(_i64, i), ldc_)])
+                        for h in range(2):
+                            q = builder.bitcast(builder.gep(crow, [ir.Constant(_i64, h * VW)]), vptr)
+                            builder.store(builder.fadd(builder.load(q, align=ES), res[i][h]), q, align=ES)
+                with otherwise:
+                    for i in range(MR):
+                        for h in range(2):
+                            q = builder.bitcast(builder.gep(ps, [ir.Constant(_i64, (2 * i + h) * VW)]), vptr)
+                            builder.store(res[i][h], q, align=ES)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return micro
+
+
+_micro12, _micro8, _micro4, _micro2, _micro1 = (_make_micro(h) for h in HEIGHTS)
+
+
+@kernel(inline="always")
+def panel_width(dtype_probe):
+    """Columns per panel: two 64-byte vectors of the array's dtype."""
+    return 32 if dtype_probe.itemsize == 4 else 16
+
+
+@kernel
+def pack_panels(b, boff, ldb, k, n):
+    """Pack ``B[k, n]`` (row-major at ``boff`` with leading dimension ``ldb``) into panels
+    of ``NR`` columns: ``out[(j // NR) * k * NR + p * NR + j % NR] = B[p, j]``, zeros past
+    ``n``. Returns the flat packed array."""
+    NR = panel_width(b)
+    npan = (n + NR - 1) // NR
+    out = np.zeros(npan * k * NR, b.dtype)
+    bf = b.reshape(b.size)
+    for q in range(npan):
+        j0 = q * NR
+        w = min(NR, n - j0)
+        for p in range(k):
+            src = boff + p * ldb + j0
+            dst = (q * k + p) * NR
+            for j in range(w):
+                out[dst + j] = bf[src + j]
+    return out
+
+
+@kernel
+def gemm_acc_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, scratch):
+    """``C[m, n] += A[m, k] @ B`` with ``B`` packed by :func:`pack_panels`; row-major ``A``
+    and ``C`` at element offsets with leading dimensions. ``scratch``: a flat array of at
+    least ``12 * NR`` elements of the same dtype (the right-edge panel goes through it)."""
+    if m <= 0 or n <= 0:
+        return
+    NR = panel_width(c)
+    cf = c.reshape(c.size)
+    af = a.reshape(a.size)
+    npan = (n + NR - 1) // NR
+    for q in range(npan):
+        j0 = q * NR
+        w = min(NR, n - j0)
+        full = 1 if w == NR else 0
+        pbo = q * k * NR
+        i = 0
+        while i < m:
+            left = m - i
+            ao = aoff + i * lda
+            co = coff + i * ldc + j0
+            if left >= 12:
+                h = 12
+                _micro12(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+            elif left >= 8:
+                h = 8
+                _micro8(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+            elif left >= 4:
+                h = 4
+                _micro4(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+            elif left >= 2:
+                h = 2
+                _micro2(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+            else:
+                h = 1
+                _micro1(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+            if full == 0:
+                for r in range(h):
+                    for j in range(w):
+                        cf[co + r * ldc + j] += scratch[r * NR + j]
+            i += h
+
+
+@kernel
+def pack_panels_t(b, boff, ldb, k, n):
+    """As :func:`pack_panels` for ``B = Bt.T`` where ``Bt [n, k]`` is row-major at
+    ``boff`` with leading dimension ``ldb`` (the backward pass multiplies by the
+    transposed recurrent kernel)."""
+    NR = panel_width(b)
+    npan = (n + NR - 1) // NR
+    out = np.zeros(npan * k * NR, b.dtype)
+    bf = b.reshape(b.size)
+    for q in range(npan):
+        j0 = q * NR
+        w = min(NR, n - j0)
+        for j in range(w):
+            src = boff + (j0 + j) * ldb
+            for p in range(k):
+                out[(q * k + p) * NR + j] = bf[src + p]
+    return out
+
+
+#: Rows above which a step product with two threads allowed goes to BLAS on two threads
+#: instead of the packed micro-kernel on one. Measured on the 2-core reference machine
+#: (float32, shapes of P1-P4, GFLOP/s): the packed kernel ran at 90-150 single-threaded
+#: from 4 to 64 rows, OpenBLAS at 50-125 on one thread and 68-101 on two for up to 32
+#: rows, but 98-147 on two threads from 48 rows (the packed kernel 82-160 there).
+PACKED_MAX_M_PARALLEL = 32
+
+#: Steps below which the forward and backward kernels do not pack (packing reads and
+#: writes the recurrent kernel once, about what one step's product reads).
+PACK_MIN_STEPS = 4
+
+
+@kernel
+def scratch_for(c):
+    """The scratch buffer :func:`gemm_acc_packed` needs for arrays of ``c``'s dtype."""
+    return np.empty(12 * panel_width(c), c.dtype)
+
+
+@kernel
+def step_product(m, n, k, a, aoff, lda, bp, b, boff, ldb, transb, c, coff, ldc, beta, nthreads, scratch):
+    """One step's ``C[m, n] = A @ op(B) + beta * C`` (``beta`` 0 or 1; row-major, element
+    offsets and leading dimensions as :func:`fastseq_kernels._blas.gemm`). ``bp``: ``op(B)``
+    packed by :func:`pack_panels` / :func:`pack_panels_t`, or an empty array when the
+    caller did not pack (then BLAS or the in-house loops of ``_blas`` run, as before).
+    With packed weights the micro-kernel runs unless the product is large enough for two
+    BLAS threads, ``nthreads`` allows them and ``m > PACKED_MAX_M_PARALLEL``."""
+    if m <= 0 or n <= 0:
+        return
+    use_packed = bp.shape[0] > 0 and not (nthreads >= 2 and m > PACKED_MAX_M_PARALLEL
+                                          and m * n * k >= PARALLEL_MIN_MACS)
+    if use_packed:
+        if beta == 0:
+            cf = c.reshape(c.size)
+            for i in range(m):
+                base = coff + i * ldc
+                for j in range(n):
+                    cf[base + j] = 0
+        gemm_acc_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, scratch)
+    elif transb == 0 and beta != 0:
+        step_gemm_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, nthreads)
+    else:
+        gemm(0, transb, m, n, k, 1.0, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, nthreads)
+
+
+@kernel
+def pack_if_worth(steps, b, boff, ldb, k, n, transposed):
+    """Packed ``op(B)`` for :func:`step_product` when a loop of ``steps`` steps will use it,
+    else an empty array (``transposed``: ``B`` is given as ``Bt [n, k]``)."""
+    if steps < PACK_MIN_STEPS or k <= 0 or n <= 0:
+        return np.empty(0, b.dtype)
+    if transposed:
+        return pack_panels_t(b, boff, ldb, k, n)
+    return pack_panels(b, boff, ldb, k, n)

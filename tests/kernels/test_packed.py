@@ -1,0 +1,86 @@
+"""The packed-weight step products (fastseq_kernels._packed) against NumPy in float64:
+every micro-kernel height (12, 8, 4, 2, 1 rows and their sums), right-edge panels of every
+width, depth 0 and 1, offsets and leading dimensions into larger buffers, the transposed
+packing, and step_product's choice between the packed kernel and BLAS."""
+
+import numpy as np
+import pytest
+
+TOL = {np.float32: 2e-6, np.float64: 1e-13}
+
+
+def _rel_err(got, want):
+    scale = max(np.abs(want).max(), 1e-30)
+    return np.abs(got.astype(np.float64) - want).max() / scale
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_pack_panels_layout(dtype):
+    from fastseq_kernels._packed import pack_panels, pack_panels_t, panel_width
+
+    nr = 32 if dtype == np.float32 else 16
+    assert panel_width(np.zeros(1, dtype)) == nr
+    rng = np.random.default_rng(0)
+    k, n = 5, nr + 3
+    buf = rng.normal(size=(k + 2, n + 4)).astype(dtype)  # B = buf[2:, 1:n+1]
+    bp = pack_panels(buf, 2 * (n + 4) + 1, n + 4, k, n)
+    b = buf[2:, 1:n + 1]
+    assert bp.shape == (2 * k * nr,)
+    panels = bp.reshape(2, k, nr)
+    np.testing.assert_array_equal(panels[0], b[:, :nr])
+    np.testing.assert_array_equal(panels[1][:, :3], b[:, nr:])
+    assert not panels[1][:, 3:].any()  # zero padding past n
+    # transposed source: Bt [n, k] with B = Bt.T
+    bt_buf = np.ascontiguousarray(np.pad(b.T, ((1, 0), (0, 2))))  # Bt at row 1, ld k+2
+    bpt = pack_panels_t(bt_buf, k + 2, k + 2, k, n)
+    np.testing.assert_array_equal(bpt, bp)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_gemm_acc_packed_against_numpy(dtype):
+    from fastseq_kernels._packed import gemm_acc_packed, pack_panels, scratch_for
+
+    rng = np.random.default_rng(1)
+    nr = 32 if dtype == np.float32 else 16
+    ms = (0, 1, 2, 3, 4, 5, 7, 8, 11, 12, 13, 19, 24, 27, 31, 64)
+    ns = (1, nr - 1, nr, nr + 1, 2 * nr + 5)
+    for m in ms:
+        for n in ns:
+            for k in (0, 1, 6, 33):
+                a = rng.normal(size=(m + 1, k + 3)).astype(dtype)  # A at row 1, column 2
+                b = rng.normal(size=(max(k, 1), n)).astype(dtype)
+                c = rng.normal(size=(m + 2, n + 3)).astype(dtype)  # C at row 1, column 1
+                want = c.astype(np.float64)
+                want[1:m + 1, 1:n + 1] += a[1:, 2:k + 2].astype(np.float64) @ b[:k].astype(np.float64)
+                bp = pack_panels(b, 0, n, k, n)
+                gemm_acc_packed(m, n, k, a, (k + 3) + 2, k + 3, bp, c, (n + 3) + 1, n + 3, scratch_for(c))
+                assert _rel_err(c, want) <= TOL[dtype], f"m={m} n={n} k={k}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("transb", [0, 1])
+@pytest.mark.parametrize("beta", [0, 1])
+def test_step_product_paths(dtype, transb, beta):
+    """Packed (any rows on one thread; up to PACKED_MAX_M_PARALLEL rows with two), BLAS on
+    two threads above that, and the unpacked fallback (empty packed array): same result."""
+    from fastseq_kernels._packed import PACKED_MAX_M_PARALLEL, pack_if_worth, scratch_for, step_product
+
+    rng = np.random.default_rng(2)
+    n, k = 150, 120  # m * n * k above _blas.PARALLEL_MIN_MACS from m = 59
+    for m in (1, 5, PACKED_MAX_M_PARALLEL, PACKED_MAX_M_PARALLEL + 1, 70):
+        a = rng.normal(size=(m, k)).astype(dtype)
+        if transb:
+            b = rng.normal(size=(n, k)).astype(dtype)  # op(B) = b.T
+            opb = b.T.astype(np.float64)
+        else:
+            b = rng.normal(size=(k, n)).astype(dtype)
+            opb = b.astype(np.float64)
+        for nthreads in (1, 2):
+            for packed in (True, False):
+                bp = pack_if_worth(100 if packed else 0, b, 0, b.shape[1], k, n, bool(transb))
+                assert (bp.shape[0] > 0) == packed
+                c = rng.normal(size=(m, n)).astype(dtype)
+                want = beta * c.astype(np.float64) + a.astype(np.float64) @ opb
+                step_product(m, n, k, a, 0, k, bp, b, 0, b.shape[1], transb, c, 0, n, beta, nthreads,
+                             scratch_for(c))
+                assert _rel_err(c, want) <= 10 * TOL[dtype], (m, nthreads, packed)
