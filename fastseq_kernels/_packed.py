@@ -41,10 +41,13 @@ def _vector_width(dtype):
     return 16 if dtype == types.float32 else 8
 
 
-def _make_micro(MR):
+def _make_micro(MR, WAYS=1):
     @intrinsic
     def micro(typingctx, k, a, aoff, lda, bp, bpoff, c, coff, ldc, full, scratch):
-        """``MR`` rows: accumulate ``A[aoff.., :k] @ panel`` in registers; when ``full``
+        """``MR`` rows: accumulate ``A[aoff.., :k] @ panel`` in registers (``WAYS`` sets of
+        accumulators for depth steps ``p + w``, summed at the end, so that short blocks
+        still have enough independent multiply-adds in flight; ``k`` must then be a
+        multiple of ``WAYS``); when ``full``
         add the two vectors of each row into ``C`` at ``coff + i*ldc``, else store them
         into ``scratch`` (``[MR, NR]``) for the caller to add the valid columns."""
         arrs = (a, bp, c, scratch)
@@ -93,37 +96,52 @@ def _make_micro(MR):
             builder.position_at_end(loop)
             p = builder.phi(_i64)
             p.add_incoming(ir.Constant(_i64, 0), entry)
-            acc = [[builder.phi(vty) for _ in range(2)] for _ in range(MR)]
-            for row in acc:
-                for ph in row:
-                    ph.add_incoming(zero, entry)
-            boff = builder.mul(p, ir.Constant(_i64, 2 * VW))
-            b0 = builder.load(builder.bitcast(builder.gep(pb, [boff]), vptr), align=ES)
-            b1 = builder.load(builder.bitcast(builder.gep(pb, [builder.add(boff, ir.Constant(_i64, VW))]), vptr),
-                              align=ES)
+            # acc[w][i][h]: accumulator set w (depth steps p + w), row i, vector h
+            acc = [[[builder.phi(vty) for _ in range(2)] for _ in range(MR)] for _ in range(WAYS)]
+            for ws_ in acc:
+                for row in ws_:
+                    for ph in row:
+                        ph.add_incoming(zero, entry)
             new = []
-            for i in range(MR):
-                av = builder.load(builder.gep(arow[i], [p]))
-                s = builder.shuffle_vector(builder.insert_element(undef, av, ir.Constant(_i32, 0)), undef,
-                                           splat_mask)
-                new.append([builder.call(fma, [s, b0, acc[i][0]]), builder.call(fma, [s, b1, acc[i][1]])])
-            pn = builder.add(p, ir.Constant(_i64, 1))
+            for w in range(WAYS):
+                pw = builder.add(p, ir.Constant(_i64, w)) if w else p
+                boff = builder.mul(pw, ir.Constant(_i64, 2 * VW))
+                b0 = builder.load(builder.bitcast(builder.gep(pb, [boff]), vptr), align=ES)
+                b1 = builder.load(builder.bitcast(builder.gep(pb, [builder.add(boff, ir.Constant(_i64, VW))]), vptr),
+                                  align=ES)
+                nw = []
+                for i in range(MR):
+                    av = builder.load(builder.gep(arow[i], [pw]))
+                    s = builder.shuffle_vector(builder.insert_element(undef, av, ir.Constant(_i32, 0)), undef,
+                                               splat_mask)
+                    nw.append([builder.call(fma, [s, b0, acc[w][i][0]]), builder.call(fma, [s, b1, acc[w][i][1]])])
+                new.append(nw)
+            pn = builder.add(p, ir.Constant(_i64, WAYS))
             p.add_incoming(pn, loop)
-            for i in range(MR):
-                for h in range(2):
-                    acc[i][h].add_incoming(new[i][h], loop)
+            for w in range(WAYS):
+                for i in range(MR):
+                    for h in range(2):
+                        acc[w][i][h].add_incoming(new[w][i][h], loop)
             builder.cbranch(builder.icmp_signed("<", pn, kk), loop, after)
 
             builder.position_at_end(after)
-            res = []
-            for i in range(MR):
-                row = []
-                for h in range(2):
-                    ph = builder.phi(vty)
-                    ph.add_incoming(zero, entry)
-                    ph.add_incoming(new[i][h], loop)
-                    row.append(ph)
-                res.append(row)
+            sets = []
+            for w in range(WAYS):
+                rows = []
+                for i in range(MR):
+                    row = []
+                    for h in range(2):
+                        ph = builder.phi(vty)
+                        ph.add_incoming(zero, entry)
+                        ph.add_incoming(new[w][i][h], loop)
+                        row.append(ph)
+                    rows.append(row)
+                sets.append(rows)
+            # the sets summed pairwise: (s0 + s1) + (s2 + s3)
+            while len(sets) > 1:
+                sets = [[[builder.fadd(x[i][h], y[i][h]) for h in range(2)] for i in range(MR)]
+                        for x, y in zip(sets[0::2], sets[1::2])]
+            res = sets[0]
             is_full = builder.icmp_signed("!=", context.cast(builder, vfull, sa[9], types.int64),
                                           ir.Constant(_i64, 0))
             with builder.if_else(is_full) as (then, otherwise):
@@ -146,6 +164,11 @@ def _make_micro(MR):
 
 
 _micro12, _micro8, _micro4, _micro2, _micro1 = (_make_micro(h) for h in HEIGHTS)
+#: One and two rows have 2 and 4 accumulators, too few to cover the latency of a fused
+#: multiply-add (4 cycles, 2 per cycle: 8 in flight): these variants keep 4 and 2 sets.
+WAYS_1, WAYS_2 = 4, 2
+_micro2w = _make_micro(2, WAYS_2)
+_micro1w = _make_micro(1, WAYS_1)
 
 
 @kernel(inline="always")
@@ -172,6 +195,13 @@ def pack_panels(b, boff, ldb, k, n):
             for j in range(w):
                 out[dst + j] = bf[src + j]
     return out
+
+
+@kernel(inline="always")
+def _add_scratch(cf, co, ldc, scratch, NR, h, w):
+    for r in range(h):
+        for j in range(w):
+            cf[co + r * ldc + j] += scratch[r * NR + j]
 
 
 @kernel
@@ -206,14 +236,21 @@ def gemm_acc_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, scratch):
                 _micro4(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
             elif left >= 2:
                 h = 2
-                _micro2(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+                k1 = k - k % WAYS_2
+                _micro2w(k1, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+                if full == 0:
+                    _add_scratch(cf, co, ldc, scratch, NR, h, w)
+                # the remaining depth steps: a second product added on top
+                _micro2(k - k1, af, ao + k1, lda, bp, pbo + k1 * NR, cf, co, ldc, full, scratch)
             else:
                 h = 1
-                _micro1(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+                k1 = k - k % WAYS_1
+                _micro1w(k1, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+                if full == 0:
+                    _add_scratch(cf, co, ldc, scratch, NR, h, w)
+                _micro1(k - k1, af, ao + k1, lda, bp, pbo + k1 * NR, cf, co, ldc, full, scratch)
             if full == 0:
-                for r in range(h):
-                    for j in range(w):
-                        cf[co + r * ldc + j] += scratch[r * NR + j]
+                _add_scratch(cf, co, ldc, scratch, NR, h, w)
             i += h
 
 
