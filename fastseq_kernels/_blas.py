@@ -307,7 +307,9 @@ def gemm_acc_rows4(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
 
 @kernel
 def step_gemm_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, nthreads):
-    """Per-step ``C += A @ B`` (row-major, offsets as :func:`gemm`): in-house loops for
+    """Per-step ``C += A @ B`` (row-major, offsets as :func:`gemm`) on unpacked weights
+    (the kernels use :func:`fastseq_kernels._packed.step_product`, which comes here for
+    loops of fewer than ``PACK_MIN_STEPS`` steps): in-house loops for
     ``m <= SMALL_M`` (float32: ``m <= SMALL_M_F32`` unless the product is large enough
     for two BLAS threads and ``nthreads`` allows them), else BLAS."""
     if c.itemsize == 4 and m <= SMALL_M_F32 and (nthreads < 2 or m * n * k < PARALLEL_MIN_MACS):

@@ -9,7 +9,9 @@ mask_c ``[Tm, B, H]`` and mask_h ``[Tm, B, P]`` with ``Tm`` 0 (no mask), 1 or ``
 
 Method (see :mod:`._common` for the row plan): the input projection of all steps is one
 GEMM ``X[R, I] @ kernel[:I]`` into the gate buffer ``G [R, 4H]``; each step adds
-``h[nb] @ kernel[I:]`` into its block of ``G`` (GEMM with ``beta=1``) and applies the gate
+``h[nb] @ kernel[I:]`` into its block of ``G`` (:func:`._packed.step_product`: the recurrent
+rows are packed once per call for a register-blocked micro-kernel, or BLAS for large
+multi-threaded products) and applies the gate
 nonlinearities in place, so ``G`` ends up holding the activated gates the backward pass
 needs. The backward pass turns ``G`` into the gate gradients in place, one GEMM per step
 for ``d h``, and then gets every weight gradient from one GEMM over all rows.

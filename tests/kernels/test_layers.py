@@ -23,11 +23,12 @@ def test_layer_matches_reference(numba_backend, ref_backend, cell, dtype, length
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_rows_cross_the_blas_threshold(numba_backend, ref_backend, cell, dtype, reverse):
-    """Per-step products switch from the in-house loops (float32: four rows at a time up
-    to _blas.SMALL_M_F32 rows, then the remainder; float64: one row and pairs up to
-    _blas.SMALL_M) to BLAS above the threshold: a batch whose active rows shrink from
-    above the threshold to one, through every remainder modulo four, goes through every
-    path."""
+    """Per-step products run the packed micro-kernel (blocks of 12, 8, 4, 2 and 1 rows)
+    up to _packed.PACKED_MAX_M_PARALLEL rows and BLAS above it when two threads are
+    allowed (with one thread, or under _packed.PACK_MIN_STEPS steps, the in-house loops of
+    _blas up to SMALL_M_F32 / SMALL_M rows): a batch whose active rows shrink from above
+    the thresholds to one, through every remainder modulo four, goes through every
+    block height and both sides of the thresholds."""
     from fastseq_kernels._blas import SMALL_M, SMALL_M_F32
 
     limit = SMALL_M_F32 if dtype == np.float32 else SMALL_M
@@ -40,6 +41,22 @@ def test_rows_cross_the_blas_threshold(numba_backend, ref_backend, cell, dtype, 
     assert active[0] > limit and 1 <= active[-1] <= 2
     assert {a % 4 for a in active if 4 < a <= limit} == {0, 1, 2, 3}
     compare_layer(numba_backend, ref_backend, SPECS[cell], T, B, 6, dtype, rng, lens, reverse, None)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_short_sequences_take_the_unpacked_products(numba_backend, ref_backend, cell, dtype):
+    """Under _packed.PACK_MIN_STEPS steps the kernels do not pack the weights: the
+    per-step products take _blas's in-house loops and BLAS, forward and backward."""
+    from fastseq_kernels._blas import SMALL_M_F32
+    from fastseq_kernels._packed import PACK_MIN_STEPS
+
+    T = PACK_MIN_STEPS - 1
+    B = SMALL_M_F32 + 5
+    rng = np.random.default_rng(11)
+    lens = rng.integers(0, T + 1, size=B).astype(np.int64)
+    lens[0] = T
+    compare_layer(numba_backend, ref_backend, SPECS[cell], T, B, 4, dtype, rng, lens, False, None)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
