@@ -289,7 +289,10 @@ def pack_panels_t(b, boff, ldb, k, n):
 #: (float32, shapes of P1-P4, GFLOP/s): the packed kernel ran at 90-150 single-threaded
 #: from 4 to 64 rows, OpenBLAS at 50-125 on one thread and 68-101 on two for up to 32
 #: rows, but 98-147 on two threads from 48 rows (the packed kernel 82-160 there).
+#: float64 (``PACKED_MAX_M_PARALLEL_F64``): the packed kernel 42-80 from 8 rows, OpenBLAS on
+#: two threads 47-77 from 16 rows and ahead on [16-64, 256] x [256, 1024] (61-92 vs 42-54).
 PACKED_MAX_M_PARALLEL = 32
+PACKED_MAX_M_PARALLEL_F64 = 12
 
 #: Steps below which the forward and backward kernels do not pack (packing reads and
 #: writes the recurrent kernel once, about what one step's product reads).
@@ -309,11 +312,12 @@ def step_product(m, n, k, a, aoff, lda, bp, b, boff, ldb, transb, c, coff, ldc, 
     packed by :func:`pack_panels` / :func:`pack_panels_t`, or an empty array when the
     caller did not pack (then BLAS or the in-house loops of ``_blas`` run, as before).
     With packed weights the micro-kernel runs unless the product is large enough for two
-    BLAS threads, ``nthreads`` allows them and ``m > PACKED_MAX_M_PARALLEL``."""
+    BLAS threads, ``nthreads`` allows them and ``m > PACKED_MAX_M_PARALLEL`` (float64:
+    ``PACKED_MAX_M_PARALLEL_F64``)."""
     if m <= 0 or n <= 0:
         return
-    use_packed = bp.shape[0] > 0 and not (nthreads >= 2 and m > PACKED_MAX_M_PARALLEL
-                                          and m * n * k >= PARALLEL_MIN_MACS)
+    max_m = PACKED_MAX_M_PARALLEL if c.itemsize == 4 else PACKED_MAX_M_PARALLEL_F64
+    use_packed = bp.shape[0] > 0 and not (nthreads >= 2 and m > max_m and m * n * k >= PARALLEL_MIN_MACS)
     if use_packed:
         if beta == 0:
             cf = c.reshape(c.size)

@@ -24,7 +24,7 @@ def test_layer_matches_reference(numba_backend, ref_backend, cell, dtype, length
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_rows_cross_the_blas_threshold(numba_backend, ref_backend, cell, dtype, reverse):
     """Per-step products run the packed micro-kernel (blocks of 12, 8, 4, 2 and 1 rows)
-    up to _packed.PACKED_MAX_M_PARALLEL rows and BLAS above it when two threads are
+    up to _packed.PACKED_MAX_M_PARALLEL(_F64) rows and BLAS above it when two threads are
     allowed (with one thread, or under _packed.PACK_MIN_STEPS steps, the in-house loops of
     _blas up to SMALL_M_F32 / SMALL_M rows): a batch whose active rows shrink from above
     the thresholds to one, through every remainder modulo four, goes through every

@@ -63,11 +63,13 @@ def test_gemm_acc_packed_against_numpy(dtype):
 def test_step_product_paths(dtype, transb, beta):
     """Packed (any rows on one thread; up to PACKED_MAX_M_PARALLEL rows with two), BLAS on
     two threads above that, and the unpacked fallback (empty packed array): same result."""
-    from fastseq_kernels._packed import PACKED_MAX_M_PARALLEL, pack_if_worth, scratch_for, step_product
+    from fastseq_kernels._packed import PACKED_MAX_M_PARALLEL, PACKED_MAX_M_PARALLEL_F64, pack_if_worth, \
+        scratch_for, step_product
 
     rng = np.random.default_rng(2)
     n, k = 150, 120  # m * n * k above _blas.PARALLEL_MIN_MACS from m = 59
-    for m in (1, 5, PACKED_MAX_M_PARALLEL, PACKED_MAX_M_PARALLEL + 1, 70):
+    limit = PACKED_MAX_M_PARALLEL if dtype == np.float32 else PACKED_MAX_M_PARALLEL_F64
+    for m in (1, 5, limit, limit + 1, 70):
         a = rng.normal(size=(m, k)).astype(dtype)
         if transb:
             b = rng.normal(size=(n, k)).astype(dtype)  # op(B) = b.T
