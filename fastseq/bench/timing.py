@@ -43,40 +43,19 @@ def measure(
     budget_s: Optional[float] = None,
     min_repeat: int = 3,
 ) -> Dict[str, object]:
-    """Call ``fn`` ``warmup`` times untimed, then up to ``repeat`` timed times.
+    """Call ``fn`` ``warmup`` times untimed, then up to ``repeat`` timed times in a row.
 
     With ``budget_s``, timed repetitions stop early once their total exceeds the budget,
     but never before ``min(min_repeat, repeat)`` of them. The garbage collector runs once
-    before the timed calls and is off during them. Returns :func:`summarize`'s dict plus ``warmup_s`` (the
-    duration of the first warm-up call, which includes compilation/tracing).
+    before the timed calls and is off during them. Returns :func:`summarize`'s dict plus
+    ``warmup_s`` (the duration of the first warm-up call, which includes
+    compilation/tracing). One implementation's case of :func:`measure_interleaved`.
     """
-    if repeat < 1:
-        raise ValueError(f"repeat must be >= 1, got {repeat}")
-    warm_times = []
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        fn()
-        warm_times.append(time.perf_counter() - t0)
-    times: List[float] = []
-    floor = min(min_repeat, repeat)
-    # As timeit does: collect once, then keep the collector off for the whole series.
-    # (Collecting before every call would cost far more than the call itself once
-    # TensorFlow and PyTorch are imported, ~150 ms, and leave the core cold.)
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-            if budget_s is not None and len(times) >= floor and sum(times) > budget_s:
-                break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    out = summarize(times)
-    out["warmup_s"] = float(warm_times[0]) if warm_times else None
+    out = measure_interleaved({"fn": fn}, repeat=repeat, warmup=warmup, budget_s=budget_s,
+                              min_repeat=min_repeat, settle_s=0.0)["fn"]
+    if isinstance(out, BaseException):
+        raise out
+    out.pop("rounds", None)
     return out
 
 
@@ -131,6 +110,9 @@ def measure_interleaved(
     times: Dict[str, List[float]] = {label: [] for label in live}
     rounds: Dict[str, List[int]] = {label: [] for label in live}
     floor = min(min_repeat, repeat)
+    # As timeit does: collect once, then keep the collector off for the whole series
+    # (collecting before every call costs ~150 ms once TensorFlow and PyTorch are imported,
+    # far more than many of the calls, and leaves the core cold).
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
