@@ -90,12 +90,8 @@ def run_benchmarks(
             recs[impl.label] = rec
             try:
                 fns[impl.label] = impl.prepare(cfg, mode)
-            except Skip as exc:
-                rec["error"] = None
-                rec["skipped"] = str(exc)
             except Exception as exc:  # record and go on
-                rec["error"] = f"{type(exc).__name__}: {exc}"
-                rec["traceback"] = traceback.format_exc(limit=6)
+                _record_failure(rec, exc)
         cfg, mode = items[0][0], items[0][1]
         measured = measure_interleaved(fns, repeat=repeat, warmup=warmup, budget_s=budget_s,
                                        min_repeat=min_repeat) if fns else {}
@@ -110,13 +106,7 @@ def run_benchmarks(
                 progress(f"{head} {_fmt_time(got['median_s']):>10}  {_fmt_spread(got['spread']):>5}"
                          f"  (n={got['n']}, first call {_fmt_time(got['warmup_s'])})")
             elif isinstance(got, BaseException):
-                if isinstance(got, Skip):
-                    rec["error"] = None
-                    rec["skipped"] = str(got)
-                else:
-                    rec["error"] = f"{type(got).__name__}: {got}"
-                    rec["traceback"] = "".join(traceback.format_exception(type(got), got, got.__traceback__,
-                                                                          limit=6))
+                _record_failure(rec, got)
             if rec.get("skipped"):
                 progress(f"{head} skipped: {rec['skipped']}")
             elif rec.get("error"):
@@ -144,6 +134,16 @@ def run_benchmarks(
         "results": results,
         "elapsed_s": time.perf_counter() - t_start,
     }
+
+
+def _record_failure(rec: dict, exc: BaseException) -> None:
+    """A skipped implementation (:class:`Skip`) or a failed one, with its traceback."""
+    if isinstance(exc, Skip):
+        rec["error"] = None
+        rec["skipped"] = str(exc)
+    else:
+        rec["error"] = f"{type(exc).__name__}: {exc}"
+        rec["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=6))
 
 
 def library_threads() -> Dict[str, object]:
@@ -188,12 +188,11 @@ def add_ratios(results: List[dict]) -> None:
         if not ok:
             continue
         fastest = min(r["median_s"] for r in ok)
-        numba = next((r["median_s"] for r in ok if r["impl"] == "fastseq-numba"), None)
-        numba_rec = next((r for r in ok if r["impl"] == "fastseq-numba"), None)
+        numba = next((r for r in ok if r["impl"] == "fastseq-numba"), None)
         for r in ok:
             r["ratio_to_fastest"] = r["median_s"] / fastest
-            r["numba_speedup"] = r["median_s"] / numba if numba else None
-            r["paired_numba_speedup"] = paired_ratio(r, numba_rec) if numba_rec is not None else None
+            r["numba_speedup"] = r["median_s"] / numba["median_s"] if numba and numba["median_s"] else None
+            r["paired_numba_speedup"] = paired_ratio(r, numba) if numba is not None else None
 
 
 def paired_ratio(rec: dict, ref: dict) -> Optional[float]:
