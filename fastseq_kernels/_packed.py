@@ -341,3 +341,22 @@ def pack_if_worth(steps, b, boff, ldb, k, n, transposed):
     if transposed:
         return pack_panels_t(b, boff, ldb, k, n)
     return pack_panels(b, boff, ldb, k, n)
+
+
+@kernel(inline="always")
+def packed_size(b, k, n):
+    """Elements of ``B [k, n]`` packed by :func:`pack_panels` / :func:`pack_panels_t`."""
+    NR = panel_width(b)
+    return ((n + NR - 1) // NR) * k * NR
+
+
+@kernel(inline="always")
+def given_or_pack(given, steps, b, boff, ldb, k, n, transposed):
+    """``given`` when it has the size of ``op(B)`` packed (the caller packed these weights
+    earlier with :func:`pack_if_worth` and knows they have not changed since, see
+    ``backends/fastseq_numba/_packcache.py``), else :func:`pack_if_worth`. A ``given`` of any
+    other size (e.g. empty) is ignored, so a wrong one cannot make the micro-kernel read
+    out of bounds."""
+    if steps >= PACK_MIN_STEPS and k > 0 and n > 0 and given.shape[0] == packed_size(b, k, n):
+        return given
+    return pack_if_worth(steps, b, boff, ldb, k, n, transposed)

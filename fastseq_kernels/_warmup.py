@@ -8,7 +8,7 @@ import numpy as np
 
 def warmup(dtypes=("float32", "float64"), verbose=False):
     """Returns the seconds spent per (kernel, dtype)."""
-    from . import gru, lstm, rnn
+    from . import _packed, gru, lstm, rnn
 
     timings = {}
     T, B, I, H = 2, 2, 3, 4
@@ -25,20 +25,24 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         k = rng.standard_normal((I + H, 4 * H)).astype(dt)
         b = np.zeros(4 * H, dt)
         y, c, hh, ws = lstm.lstm_forward(x, k, b, e1, e1, e1, e2, h, h, lengths, False, e3, e3, 0, 1.0, -1.0, -1.0,
-                                         True, 1)
-        lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, h, h, T, False, e3, e3, 0, 1.0, -1.0, -1.0, 1)
+                                         True, 1, e1)
+        lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, h, h, T, False, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1)
         timings[("lstm", name)] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         gk = rng.standard_normal((I + H, 2 * H)).astype(dt)
         ck = rng.standard_normal((I + H, H)).astype(dt)
-        y, hh, ws = gru.gru_forward(x, gk, np.ones(2 * H, dt), ck, np.zeros(H, dt), h, lengths, False, e3, 0, True, 1)
-        gru.gru_backward(ws, gk, np.ones(2 * H, dt), ck, np.zeros(H, dt), dy, h, T, False, e3, 0, 1)
+        y, hh, ws = gru.gru_forward(x, gk, np.ones(2 * H, dt), ck, np.zeros(H, dt), h, lengths, False, e3, 0, True, 1,
+                                    e1, e1)
+        gru.gru_backward(ws, gk, np.ones(2 * H, dt), ck, np.zeros(H, dt), dy, h, T, False, e3, 0, 1, e1, e1)
         timings[("gru", name)] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        y, hh, ws = rnn.rnn_forward(x, ck, np.zeros(H, dt), h, lengths, False, e3, 0, True, 1)
-        rnn.rnn_backward(ws, ck, np.zeros(H, dt), dy, h, T, False, e3, 0, 1)
+        y, hh, ws = rnn.rnn_forward(x, ck, np.zeros(H, dt), h, lengths, False, e3, 0, True, 1, e1)
+        rnn.rnn_backward(ws, ck, np.zeros(H, dt), dy, h, T, False, e3, 0, 1, e1)
+        # the backend packs cached weights itself (backends/fastseq_numba/_packcache.py)
+        _packed.pack_if_worth(4, ck, I * H, H, H, H, False)
+        _packed.pack_if_worth(4, ck, I * H, H, H, H, True)
         timings[("rnn", name)] = time.perf_counter() - t0
         if verbose:
             for key in (("lstm", name), ("gru", name), ("rnn", name)):

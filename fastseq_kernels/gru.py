@@ -20,7 +20,7 @@ from ._blas import gemm
 from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
     sigmoid, time_index
 from ._jit import kernel
-from ._packed import pack_if_worth, scratch_for, step_product
+from ._packed import given_or_pack, scratch_for, step_product
 
 
 @kernel(inline="always")
@@ -77,8 +77,11 @@ def _grad_reset_row(drh, xg, hp, dxg, dh, one, H):
 
 
 @kernel
-def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, mask_h, code, need_grad, nthreads):
-    """Returns ``(y [T, B, H], h_T [B, H], workspace)``."""
+def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, mask_h, code, need_grad, nthreads,
+                packed_g, packed_c):
+    """Returns ``(y [T, B, H], h_T [B, H], workspace)``. ``packed_g``, ``packed_c``: the
+    recurrent rows of the two kernels packed by ``pack_if_worth`` (as below), or empty
+    arrays (then they are packed here)."""
     T, B, I = x.shape
     H = h0.shape[1]
     H2 = 2 * H
@@ -95,8 +98,8 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
     XC = np.empty((R, H), dt)
     gemm(0, 0, R, H2, I, 1.0, X, 0, I, gates_kernel, 0, H2, 0.0, XG, 0, H2, nthreads)
     gemm(0, 0, R, H, I, 1.0, X, 0, I, cand_kernel, 0, H, 0.0, XC, 0, H, nthreads)
-    KPg = pack_if_worth(L, gates_kernel, I * H2, H2, H, H2, False)  # recurrent rows, packed once per call
-    KPc = pack_if_worth(L, cand_kernel, I * H, H, H, H, False)
+    KPg = given_or_pack(packed_g, L, gates_kernel, I * H2, H2, H, H2, False)  # recurrent rows, packed once
+    KPc = given_or_pack(packed_c, L, cand_kernel, I * H, H, H, H, False)
     scr = scratch_for(XG)
     Hh = np.empty((R if need_grad else 2 * B, H), dt)
     RH = np.empty((R if need_grad else B, H), dt)
@@ -157,7 +160,8 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
 
 
 @kernel
-def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, T, reverse, mask_h, code, nthreads):
+def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, T, reverse, mask_h, code, nthreads,
+                 packed_ct, packed_gt):
     """Gradients of :func:`gru_forward` (run with ``need_grad``); ``ws`` is left intact.
 
     Returns ``(dx, dh0, d_gates_kernel, d_gates_bias, d_cand_kernel, d_cand_bias)``."""
@@ -179,8 +183,8 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
     dRH = np.empty((B, H), dt)
     dXG = np.empty((R, H2), dt)
     dXC = np.empty((R, H), dt)
-    KPct = pack_if_worth(L, cand_kernel, I * H, H, H, H, True)  # transposed recurrent rows, packed once
-    KPgt = pack_if_worth(L, gates_kernel, I * H2, H2, H2, H, True)
+    KPct = given_or_pack(packed_ct, L, cand_kernel, I * H, H, H, H, True)  # transposed recurrent rows
+    KPgt = given_or_pack(packed_gt, L, gates_kernel, I * H2, H2, H2, H, True)
     scr = scratch_for(dXG)
     mh_on = mask_h.shape[0] > 0
     fast_out = code == TANH and not mh_on  # decided once: see _grad_out_tanh_row

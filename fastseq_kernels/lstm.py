@@ -26,7 +26,7 @@ from ._blas import gemm
 from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
     sigmoid, time_index
 from ._jit import kernel
-from ._packed import pack_if_worth, scratch_for, step_product
+from ._packed import given_or_pack, scratch_for, step_product
 
 
 @kernel(inline="always")
@@ -108,8 +108,10 @@ def _copy_row(src, dst, n):
 
 @kernel
 def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse, mask_c, mask_h, code,
-                 forget_bias, cell_clip, proj_clip, need_grad, nthreads):
-    """Returns ``(y [T, B, P], c_T [B, H], h_T [B, P], workspace)``."""
+                 forget_bias, cell_clip, proj_clip, need_grad, nthreads, packed):
+    """Returns ``(y [T, B, P], c_T [B, H], h_T [B, P], workspace)``. ``packed``: the recurrent
+    rows ``kernel[I:]`` packed by ``pack_if_worth(steps, kernel, I*4H, 4H, P, 4H, False)``, or
+    an empty array (then they are packed here)."""
     T, B, I = x.shape
     H = c0.shape[1]
     P = h0.shape[1]
@@ -131,7 +133,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
         X = gather_rows(x, order, lens_s, nb, base, R, reverse)
     G = np.empty((R, G4), dt)
     gemm(0, 0, R, G4, I, 1.0, X, 0, I, kernel, 0, G4, 0.0, G, 0, G4, nthreads)
-    KP = pack_if_worth(L, kernel, I * G4, G4, P, G4, False)  # recurrent rows, packed once per call
+    KP = given_or_pack(packed, L, kernel, I * G4, G4, P, G4, False)  # recurrent rows, packed once
     scr = scratch_for(G)
 
     nh = R if need_grad else 2 * B
@@ -256,7 +258,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
 
 @kernel
 def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, reverse, mask_c, mask_h, code,
-                  forget_bias, cell_clip, proj_clip, nthreads):
+                  forget_bias, cell_clip, proj_clip, nthreads, packed_t):
     """Gradients of :func:`lstm_forward` (run with ``need_grad``); ``ws`` its workspace,
     which is left intact (the pullback may run twice). dy ``[T, B, P]``, dcT ``[B, H]``, dhT ``[B, P]``.
 
@@ -293,7 +295,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
     dMraw = np.empty((R, P) if use_proj else (0, P), dt)
     dMpre = np.empty((B, H) if use_proj else (0, H), dt)
     dG = np.empty((R, G4), dt)
-    KPt = pack_if_worth(L, kernel, I * G4, G4, G4, P, True)  # kernel[I:].T, packed once per call
+    KPt = given_or_pack(packed_t, L, kernel, I * G4, G4, G4, P, True)  # kernel[I:].T, packed once
     scr = scratch_for(dG)
     mc_on = mask_c.shape[0] > 0
     mh_on = mask_h.shape[0] > 0

@@ -14,12 +14,13 @@ import numpy as np
 from ._blas import gemm
 from ._common import act, dact, gather_rows, make_plan, output_activation_stored, scatter_rows, time_index
 from ._jit import kernel
-from ._packed import pack_if_worth, scratch_for, step_product
+from ._packed import given_or_pack, scratch_for, step_product
 
 
 @kernel
-def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, nthreads):
-    """Returns ``(y [T, B, H], h_T [B, H], workspace)``."""
+def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, nthreads, packed):
+    """Returns ``(y [T, B, H], h_T [B, H], workspace)``. ``packed``: ``kernel[I:]`` packed by
+    ``pack_if_worth`` (as below), or an empty array (then it is packed here)."""
     T, B, I = x.shape
     H = h0.shape[1]
     dt = x.dtype
@@ -32,7 +33,7 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, 
         X = gather_rows(x, order, lens_s, nb, base, R, reverse)
     G = np.empty((R, H), dt)
     gemm(0, 0, R, H, I, 1.0, X, 0, I, kernel, 0, H, 0.0, G, 0, H, nthreads)
-    KP = pack_if_worth(L, kernel, I * H, H, H, H, False)  # recurrent rows, packed once per call
+    KP = given_or_pack(packed, L, kernel, I * H, H, H, H, False)  # recurrent rows, packed once
     scr = scratch_for(G)
     Hh = np.empty((R if need_grad else 2 * B, H), dt)
     if uniform:
@@ -80,7 +81,7 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, 
 
 
 @kernel
-def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads):
+def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads, packed_t):
     """Gradients of :func:`rnn_forward` (run with ``need_grad``).
 
     Returns ``(dx, dh0, dkernel, dbias)``; ``ws`` is left intact."""
@@ -98,7 +99,7 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads):
         for j in range(H):
             dH[r, j] = dhT[b, j]
     dG = np.empty((R, H), dt)
-    KPt = pack_if_worth(L, kernel, I * H, H, H, H, True)  # transposed recurrent rows, packed once
+    KPt = given_or_pack(packed_t, L, kernel, I * H, H, H, H, True)  # transposed recurrent rows
     scr = scratch_for(dG)
     mh_on = mask_h.shape[0] > 0
     for k in range(L - 1, -1, -1):

@@ -26,10 +26,11 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 class _Workspace:
     """What :meth:`NumbaBackend.layer_backward` needs from a forward run."""
 
-    __slots__ = ("ws", "T", "B", "I", "reverse", "masks", "dtype")
+    __slots__ = ("ws", "T", "B", "I", "reverse", "masks", "dtype", "steps")
 
-    def __init__(self, ws, T, B, I, reverse, masks, dtype):
+    def __init__(self, ws, T, B, I, reverse, masks, dtype, steps):
         self.ws, self.T, self.B, self.I, self.reverse, self.masks, self.dtype = ws, T, B, I, reverse, masks, dtype
+        self.steps = steps  # the longest sequence: steps of the time loop
 
 
 def _contig(a, dtype, name):
@@ -54,6 +55,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
     def __init__(self):
         self._k = None  # kernel modules, set by initialize()
         self._empty = {}
+        self.pack_cache = None  # packed recurrent weights of read-only arrays (_packcache)
 
     # ------------------------------------------------------------ lifecycle
     def availability(self) -> Optional[str]:
@@ -65,12 +67,14 @@ class NumbaBackend(NumpyArrayOps, Backend):
     def initialize(self) -> None:
         if self._k is not None:
             return
-        from fastseq_kernels import gru, lstm, rnn
+        from fastseq_kernels import _packed, gru, lstm, rnn
 
         from . import _malloc
+        from ._packcache import PackCache
 
         _malloc.apply_default()  # freed large buffers are reused, not re-faulted (see _malloc)
         self._k = {"rnn": rnn, "gru": gru, "lstm": lstm}
+        self.pack_cache = PackCache(_packed.pack_if_worth, _packed.PACK_MIN_STEPS)
         for dt in _FLOATS:
             self._empty[dt] = (np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt))
 
@@ -140,6 +144,12 @@ class NumbaBackend(NumpyArrayOps, Backend):
             masks.append(m)
         return x, p, states, lengths, masks
 
+    def _packed(self, a, steps, boff, ldb, k, n, transposed):
+        """``a``'s recurrent rows packed for the kernels, from the cache when ``a`` is read-only
+        (see ``_packcache``); an empty array lets the kernel pack them itself."""
+        got = self.pack_cache.get(a, steps, boff, ldb, k, n, transposed)
+        return self._empty[a.dtype][0] if got is None else got
+
     @staticmethod
     def _clip(v):
         return -1.0 if v is None else float(v)
@@ -156,26 +166,34 @@ class NumbaBackend(NumpyArrayOps, Backend):
         T, B, I = x.shape
         E1, E2, _ = self._empty[x.dtype]
         nt = get_num_threads()
+        steps = int(lengths.max()) if B else 0
         if spec.kind == "lstm":
             peep = spec.use_peepholes
+            H4 = 4 * spec.num_units
+            kp = self._packed(p["kernel"], steps, I * H4, H4, spec.output_size, H4, False)
             y, cT, hT, ws = k["lstm"].lstm_forward(
                 x, p["kernel"], p["bias"],
                 p["w_i_diag"] if peep else E1, p["w_f_diag"] if peep else E1, p["w_o_diag"] if peep else E1,
                 p["projection/kernel"] if spec.num_proj else E2,
                 states[0], states[1], lengths, reverse, masks[0], masks[1], code,
                 float(spec.forget_bias), self._clip(spec.cell_clip),
-                self._clip(spec.proj_clip if spec.num_proj else None), need_grad, nt)
+                self._clip(spec.proj_clip if spec.num_proj else None), need_grad, nt, kp)
             final = (cT, hT)
         elif spec.kind == "gru":
+            H = spec.num_units
+            kg = self._packed(p["gates/kernel"], steps, I * 2 * H, 2 * H, H, 2 * H, False)
+            kc = self._packed(p["candidate/kernel"], steps, I * H, H, H, H, False)
             y, hT, ws = k["gru"].gru_forward(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
                                              p["candidate/bias"], states[0], lengths, reverse, masks[0], code,
-                                             need_grad, nt)
+                                             need_grad, nt, kg, kc)
             final = (hT,)
         else:
+            H = spec.num_units
+            kp = self._packed(p["kernel"], steps, I * H, H, H, H, False)
             y, hT, ws = k["rnn"].rnn_forward(x, p["kernel"], p["bias"], states[0], lengths, reverse, masks[0],
-                                             code, need_grad, nt)
+                                             code, need_grad, nt, kp)
             final = (hT,)
-        workspace = _Workspace(ws, T, B, I, reverse, masks, x.dtype) if need_grad else None
+        workspace = _Workspace(ws, T, B, I, reverse, masks, x.dtype, steps) if need_grad else None
         return y, final, workspace
 
     def layer_backward(self, spec, params, workspace, d_outputs, d_final_state):
@@ -203,29 +221,36 @@ class NumbaBackend(NumpyArrayOps, Backend):
         p = {name: _contig(params[name], dtype, f"params[{name!r}]") for name in shapes}
         E1, E2, _ = self._empty[dtype]
         nt = get_num_threads()
+        steps = w.steps
         if spec.kind == "lstm":
             peep = spec.use_peepholes
+            H4 = 4 * spec.num_units
+            kpt = self._packed(p["kernel"], steps, I * H4, H4, H4, spec.output_size, True)
             dx, dc0, dh0, dk, db, dwi, dwf, dwo, dproj = k["lstm"].lstm_backward(
                 w.ws, p["kernel"], p["bias"],
                 p["w_i_diag"] if peep else E1, p["w_f_diag"] if peep else E1, p["w_o_diag"] if peep else E1,
                 p["projection/kernel"] if spec.num_proj else E2,
                 dy, ds[0], ds[1], T, w.reverse, w.masks[0], w.masks[1], code,
                 float(spec.forget_bias), self._clip(spec.cell_clip),
-                self._clip(spec.proj_clip if spec.num_proj else None), nt)
+                self._clip(spec.proj_clip if spec.num_proj else None), nt, kpt)
             grads = {"kernel": dk, "bias": db}
             if peep:
                 grads.update({"w_f_diag": dwf, "w_i_diag": dwi, "w_o_diag": dwo})
             if spec.num_proj:
                 grads["projection/kernel"] = dproj
             return dx, (dc0, dh0), grads
+        H = spec.num_units
         if spec.kind == "gru":
+            kct = self._packed(p["candidate/kernel"], steps, I * H, H, H, H, True)
+            kgt = self._packed(p["gates/kernel"], steps, I * 2 * H, 2 * H, 2 * H, H, True)
             dx, dh0, dgk, dgb, dck, dcb = k["gru"].gru_backward(
                 w.ws, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"], p["candidate/bias"], dy, ds[0],
-                T, w.reverse, w.masks[0], code, nt)
+                T, w.reverse, w.masks[0], code, nt, kct, kgt)
             return dx, (dh0,), {"gates/kernel": dgk, "gates/bias": dgb, "candidate/kernel": dck,
                                 "candidate/bias": dcb}
+        kpt = self._packed(p["kernel"], steps, I * H, H, H, H, True)
         dx, dh0, dk, db = k["rnn"].rnn_backward(w.ws, p["kernel"], p["bias"], dy, ds[0], T, w.reverse,
-                                                w.masks[0], code, nt)
+                                                w.masks[0], code, nt, kpt)
         return dx, (dh0,), {"kernel": dk, "bias": db}
 
     def cell_step(self, spec, params, inputs, state):

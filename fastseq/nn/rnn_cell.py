@@ -188,7 +188,9 @@ class RNNCell:
     @property
     def trainable_variables(self):
         """The stored weights in :meth:`get_weights` order (``tf.Variable`` on the tensorflow
-        backend, NumPy arrays elsewhere)."""
+        backend, NumPy arrays elsewhere). The NumPy arrays are read-only: change weights with
+        :meth:`set_weights` (writing into them after switching ``flags.writeable`` back on
+        would leave the numba backend's packed copy of them stale)."""
         self.get_weights()  # raises a clear error when not built
         return [stored for _, leaf in self._unique_leaves() for stored in leaf._weights.values()]
 
@@ -323,7 +325,7 @@ class _LeafCell(RNNCell):
     def _store(self, values, input_depth):
         b = _registry.current()
         self._weights = collections.OrderedDict(
-            (rel, b.variable(v, f"{self.name}/{rel}")) for rel, v in values.items()
+            (rel, _frozen(b.variable(v, f"{self.name}/{rel}"))) for rel, v in values.items()
         )
         self._input_depth = input_depth
         self._version += 1
@@ -355,7 +357,7 @@ class _LeafCell(RNNCell):
             if hasattr(stored, "assign"):
                 stored.assign(np.asarray(values[rel], dtype=_dtype_of(stored)))
             else:
-                self._weights[rel] = np.array(values[rel], dtype=stored.dtype)
+                self._weights[rel] = _frozen(np.array(values[rel], dtype=stored.dtype))
         self._version += 1
 
     def _params(self, backend, dtype):
@@ -373,6 +375,17 @@ class _LeafCell(RNNCell):
 
     def __repr__(self):
         return f"{type(self).__name__}(num_units={self.num_units}, name={self.name!r})"
+
+
+def _frozen(stored):
+    """NumPy weights are stored read-only: ``set_weights`` and the optimizers replace them,
+    nothing writes into them, and the numba backend may then keep their packed copy across
+    calls (``backends/fastseq_numba/_packcache.py``). Other storage (``tf.Variable``) as is."""
+    if isinstance(stored, np.ndarray):
+        if not stored.flags.owndata:
+            stored = stored.copy()
+        stored.flags.writeable = False
+    return stored
 
 
 def _check_state_array(state, size, batch, argname):
