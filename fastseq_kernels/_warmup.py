@@ -27,6 +27,10 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         y, c, hh, ws = lstm.lstm_forward(x, k, b, e1, e1, e1, e2, h, h, lengths, False, e3, e3, 0, 1.0, -1.0, -1.0,
                                          True, 1, e1)
         lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, h, h, T, False, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1)
+        # the two-thread loop (lstm.split_applies), 32 units: a whole number of panels
+        k32 = rng.standard_normal((I + 32, 128)).astype(dt)
+        h32 = np.zeros((B, 32), dt)
+        lstm.lstm_forward_split(x, k32, np.zeros(128, dt), h32, h32, lengths, False, 1.0, True, 2, e1)
         timings[("lstm", name)] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

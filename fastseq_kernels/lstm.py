@@ -26,42 +26,56 @@ from ._blas import gemm
 from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
     sigmoid, time_index
 from ._jit import kernel
-from ._packed import given_or_pack, scratch_for, step_product
+from ._atomic import atomic_add, atomic_cas, wait_at_least
+from ._packed import gemm_acc_packed, given_or_pack, pack_panels, packed_size, panel_width, scratch_for, \
+    step_product
+from ._team import run_pair
 
 
 @kernel(inline="always")
-def _gates_tanh_row(gr, bias, fb, cp, cout, mout, H):
+def _gates_tanh_units(gr, bias, fb, cp, cout, mout, H, u0, u1):
     """The common case of one row's gate update (tanh, no peepholes, no cell clip, no
-    cell mask) as branch-free loops over contiguous blocks, so LLVM vectorises them:
-    ``gr`` the row's ``4H`` gate pre-activations (overwritten with the activated gates),
-    ``cp`` the previous cell, ``cout`` the new cell, ``mout`` the cell output. Same
-    arithmetic per element as the general loop of :func:`lstm_forward`."""
+    cell mask) for units ``u0:u1``, as branch-free loops over contiguous blocks, so LLVM
+    vectorises them: ``gr`` the row's ``4H`` gate pre-activations (overwritten with the
+    activated gates), ``cp`` the previous cell, ``cout`` the new cell, ``mout`` the cell
+    output (rows of ``H``). Same arithmetic per element as the general loop of
+    :func:`lstm_forward`."""
     # One activation per pass over a contiguous block, then the cell update: each loop
     # touches one or two arrays (measured 1.3x faster for H=128 than one fused loop over
     # the four gate blocks and three outputs).
     # Every loop runs from index 0 over a view: the same loops written as
     # ``for j in range(H, 2 * H)`` over the whole row were left scalar by Numba/LLVM
     # (checked in the generated assembly; 4x slower).
-    si = gr[:H]
-    aj = gr[H:2 * H]
-    sf = gr[2 * H:3 * H]
-    so = gr[3 * H:4 * H]
-    bi = bias[:H]
-    bj = bias[H:2 * H]
-    bf = bias[2 * H:3 * H]
-    bo = bias[3 * H:4 * H]
-    for j in range(H):
+    n = u1 - u0
+    si = gr[u0:u1]
+    aj = gr[H + u0:H + u1]
+    sf = gr[2 * H + u0:2 * H + u1]
+    so = gr[3 * H + u0:3 * H + u1]
+    bi = bias[u0:u1]
+    bj = bias[H + u0:H + u1]
+    bf = bias[2 * H + u0:2 * H + u1]
+    bo = bias[3 * H + u0:3 * H + u1]
+    cpv = cp[u0:u1]
+    co = cout[u0:u1]
+    mo = mout[u0:u1]
+    for j in range(n):
         si[j] = sigmoid(si[j] + bi[j])
-    for j in range(H):
+    for j in range(n):
         aj[j] = ftanh(aj[j] + bj[j])
-    for j in range(H):
+    for j in range(n):
         sf[j] = sigmoid(sf[j] + bf[j] + fb)
-    for j in range(H):
+    for j in range(n):
         so[j] = sigmoid(so[j] + bo[j])
-    for j in range(H):
-        cout[j] = sf[j] * cp[j] + si[j] * aj[j]
-    for j in range(H):
-        mout[j] = so[j] * ftanh(cout[j])
+    for j in range(n):
+        co[j] = sf[j] * cpv[j] + si[j] * aj[j]
+    for j in range(n):
+        mo[j] = so[j] * ftanh(co[j])
+
+
+@kernel(inline="always")
+def _gates_tanh_row(gr, bias, fb, cp, cout, mout, H):
+    """:func:`_gates_tanh_units` over all ``H`` units."""
+    _gates_tanh_units(gr, bias, fb, cp, cout, mout, H, 0, H)
 
 
 @kernel(inline="always")
@@ -253,6 +267,155 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
     if not uniform:
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
     ws = (X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base)
+    return y, cT, hT, ws
+
+
+# ---------------------------------------------------------------- two threads, one loop
+#: Smallest per-step product (multiply-adds, rows x 4H x H) for which the forward loop
+#: runs on two threads (:func:`lstm_forward_split`); below it the one-thread loop above.
+SPLIT_MIN_MACS = 1 << 22
+
+
+def split_applies(B, H, P, steps, plain, nthreads, itemsize):
+    """Whether :func:`lstm_forward_split` can and should run this layer: the common
+    configuration (``plain``: tanh, no peepholes, clipping, projection or state masks),
+    two threads allowed, each half of the units a whole number of packed panels, and a
+    per-step product large enough to pay for a barrier per step."""
+    nr = 32 if itemsize == 4 else 16
+    return (plain and nthreads >= 2 and P == H and H % nr == 0 and H >= 2 * nr and steps >= 4
+            and B * 4 * H * H >= SPLIT_MIN_MACS)
+
+
+@kernel
+def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed):
+    """Everything before the time loop of :func:`lstm_forward_split` but the input
+    projection (the workers do that): the row plan, the packed recurrent rows, the
+    buffers, the initial state in place."""
+    T, B, I = x.shape
+    H = c0.shape[1]
+    G4 = 4 * H
+    dt = x.dtype
+    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+    L = nb.shape[0] - 1
+    if uniform:
+        X = x.reshape(T * B, I)
+    else:
+        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
+    G = np.empty((R, G4), dt)
+    if packed.shape[0] == packed_size(kernel, H, G4):
+        KP = packed
+    else:
+        KP = pack_panels(kernel, I * G4, G4, H, G4)
+    nh = R if need_grad else 2 * B
+    Hh = np.empty((nh, H), dt)
+    Ch = np.empty((nh, H), dt)
+    if uniform:
+        y = np.empty((T, B, H), dt)
+        Yp = y.reshape(T * B, H)
+    else:
+        y = np.empty((0, 0, 0), dt)
+        Yp = np.empty((R, H), dt)
+    cT = np.empty((B, H), dt)
+    hT = np.empty((B, H), dt)
+    n0 = nb[0] if L > 0 else 0
+    for r in range(B):
+        b = order[r]
+        if r < n0:
+            _copy_row(h0[b], Hh[hbase[0] + r], H)
+            _copy_row(c0[b], Ch[hbase[0] + r], H)
+        else:
+            _copy_row(h0[b], hT[b], H)
+            _copy_row(c0[b], cT[b], H)
+    claims = np.zeros(2 * L + 2, np.int64)  # 2k, 2k+1: the halves of step k; 2L, 2L+1: projection
+    done = np.zeros(L + 1, np.int64)  # tasks done per step; done[L]: projection
+    scratch = np.empty((2, 12 * panel_width(G)), dt)
+    return order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done, scratch
+
+
+@kernel
+def lstm_forward_split_worker(w, claims, done, nb, base, hbase, order, X, kernel, G, bias, fb, KP, Hh, Ch, Yp,
+                              cT, hT, scratch):
+    """Worker ``w`` (0 or 1) of the time loop. First the input projection, in two tasks of
+    half the rows each, on one BLAS thread per worker (two-thread OpenBLAS calls leave a
+    thread spinning for tens of milliseconds, measured to slow the loop that follows
+    2.4x). Then step ``k`` is two tasks, the units
+    ``[0, h1)`` and ``[h1, H)`` with all four gates of each (``h1`` a whole number of
+    panels): the recurrent product for those gate columns, the gate update, the new
+    ``c`` and ``h`` of those units. A task is claimed by compare-and-swap (worker ``w``
+    tries its own half first, so each thread keeps streaming the same half of the packed
+    weights) and waits until both tasks of step ``k - 1`` are done: ``h`` of all units."""
+    L = nb.shape[0] - 1
+    H = Ch.shape[1]
+    G4 = 4 * H
+    NR = panel_width(G)
+    h1 = ((H // NR + 1) // 2) * NR
+    scr = scratch[w]
+    fbt = G.dtype.type(fb)
+    R = G.shape[0]
+    I = X.shape[1]
+    R0 = R // 2
+    for jj in range(2):
+        half = w ^ jj
+        if atomic_cas(claims, 2 * L + half, 0, 1) != 0:
+            continue
+        r0 = 0 if half == 0 else R0
+        r1 = R0 if half == 0 else R
+        gemm(0, 0, r1 - r0, G4, I, 1.0, X, r0 * I, I, kernel, 0, G4, 0.0, G, r0 * G4, G4, 1)
+        atomic_add(done, L, 1)
+    wait_at_least(done, L, 2)
+    for k in range(L):
+        for jj in range(2):
+            half = w ^ jj
+            if atomic_cas(claims, 2 * k + half, 0, 1) != 0:
+                continue
+            if k > 0:
+                wait_at_least(done, k - 1, 2)
+            u0 = 0 if half == 0 else h1
+            u1 = h1 if half == 0 else H
+            n = nb[k]
+            nn = nb[k + 1]
+            gb = base[k]
+            hb = hbase[k]
+            nhb = hbase[k + 1]
+            for q in range(4):
+                c0 = q * H + u0
+                gemm_acc_packed(n, u1 - u0, H, Hh, hb * H, H, KP[(c0 // NR) * H * NR:], G, gb * G4 + c0, G4, scr)
+            for r in range(n):
+                g = gb + r
+                if r < nn:
+                    cout = Ch[nhb + r]
+                    hout = Hh[nhb + r]
+                else:
+                    cout = cT[order[r]]
+                    hout = hT[order[r]]
+                _gates_tanh_units(G[g], bias, fbt, Ch[hb + r], cout, Yp[g], H, u0, u1)
+                ys = Yp[g, u0:u1]
+                hs = hout[u0:u1]
+                for j in range(u1 - u0):
+                    hs[j] = ys[j]
+            atomic_add(done, k, 1)
+
+
+def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, nthreads, packed):
+    """:func:`lstm_forward` for the configurations of :func:`split_applies`, with the time
+    loop on two threads (the caller and :mod:`._team`'s helper) that each compute half of
+    the units every step. Same arguments and results (the workspace is the one
+    :func:`lstm_backward` reads); the arithmetic of each element is the one-thread loop's
+    with the packed micro-kernel. ``nthreads`` is not used (two threads)."""
+    T, B, _ = x.shape
+    H = c0.shape[1]
+    nr = 32 if x.dtype.itemsize == 4 else 16
+    if H % nr or h0.shape[1] != H or kernel.shape[1] != 4 * H:
+        raise ValueError(f"lstm_forward_split: units must be a multiple of {nr} with no projection, "
+                         f"got c0 {c0.shape}, h0 {h0.shape}, kernel {kernel.shape}")
+    (order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done,
+     scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed)
+    run_pair(lstm_forward_split_worker, (claims, done, nb, base, hbase, order, X, kernel, G, bias,
+                                         float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch))
+    if not uniform:
+        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
+    dt = x.dtype
+    ws = (X, G, Hh, Ch, np.empty((0, H), dt), np.empty((0, H), dt), order, lens_s, nb, base)
     return y, cT, hT, ws
 
 

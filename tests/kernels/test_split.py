@@ -1,0 +1,169 @@
+"""The LSTM time loop on two threads (fastseq_kernels.lstm.lstm_forward_split, _team,
+_atomic): the same outputs, final states and workspace as the one-thread kernel, with and
+without sequence_length (lengths 0 and T), forward and reversed, float32 and float64; the
+same when the helper thread is busy (worker 0 alone does every task); correct from several
+Python threads at once; and the backend takes it (with gradients against the reference)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import fastseq
+from fastseq import nn
+
+from _kernel_helpers import assert_close
+
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+
+
+def _args(dtype, T, B, I, H, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(T, B, I)).astype(dtype)
+    k = (rng.normal(size=(I + H, 4 * H)) * 0.1).astype(dtype)
+    b = (rng.normal(size=4 * H) * 0.1).astype(dtype)
+    c0 = rng.normal(size=(B, H)).astype(dtype)
+    h0 = rng.normal(size=(B, H)).astype(dtype)
+    return x, k, b, c0, h0, np.asarray(lengths, np.int64)
+
+
+def _one_thread(x, k, b, c0, h0, L, reverse, need_grad):
+    from fastseq_kernels import lstm
+
+    dt = x.dtype
+    e1, e2, e3 = np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt)
+    return lstm.lstm_forward(x, k, b, e1, e1, e1, e2, c0, h0, L, reverse, e3, e3, 0, 1.0, -1.0, -1.0, need_grad, 1,
+                             e1)
+
+
+def _compare(got, want, dtype, what):
+    for i, name in enumerate(("y", "c_T", "h_T")):
+        assert_close(got[i], want[i], TOL[dtype], f"{what}: {name}")
+    if want[3] is not None:
+        for i, name in enumerate(("X", "G", "H history", "C history")):
+            assert_close(got[3][i], want[3][i], TOL[dtype], f"{what}: workspace {name}")
+        for i in range(6, 10):  # the row plan
+            np.testing.assert_array_equal(got[3][i], want[3][i])
+
+
+LENGTHS = {
+    "full": lambda T, B: [T] * B,
+    "mixed": lambda T, B: [T, 0, 3, T - 1, 1, 0, T, 5][:B],
+    "all-zero": lambda T, B: [0] * B,
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("lengths", sorted(LENGTHS))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("need_grad", [False, True], ids=["infer", "grad"])
+def test_split_matches_one_thread(dtype, lengths, reverse, need_grad):
+    from fastseq_kernels import lstm
+
+    T, B, I, H = 9, 8, 5, 64  # 64 units: two float32 panels, four float64 panels
+    x, k, b, c0, h0, L = _args(dtype, T, B, I, H, LENGTHS[lengths](T, B))
+    want = _one_thread(x, k, b, c0, h0, L, reverse, need_grad)
+    e1 = np.zeros(0, dtype)
+    got = lstm.lstm_forward_split(x, k, b, c0, h0, L, reverse, 1.0, need_grad, 2, e1)
+    _compare(got, want if need_grad else want[:3] + (None,), dtype, "split")
+
+
+@pytest.mark.parametrize("H", [32, 96, 160])
+def test_split_unit_counts(H):
+    """An odd number of panels (the halves differ by one panel) and a single panel (one half
+    empty)."""
+    from fastseq_kernels import lstm
+
+    x, k, b, c0, h0, L = _args(np.float32, 7, 5, 4, H, [7, 2, 0, 7, 6], seed=H)
+    want = _one_thread(x, k, b, c0, h0, L, False, True)
+    got = lstm.lstm_forward_split(x, k, b, c0, h0, L, False, 1.0, True, 2, np.zeros(0, np.float32))
+    _compare(got, want, np.float32, f"H={H}")
+
+
+def test_split_rejects_units_off_the_panels():
+    from fastseq_kernels import lstm
+
+    x, k, b, c0, h0, L = _args(np.float32, 4, 2, 3, 40, [4, 4])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        lstm.lstm_forward_split(x, k, b, c0, h0, L, False, 1.0, False, 2, np.zeros(0, np.float32))
+
+
+def test_split_with_the_helper_busy_runs_alone():
+    from fastseq_kernels import _team, lstm
+
+    x, k, b, c0, h0, L = _args(np.float64, 6, 4, 3, 32, [6, 1, 0, 4])
+    want = _one_thread(x, k, b, c0, h0, L, False, True)
+    assert _team._HELPER.busy.acquire(timeout=10)
+    try:
+        got = lstm.lstm_forward_split(x, k, b, c0, h0, L, False, 1.0, True, 2, np.zeros(0, np.float64))
+    finally:
+        _team._HELPER.busy.release()
+    _compare(got, want, np.float64, "helper busy")
+
+
+def test_split_from_several_threads_at_once():
+    from fastseq_kernels import lstm
+
+    cases = [_args(np.float32, 12, 6, 4, 64, [12, 3, 0, 12, 7, 1], seed=s) for s in range(4)]
+    wants = [_one_thread(*c, False, False) for c in cases]
+    results = [None] * len(cases)
+
+    def work(i):
+        for _ in range(5):
+            results[i] = lstm.lstm_forward_split(*cases[i][:6], False, 1.0, False, 2, np.zeros(0, np.float32))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for got, want in zip(results, wants):
+        _compare(got, want[:3] + (None,), np.float32, "threads")
+
+
+def test_split_applies_only_where_it_can():
+    from fastseq_kernels.lstm import SPLIT_MIN_MACS, split_applies
+
+    big_b = SPLIT_MIN_MACS // (4 * 512 * 512) + 1
+    assert split_applies(big_b, 512, 512, 50, True, 2, 4)
+    assert not split_applies(big_b, 512, 512, 50, True, 1, 4)  # one thread allowed
+    assert not split_applies(big_b, 512, 512, 50, False, 2, 4)  # peepholes, clipping, masks ...
+    assert not split_applies(big_b, 500, 500, 50, True, 2, 4)  # units off the panels
+    assert not split_applies(big_b, 512, 256, 50, True, 2, 4)  # projection
+    assert not split_applies(big_b, 512, 512, 3, True, 2, 4)  # too few steps
+    assert not split_applies(1, 512, 512, 50, True, 2, 4)  # too small a product per step
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch", "time"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
+def test_backend_takes_the_split_loop_and_agrees_with_the_reference(dtype, time_major, with_lengths, monkeypatch):
+    from fastseq_kernels import lstm
+
+    calls = []
+    real = lstm.lstm_forward_split
+    monkeypatch.setattr(lstm, "lstm_forward_split", lambda *a: calls.append(1) or real(*a))
+    T, B, I, H = 6, 16, 7, 256  # 16 x 1024 x 256 multiply-adds per step: above SPLIT_MIN_MACS
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(T, B, I) if time_major else (B, T, I)).astype(dtype)
+    lengths = rng.integers(0, T + 1, B) if with_lengths else None
+    if with_lengths:
+        lengths[:2] = (0, T)
+    cot = rng.normal(size=(T, B, H) if time_major else (B, T, H)).astype(dtype)
+    cell = nn.rnn_cell.LSTMCell(H)
+    out = {}
+    for backend in ("numpy", "numba"):
+        with fastseq.use_backend(backend), fastseq.threads.limit(2):
+            (y, state), pull = fastseq.vjp(nn.dynamic_rnn, cell, x, sequence_length=lengths, dtype=dtype,
+                                           time_major=time_major)
+            out[backend] = (y, state, pull(cot, None))
+    assert calls, "the numba backend did not take the two-thread loop"
+    (y0, s0, g0), (y1, s1, g1) = out["numpy"], out["numba"]
+    tol = TOL[dtype]
+    assert_close(y1, y0, tol, "outputs")
+    assert_close(s1.c, s0.c, tol, "c")
+    assert_close(s1.h, s0.h, tol, "h")
+    assert_close(g1.inputs, g0.inputs, tol, "d inputs")
+    for name in g0.weights:
+        assert_close(g1.weights[name], g0.weights[name], tol, f"d {name}")
