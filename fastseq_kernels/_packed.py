@@ -1,10 +1,12 @@
-"""Per-step products on weights packed once per call: ``C[m, n] += A[m, k] @ B[k, n]``.
+"""Per-step products on packed weights: ``C[m, n] += A[m, k] @ B[k, n]``.
 
 The recurrent product of every step multiplies the same ``B`` (the recurrent rows of the
 kernel). BLAS packs ``B`` into its own panel layout on every call, i.e. on every step;
 here it is packed once per kernel call (:func:`pack_panels`) into column panels of ``NR``
 columns, each ``[k, NR]`` contiguous and zero-padded at the right edge, and every step
-runs the register-blocked micro-kernel below over the panels.
+runs the register-blocked micro-kernel below over the panels. The kernels also accept the
+packed copy from their caller (:func:`given_or_pack`): the numba backend keeps it across
+calls for weights that cannot have changed (``backends/fastseq_numba/_packcache.py``).
 
 The micro-kernel is LLVM IR emitted through ``@intrinsic``: ``MR`` rows of ``C`` by one
 panel (two 64-byte vectors: 32 float32 or 16 float64 columns) are accumulated in

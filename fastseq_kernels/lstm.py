@@ -10,8 +10,8 @@ mask_c ``[Tm, B, H]`` and mask_h ``[Tm, B, P]`` with ``Tm`` 0 (no mask), 1 or ``
 Method (see :mod:`._common` for the row plan): the input projection of all steps is one
 GEMM ``X[R, I] @ kernel[:I]`` into the gate buffer ``G [R, 4H]``; each step adds
 ``h[nb] @ kernel[I:]`` into its block of ``G`` (:func:`._packed.step_product`: the recurrent
-rows are packed once per call for a register-blocked micro-kernel, or BLAS for large
-multi-threaded products) and applies the gate
+rows are packed once per call, or handed in already packed, for a register-blocked
+micro-kernel, or BLAS for large multi-threaded products) and applies the gate
 nonlinearities in place, so ``G`` ends up holding the activated gates the backward pass
 needs. The backward pass turns ``G`` into the gate gradients in place, one GEMM per step
 for ``d h``, and then gets every weight gradient from one GEMM over all rows.
@@ -26,7 +26,7 @@ from ._blas import gemm
 from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
     sigmoid, time_index
 from ._jit import kernel
-from ._atomic import atomic_add, atomic_cas, wait_at_least
+from ._atomic import atomic_add, atomic_cas, atomic_load, wait_at_least
 from ._packed import gemm_acc_packed, given_or_pack, pack_panels, packed_size, panel_width, scratch_for, \
     step_product
 from ._team import run_pair
@@ -326,52 +326,84 @@ def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, pac
         else:
             _copy_row(h0[b], hT[b], H)
             _copy_row(c0[b], cT[b], H)
-    claims = np.zeros(2 * L + 2, np.int64)  # 2k, 2k+1: the halves of step k; 2L, 2L+1: projection
-    done = np.zeros(L + 1, np.int64)  # tasks done per step; done[L]: projection
+    claims = np.zeros(L + 1, np.int64)  # chunks taken per step; [L]: the projection
+    done = np.zeros(L + 1, np.int64)  # chunks done per step
     scratch = np.empty((2, 12 * panel_width(G)), dt)
     return order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done, scratch
+
+
+_BACK = 1 << 32
+
+
+@kernel(inline="always")
+def _take_chunk(claims, k, nch, w):
+    """Claim a chunk of step ``k`` from ``claims[k]`` (chunks taken from the front in the
+    low 32 bits, from the back in the high ones): worker 0 takes from the front, worker 1
+    from the back, so with both at full speed each keeps to its own half of the units
+    (and of the packed weights, which then stay in its core's cache) step after step, and
+    a slower one takes fewer. Returns the chunk index, or -1 when all are taken."""
+    while True:
+        v = atomic_load(claims, k)
+        lo = v & (_BACK - 1)
+        hi = v >> 32
+        if lo + hi >= nch:
+            return -1
+        if w == 0:
+            if atomic_cas(claims, k, v, v + 1) == v:
+                return lo
+        else:
+            if atomic_cas(claims, k, v, v + _BACK) == v:
+                return nch - 1 - hi
+
+
+#: Row chunks of the input projection in :func:`lstm_forward_split_worker`.
+PROJ_CHUNKS = 4
+#: Most unit chunks per step (each a whole number of panels).
+MAX_CHUNKS = 8
 
 
 @kernel
 def lstm_forward_split_worker(w, claims, done, nb, base, hbase, order, X, kernel, G, bias, fb, KP, Hh, Ch, Yp,
                               cT, hT, scratch):
-    """Worker ``w`` (0 or 1) of the time loop. First the input projection, in two tasks of
-    half the rows each, on one BLAS thread per worker (two-thread OpenBLAS calls leave a
-    thread spinning for tens of milliseconds, measured to slow the loop that follows
-    2.4x). Then step ``k`` is two tasks, the units
-    ``[0, h1)`` and ``[h1, H)`` with all four gates of each (``h1`` a whole number of
-    panels): the recurrent product for those gate columns, the gate update, the new
-    ``c`` and ``h`` of those units. A task is claimed by compare-and-swap (worker ``w``
-    tries its own half first, so each thread keeps streaming the same half of the packed
-    weights) and waits until both tasks of step ``k - 1`` are done: ``h`` of all units."""
+    """Worker ``w`` (0 or 1) of the time loop. First the input projection in
+    ``PROJ_CHUNKS`` row chunks, on one BLAS thread per worker (a two-thread OpenBLAS call
+    leaves a thread spinning for tens of milliseconds, measured to slow the loop that
+    follows 2.4x). Then each step ``k`` in up to ``MAX_CHUNKS`` chunks of units (whole
+    panels), all four gates of each: the recurrent product for those gate columns, the
+    gate update, the new ``c`` and ``h`` of those units. Chunks are claimed per step
+    (:func:`_take_chunk`: worker 0 from the front, worker 1 from the back), so a thread
+    that gets less CPU (another process, a spinning BLAS thread) takes fewer chunks instead
+    of holding the other one up; a chunk of step ``k`` waits until every chunk of step ``k - 1`` is done (``done``):
+    ``h`` of all units. Index ``L`` of both counters is the projection."""
     L = nb.shape[0] - 1
     H = Ch.shape[1]
     G4 = 4 * H
     NR = panel_width(G)
-    h1 = ((H // NR + 1) // 2) * NR
+    npan = H // NR
+    CU = NR * max(1, (npan + MAX_CHUNKS - 1) // MAX_CHUNKS)
+    nch = (H + CU - 1) // CU
     scr = scratch[w]
     fbt = G.dtype.type(fb)
     R = G.shape[0]
     I = X.shape[1]
-    R0 = R // 2
-    for jj in range(2):
-        half = w ^ jj
-        if atomic_cas(claims, 2 * L + half, 0, 1) != 0:
-            continue
-        r0 = 0 if half == 0 else R0
-        r1 = R0 if half == 0 else R
+    while True:
+        c = _take_chunk(claims, L, PROJ_CHUNKS, w)
+        if c < 0:
+            break
+        r0 = R * c // PROJ_CHUNKS
+        r1 = R * (c + 1) // PROJ_CHUNKS
         gemm(0, 0, r1 - r0, G4, I, 1.0, X, r0 * I, I, kernel, 0, G4, 0.0, G, r0 * G4, G4, 1)
         atomic_add(done, L, 1)
-    wait_at_least(done, L, 2)
+    wait_at_least(done, L, PROJ_CHUNKS)
     for k in range(L):
-        for jj in range(2):
-            half = w ^ jj
-            if atomic_cas(claims, 2 * k + half, 0, 1) != 0:
-                continue
+        while True:
+            c = _take_chunk(claims, k, nch, w)
+            if c < 0:
+                break
             if k > 0:
-                wait_at_least(done, k - 1, 2)
-            u0 = 0 if half == 0 else h1
-            u1 = h1 if half == 0 else H
+                wait_at_least(done, k - 1, nch)
+            u0 = c * CU
+            u1 = min(u0 + CU, H)
             n = nb[k]
             nn = nb[k + 1]
             gb = base[k]
@@ -398,8 +430,8 @@ def lstm_forward_split_worker(w, claims, done, nb, base, hbase, order, X, kernel
 
 def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, nthreads, packed):
     """:func:`lstm_forward` for the configurations of :func:`split_applies`, with the time
-    loop on two threads (the caller and :mod:`._team`'s helper) that each compute half of
-    the units every step. Same arguments and results (the workspace is the one
+    loop on two threads (the caller and :mod:`._team`'s helper) that share the units of
+    every step. Same arguments and results (the workspace is the one
     :func:`lstm_backward` reads); the arithmetic of each element is the one-thread loop's
     with the packed micro-kernel. ``nthreads`` is not used (two threads)."""
     T, B, _ = x.shape

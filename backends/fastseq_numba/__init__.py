@@ -173,8 +173,9 @@ class NumbaBackend(NumpyArrayOps, Backend):
             kp = self._packed(p["kernel"], steps, I * H4, H4, spec.output_size, H4, False)
             plain = (spec.activation == "tanh" and not peep and spec.cell_clip is None and not spec.num_proj
                      and masks[0].shape[0] == 0 and masks[1].shape[0] == 0)
-            if k["lstm"].split_applies(B, spec.num_units, spec.output_size, steps, plain, nt, x.dtype.itemsize):
-                # the time loop on two threads, half of the units each (fastseq_kernels/lstm.py)
+            if k["lstm"].split_applies(B, spec.num_units, spec.output_size, steps, plain and not need_grad, nt,
+                                         x.dtype.itemsize):
+                # inference: the time loop on two threads sharing the units (fastseq_kernels/lstm.py)
                 y, cT, hT, ws = k["lstm"].lstm_forward_split(x, p["kernel"], p["bias"], states[0], states[1],
                                                              lengths, reverse, float(spec.forget_bias),
                                                              need_grad, nt, kp)
