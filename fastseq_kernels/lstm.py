@@ -27,8 +27,7 @@ from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_acti
     sigmoid, time_index
 from ._jit import kernel
 from ._atomic import atomic_add, atomic_cas, atomic_load, wait_at_least
-from ._packed import gemm_acc_packed, given_or_pack, pack_panels, packed_size, panel_width, scratch_for, \
-    step_product
+from ._packed import PACK_MIN_STEPS, gemm_acc_packed, given_or_pack, panel_width, scratch_for, step_product
 from ._team import run_pair
 
 
@@ -120,6 +119,43 @@ def _copy_row(src, dst, n):
         dst[j] = src[j]
 
 
+@kernel(inline="always")
+def _forward_setup(x, c0, h0, lengths, reverse, need_grad):
+    """What both forward loops start from: the row plan, the input rows ``X`` in plan
+    order, the carried-state buffers ``Hh``/``Ch`` with the initial state in place (rows of
+    sequences of length 0 go straight to the final state ``hT``/``cT``), and the outputs."""
+    T, B, I = x.shape
+    H = c0.shape[1]
+    P = h0.shape[1]
+    dt = x.dtype
+    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+    if uniform:
+        X = x.reshape(T * B, I)
+    else:
+        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
+    nh = R if need_grad else 2 * B
+    Hh = np.empty((nh, P), dt)
+    Ch = np.empty((nh, H), dt)
+    if uniform:
+        y = np.empty((T, B, P), dt)
+        Yp = y.reshape(T * B, P)
+    else:
+        y = np.empty((0, 0, 0), dt)
+        Yp = np.empty((R, P), dt)
+    cT = np.empty((B, H), dt)
+    hT = np.empty((B, P), dt)
+    n0 = nb[0] if nb.shape[0] > 1 else 0
+    for r in range(B):
+        b = order[r]
+        if r < n0:
+            _copy_row(h0[b], Hh[hbase[0] + r], P)
+            _copy_row(c0[b], Ch[hbase[0] + r], H)
+        else:
+            _copy_row(h0[b], hT[b], P)
+            _copy_row(c0[b], cT[b], H)
+    return order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT
+
+
 @kernel
 def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse, mask_c, mask_h, code,
                  forget_bias, cell_clip, proj_clip, need_grad, nthreads, packed):
@@ -138,45 +174,15 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
     pclip = dt.type(proj_clip)
     store_out = output_activation_stored(code)
 
-    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+    order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
+                                                                                         reverse, need_grad)
     L = nb.shape[0] - 1
-
-    if uniform:
-        X = x.reshape(T * B, I)
-    else:
-        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
     G = np.empty((R, G4), dt)
     gemm(0, 0, R, G4, I, 1.0, X, 0, I, kernel, 0, G4, 0.0, G, 0, G4, nthreads)
     KP = given_or_pack(packed, L, kernel, I * G4, G4, P, G4, False)  # recurrent rows, packed once
     scr = scratch_for(G)
-
-    nh = R if need_grad else 2 * B
-    Hh = np.empty((nh, P), dt)
-    Ch = np.empty((nh, H), dt)
     Mp = np.empty((R if need_grad else B, H) if use_proj else (0, H), dt)
     Yraw = np.empty((R, P) if (use_proj and pclip >= 0 and need_grad) else (0, P), dt)
-    if uniform:
-        y = np.empty((T, B, P), dt)
-        Yp = y.reshape(T * B, P)
-    else:
-        y = np.empty((0, 0, 0), dt)
-        Yp = np.empty((R, P), dt)
-    cT = np.empty((B, H), dt)
-    hT = np.empty((B, P), dt)
-
-    n0 = nb[0] if L > 0 else 0
-    for r in range(B):
-        b = order[r]
-        if r < n0:
-            for j in range(P):
-                Hh[hbase[0] + r, j] = h0[b, j]
-            for j in range(H):
-                Ch[hbase[0] + r, j] = c0[b, j]
-        else:
-            for j in range(P):
-                hT[b, j] = h0[b, j]
-            for j in range(H):
-                cT[b, j] = c0[b, j]
 
     mc_on = mask_c.shape[0] > 0
     mh_on = mask_h.shape[0] > 0
@@ -291,41 +297,16 @@ def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, pac
     """Everything before the time loop of :func:`lstm_forward_split` but the input
     projection (the workers do that): the row plan, the packed recurrent rows, the
     buffers, the initial state in place."""
-    T, B, I = x.shape
+    I = x.shape[2]
     H = c0.shape[1]
     G4 = 4 * H
     dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+    order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
+                                                                                         reverse, need_grad)
     L = nb.shape[0] - 1
-    if uniform:
-        X = x.reshape(T * B, I)
-    else:
-        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
     G = np.empty((R, G4), dt)
-    if packed.shape[0] == packed_size(kernel, H, G4):
-        KP = packed
-    else:
-        KP = pack_panels(kernel, I * G4, G4, H, G4)
-    nh = R if need_grad else 2 * B
-    Hh = np.empty((nh, H), dt)
-    Ch = np.empty((nh, H), dt)
-    if uniform:
-        y = np.empty((T, B, H), dt)
-        Yp = y.reshape(T * B, H)
-    else:
-        y = np.empty((0, 0, 0), dt)
-        Yp = np.empty((R, H), dt)
-    cT = np.empty((B, H), dt)
-    hT = np.empty((B, H), dt)
-    n0 = nb[0] if L > 0 else 0
-    for r in range(B):
-        b = order[r]
-        if r < n0:
-            _copy_row(h0[b], Hh[hbase[0] + r], H)
-            _copy_row(c0[b], Ch[hbase[0] + r], H)
-        else:
-            _copy_row(h0[b], hT[b], H)
-            _copy_row(c0[b], cT[b], H)
+    # packed even for loops under PACK_MIN_STEPS: the workers have no unpacked path
+    KP = given_or_pack(packed, max(L, PACK_MIN_STEPS), kernel, I * G4, G4, H, G4, False)
     claims = np.zeros(L + 1, np.int64)  # chunks taken per step; [L]: the projection
     done = np.zeros(L + 1, np.int64)  # chunks done per step
     scratch = np.empty((2, 12 * panel_width(G)), dt)

@@ -179,15 +179,14 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 y, cT, hT, ws = k["lstm"].lstm_forward_split(x, p["kernel"], p["bias"], states[0], states[1],
                                                              lengths, reverse, float(spec.forget_bias),
                                                              need_grad, nt, kp)
-                final = (cT, hT)
-                return y, final, (_Workspace(ws, T, B, I, reverse, masks, x.dtype, steps) if need_grad else None)
-            y, cT, hT, ws = k["lstm"].lstm_forward(
-                x, p["kernel"], p["bias"],
-                p["w_i_diag"] if peep else E1, p["w_f_diag"] if peep else E1, p["w_o_diag"] if peep else E1,
-                p["projection/kernel"] if spec.num_proj else E2,
-                states[0], states[1], lengths, reverse, masks[0], masks[1], code,
-                float(spec.forget_bias), self._clip(spec.cell_clip),
-                self._clip(spec.proj_clip if spec.num_proj else None), need_grad, nt, kp)
+            else:
+                y, cT, hT, ws = k["lstm"].lstm_forward(
+                    x, p["kernel"], p["bias"],
+                    p["w_i_diag"] if peep else E1, p["w_f_diag"] if peep else E1, p["w_o_diag"] if peep else E1,
+                    p["projection/kernel"] if spec.num_proj else E2,
+                    states[0], states[1], lengths, reverse, masks[0], masks[1], code,
+                    float(spec.forget_bias), self._clip(spec.cell_clip),
+                    self._clip(spec.proj_clip if spec.num_proj else None), need_grad, nt, kp)
             final = (cT, hT)
         elif spec.kind == "gru":
             H = spec.num_units
