@@ -1,7 +1,10 @@
 """Atomic operations on ``int64`` array elements for compiled code shared by two threads
-(:mod:`._split`): compare-and-swap, fetch-and-add, load, all sequentially consistent, and
-a spin-wait hint. LLVM IR through ``@intrinsic``; Numba has no atomics of its own."""
+(the two-thread loops of :mod:`.lstm` and :mod:`.gru`, see :mod:`._team`): compare-and-swap,
+fetch-and-add, load, all sequentially consistent, and a spin-wait hint, as LLVM IR through
+``@intrinsic`` (Numba has no atomics of its own); and :func:`take_chunk`, how a worker
+claims a piece of a task."""
 
+import os
 import platform
 
 from llvmlite import ir
@@ -13,6 +16,7 @@ from ._jit import kernel
 
 _i64 = ir.IntType(64)
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_POSIX = os.name == "posix"
 
 
 def _element_ptr(context, builder, arrty, arr, idx, idxty):
@@ -83,8 +87,68 @@ def spin_pause(typingctx):
     return types.void(), codegen
 
 
+@intrinsic
+def yield_cpu(typingctx):
+    """``sched_yield()`` (POSIX; nothing elsewhere): lets another thread that is runnable
+    on this CPU run now. The symbol is resolved when the machine code is loaded, so the
+    on-disk cache stays valid across processes."""
+
+    def codegen(context, builder, sig, args):
+        if _POSIX:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+#: Spins (``pause``) before :func:`wait_at_least` starts yielding the CPU.
+SPINS_BEFORE_YIELD = 2000
+
+
 @kernel(inline="always")
 def wait_at_least(arr, idx, value):
-    """Spin until ``arr[idx] >= value``."""
+    """Wait until ``arr[idx] >= value``: spin, and after ``SPINS_BEFORE_YIELD`` spins yield
+    the CPU on every round. The other worker may be the one holding this CPU (the OS
+    can put both threads of a pair on one core, or preempt one for another process);
+    spinning on would then block it for a whole time slice, milliseconds."""
+    spins = 0
     while atomic_load(arr, idx) < value:
-        spin_pause()
+        if spins < SPINS_BEFORE_YIELD:
+            spins += 1
+            spin_pause()
+        else:
+            yield_cpu()
+
+
+_BACK = 1 << 32
+
+
+@kernel(inline="always")
+def take_chunk(claims, k, nch, w):
+    """Claim one of the ``nch`` chunks of task ``k`` from ``claims[k]`` (chunks taken from
+    the front in the low 32 bits, from the back in the high ones): worker 0 takes from the
+    front, worker 1 from the back, so with both at full speed each keeps to its own half
+    of the units (and of the packed weights, which then stay in its core's cache) step
+    after step, and a slower one takes fewer. Returns the chunk index, or -1 when all are
+    taken."""
+    while True:
+        v = atomic_load(claims, k)
+        lo = v & (_BACK - 1)
+        hi = v >> 32
+        if lo + hi >= nch:
+            return -1
+        if w == 0:
+            if atomic_cas(claims, k, v, v + 1) == v:
+                return lo
+        else:
+            if atomic_cas(claims, k, v, v + _BACK) == v:
+                return nch - 1 - hi
+
+
+@kernel(inline="always")
+def chunk_cols(c, nch, ncols, NR):
+    """Columns ``[j0, j1)`` of chunk ``c`` of ``nch`` over ``ncols`` columns: whole panels of
+    ``NR`` columns, spread evenly over the chunks."""
+    npan = (ncols + NR - 1) // NR
+    return (npan * c) // nch * NR, min((npan * (c + 1)) // nch * NR, ncols)

@@ -17,7 +17,13 @@ the second thread in the first place). It is started on first use and again afte
 import os
 import threading
 
-__all__ = ["run_pair"]
+__all__ = ["run_pair", "PROJ_CHUNKS", "MAX_CHUNKS"]
+
+#: Row chunks of the input projection in the two-thread loops (``lstm_forward_split``,
+#: ``gru_forward_split``): each on one BLAS thread, claimed by whichever worker is free.
+PROJ_CHUNKS = 4
+#: Most chunks of columns per product and step (each a whole number of packed panels).
+MAX_CHUNKS = 8
 
 
 class _Helper:

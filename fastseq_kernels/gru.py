@@ -19,61 +19,129 @@ import numpy as np
 from ._blas import gemm
 from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
     sigmoid, time_index
+from ._atomic import atomic_add, chunk_cols, take_chunk, wait_at_least
 from ._jit import kernel
-from ._packed import given_or_pack, scratch_for, step_product
+from ._packed import PACK_MIN_STEPS, gemm_acc_packed, given_or_pack, panel_width, scratch_for, step_product
+from ._team import PROJ_CHUNKS, run_pair
 
 
 @kernel(inline="always")
-def _gates_row(xg, gbias, hp, rh, H):
-    """One row's reset/update gates in place (``xg`` its ``2H`` pre-activations) and
-    ``rh = r * h``: a branch-free loop over contiguous rows, which LLVM vectorises."""
-    for j in range(H):
-        rg = sigmoid(xg[j] + gbias[j])
-        ug = sigmoid(xg[H + j] + gbias[H + j])
-        xg[j] = rg
-        xg[H + j] = ug
-        rh[j] = rg * hp[j]
+def _gates_cols(xg, gbias, hp, rh, H, j0, j1):
+    """Gate columns ``j0:j1`` (of the ``2H``: reset gate below ``H``, update gate above) of
+    one row in place (``xg`` its pre-activations), and ``rh = r * h`` for the reset
+    columns: branch-free loops over contiguous views from index 0, which LLVM vectorises."""
+    a1 = min(j1, H)
+    if a1 > j0:
+        xs = xg[j0:a1]
+        bs = gbias[j0:a1]
+        hs = hp[j0:a1]
+        rs = rh[j0:a1]
+        for j in range(a1 - j0):
+            rg = sigmoid(xs[j] + bs[j])
+            xs[j] = rg
+            rs[j] = rg * hs[j]
+    b0 = max(j0, H)
+    if j1 > b0:
+        xs = xg[b0:j1]
+        bs = gbias[b0:j1]
+        for j in range(j1 - b0):
+            xs[j] = sigmoid(xs[j] + bs[j])
 
 
 @kernel(inline="always")
-def _output_tanh_row(xc, cbias, xg, hp, y, hout, one, H):
-    """The common case of one row's new state (tanh candidate, no state mask), branch-free
-    over contiguous rows; same arithmetic, in the same order, as the general loop."""
-    for j in range(H):
-        cc = ftanh(xc[j] + cbias[j])
-        xc[j] = cc
-        ug = xg[H + j]
-        hn = ug * hp[j] + (one - ug) * cc
-        y[j] = hn
-        hout[j] = hn
+def _output_tanh_units(xc, cbias, xg, hp, y, hout, one, H, u0, u1):
+    """The common case of one row's new state (tanh candidate, no state mask) for units
+    ``u0:u1``, branch-free over contiguous views; same arithmetic, in the same order, as
+    the general loop of :func:`gru_forward`."""
+    xs = xc[u0:u1]
+    bs = cbias[u0:u1]
+    us = xg[H + u0:H + u1]
+    hs = hp[u0:u1]
+    ys = y[u0:u1]
+    os_ = hout[u0:u1]
+    for j in range(u1 - u0):
+        cc = ftanh(xs[j] + bs[j])
+        xs[j] = cc
+        ug = us[j]
+        hn = ug * hs[j] + (one - ug) * cc
+        ys[j] = hn
+        os_[j] = hn
 
 
 @kernel(inline="always")
-def _grad_out_tanh_row(dh, dyr, xg, xc, hp, dxc, dxg, one, H):
-    """Backward of :func:`_output_tanh_row` for one row (no state mask): ``dh`` the carried
-    state gradient (replaced by its part through ``u * h``), ``dyr`` the output gradient,
-    ``dxc``/``dxg`` receive the candidate and update-gate gradients. Same arithmetic, in the
-    same order, as the general loop of :func:`gru_backward`."""
-    for j in range(H):
-        dhn = dh[j]
-        dhn += dyr[j]
-        ug = xg[H + j]
-        h = hp[j]
-        cc = xc[j]
+def _grad_out_tanh_units(dh, dyr, xg, xc, hp, dxc, dxg, one, H, u0, u1):
+    """Backward of :func:`_output_tanh_units` for units ``u0:u1`` of one row (no state
+    mask): ``dh`` the carried state gradient (replaced by its part through ``u * h``),
+    ``dyr`` the output gradient, ``dxc``/``dxg`` receive the candidate and update-gate
+    gradients. Same arithmetic, in the same order, as the general loop of
+    :func:`gru_backward`."""
+    dhs = dh[u0:u1]
+    dys = dyr[u0:u1]
+    us = xg[H + u0:H + u1]
+    hs = hp[u0:u1]
+    cs = xc[u0:u1]
+    dcs = dxc[u0:u1]
+    dus = dxg[H + u0:H + u1]
+    for j in range(u1 - u0):
+        dhn = dhs[j]
+        dhn += dys[j]
+        ug = us[j]
+        h = hs[j]
+        cc = cs[j]
         dcc = one - cc * cc
-        dxc[j] = dhn * (one - ug) * dcc
-        dxg[H + j] = dhn * (h - cc) * ug * (one - ug)
-        dh[j] = dhn * ug
+        dcs[j] = dhn * (one - ug) * dcc
+        dus[j] = dhn * (h - cc) * ug * (one - ug)
+        dhs[j] = dhn * ug
 
 
 @kernel(inline="always")
-def _grad_reset_row(drh, xg, hp, dxg, dh, one, H):
-    """Reset-gate gradients of one row and their share of ``d h`` (branch-free, contiguous)."""
-    for j in range(H):
-        rg = xg[j]
-        d = drh[j]
-        dxg[j] = d * hp[j] * rg * (one - rg)
-        dh[j] += d * rg
+def _grad_reset_units(drh, xg, hp, dxg, dh, one, u0, u1):
+    """Reset-gate gradients of units ``u0:u1`` of one row and their share of ``d h``
+    (branch-free, contiguous)."""
+    ds = drh[u0:u1]
+    rs = xg[u0:u1]
+    hs = hp[u0:u1]
+    dgs = dxg[u0:u1]
+    dhs = dh[u0:u1]
+    for j in range(u1 - u0):
+        rg = rs[j]
+        d = ds[j]
+        dgs[j] = d * hs[j] * rg * (one - rg)
+        dhs[j] += d * rg
+
+
+@kernel(inline="always")
+def _forward_setup(x, h0, lengths, reverse, need_grad):
+    """What both forward loops start from: the row plan, the input rows ``X`` in plan
+    order, the carried-state buffer ``Hh`` with the initial state in place (rows of
+    sequences of length 0 go straight to the final state ``hT``), ``RH`` (``r * h``) and
+    the outputs."""
+    T, B, I = x.shape
+    H = h0.shape[1]
+    dt = x.dtype
+    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+    if uniform:
+        X = x.reshape(T * B, I)
+    else:
+        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
+    Hh = np.empty((R if need_grad else 2 * B, H), dt)
+    RH = np.empty((R if need_grad else B, H), dt)
+    if uniform:
+        y = np.empty((T, B, H), dt)
+        Yp = y.reshape(T * B, H)
+    else:
+        y = np.empty((0, 0, 0), dt)
+        Yp = np.empty((R, H), dt)
+    hT = np.empty((B, H), dt)
+    n0 = nb[0] if nb.shape[0] > 1 else 0
+    for r in range(B):
+        b = order[r]
+        for j in range(H):
+            if r < n0:
+                Hh[hbase[0] + r, j] = h0[b, j]
+            else:
+                hT[b, j] = h0[b, j]
+    return order, lens_s, nb, base, hbase, R, uniform, X, Hh, RH, y, Yp, hT
 
 
 @kernel
@@ -88,12 +156,9 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
     dt = x.dtype
     one = dt.type(1.0)
     store_out = output_activation_stored(code)
-    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+    order, lens_s, nb, base, hbase, R, uniform, X, Hh, RH, y, Yp, hT = _forward_setup(x, h0, lengths, reverse,
+                                                                                     need_grad)
     L = nb.shape[0] - 1
-    if uniform:
-        X = x.reshape(T * B, I)
-    else:
-        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
     XG = np.empty((R, H2), dt)
     XC = np.empty((R, H), dt)
     gemm(0, 0, R, H2, I, 1.0, X, 0, I, gates_kernel, 0, H2, 0.0, XG, 0, H2, nthreads)
@@ -101,25 +166,8 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
     KPg = given_or_pack(packed_g, L, gates_kernel, I * H2, H2, H, H2, False)  # recurrent rows, packed once
     KPc = given_or_pack(packed_c, L, cand_kernel, I * H, H, H, H, False)
     scr = scratch_for(XG)
-    Hh = np.empty((R if need_grad else 2 * B, H), dt)
-    RH = np.empty((R if need_grad else B, H), dt)
-    if uniform:
-        y = np.empty((T, B, H), dt)
-        Yp = y.reshape(T * B, H)
-    else:
-        y = np.empty((0, 0, 0), dt)
-        Yp = np.empty((R, H), dt)
-    hT = np.empty((B, H), dt)
-    n0 = nb[0] if L > 0 else 0
-    for r in range(B):
-        b = order[r]
-        for j in range(H):
-            if r < n0:
-                Hh[hbase[0] + r, j] = h0[b, j]
-            else:
-                hT[b, j] = h0[b, j]
     mh_on = mask_h.shape[0] > 0
-    fast_out = code == TANH and not mh_on  # decided once: see _output_tanh_row
+    fast_out = code == TANH and not mh_on  # decided once: see _output_tanh_units
     for k in range(L):
         n = nb[k]
         nn = nb[k + 1]
@@ -129,13 +177,13 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
         rb = gb if need_grad else 0
         step_product(n, H2, H, Hh, hb * H, H, KPg, gates_kernel, I * H2, H2, 0, XG, gb * H2, H2, 1, nthreads, scr)
         for r in range(n):
-            _gates_row(XG[gb + r], gates_bias, Hh[hb + r], RH[rb + r], H)
+            _gates_cols(XG[gb + r], gates_bias, Hh[hb + r], RH[rb + r], H, 0, H2)
         step_product(n, H, H, RH, rb * H, H, KPc, cand_kernel, I * H, H, 0, XC, gb * H, H, 1, nthreads, scr)
         if fast_out:
             for r in range(n):
                 g = gb + r
                 hout = Hh[nhb + r] if r < nn else hT[order[r]]
-                _output_tanh_row(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H)
+                _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H, 0, H)
         for r in range(n if not fast_out else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
@@ -157,6 +205,134 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
     ws = (X, XG, XC, Hh, RH, order, lens_s, nb, base)
     return y, hT, ws
+
+
+#: Smallest per-step product (multiply-adds, rows x 3H x H) for which the forward loop
+#: runs on two threads (:func:`gru_forward_split`); below it the one-thread loop above.
+SPLIT_MIN_MACS = 1 << 20
+
+
+def split_applies(B, H, steps, plain, nthreads):
+    """Whether :func:`gru_forward_split` can and should run this layer: the common
+    configuration (``plain``: tanh candidate, no state mask), two threads allowed, and a
+    per-step product large enough to pay for two barriers per step."""
+    return plain and nthreads >= 2 and steps >= 4 and H >= 32 and B * 3 * H * H >= SPLIT_MIN_MACS
+
+
+@kernel
+def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g, packed_c):
+    """Everything before the time loop of :func:`gru_forward_split` but the input
+    projections (the workers do those): the row plan, the packed recurrent rows, the
+    buffers, the initial state in place, the task counters."""
+    I = x.shape[2]
+    H = h0.shape[1]
+    H2 = 2 * H
+    dt = x.dtype
+    order, lens_s, nb, base, hbase, R, uniform, X, Hh, RH, y, Yp, hT = _forward_setup(x, h0, lengths, reverse,
+                                                                                     need_grad)
+    L = nb.shape[0] - 1
+    XG = np.empty((R, H2), dt)
+    XC = np.empty((R, H), dt)
+    # packed even for loops under PACK_MIN_STEPS: the workers have no unpacked path
+    KPg = given_or_pack(packed_g, max(L, PACK_MIN_STEPS), gates_kernel, I * H2, H2, H, H2, False)
+    KPc = given_or_pack(packed_c, max(L, PACK_MIN_STEPS), cand_kernel, I * H, H, H, H, False)
+    claims = np.zeros(2 * L + 1, np.int64)  # chunks taken per task: 2k gates, 2k+1 candidate; [2L] projections
+    done = np.zeros(2 * L + 1, np.int64)  # chunks done per task
+    scratch = np.empty((2, 12 * panel_width(XG)), dt)
+    return order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, Hh, RH, y, Yp, hT, claims, done, scratch
+
+
+#: Chunks per product and step in :func:`gru_forward_split_worker`: one per worker.
+#: Measured on the 2-core machine (P2's layers, B=32, H=200): two chunks 1.46x faster than
+#: the one-thread loop, four 1.37x, eight (two panels each) 1.25x; with small chunks the
+#: per-row gate loops are short and their fixed cost dominates.
+CHUNKS = 2
+
+
+@kernel
+def gru_forward_split_worker(w, claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC,
+                             gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, need_grad, scratch, nchunks):
+    """Worker ``w`` (0 or 1) of the time loop. First the two input projections in
+    ``PROJ_CHUNKS`` row chunks each, one BLAS thread per worker (see
+    :func:`.lstm.lstm_forward_split_worker`). Then two tasks per step ``k``, each in chunks
+    of whole panels claimed by :func:`._atomic.take_chunk`: task ``2k``, columns of the gate
+    product ``h @ gates_kernel[I:]`` with their gates (and ``r * h`` for reset columns),
+    once every chunk of the previous step is done (``h`` of all units); task ``2k + 1``,
+    columns of the candidate product ``(r * h) @ cand_kernel[I:]`` with the new state of
+    those units, once every gate chunk of the step is done (``r * h`` of all units)."""
+    L = nb.shape[0] - 1
+    H = Hh.shape[1]
+    H2 = 2 * H
+    I = X.shape[1]
+    R = XG.shape[0]
+    NR = panel_width(XG)
+    ncg = min((H2 + NR - 1) // NR, nchunks)
+    ncc = min((H + NR - 1) // NR, nchunks)
+    scr = scratch[w]
+    one = XG.dtype.type(1.0)
+    P = 2 * L
+    while True:
+        c = take_chunk(claims, P, 2 * PROJ_CHUNKS, w)
+        if c < 0:
+            break
+        q = c % PROJ_CHUNKS
+        r0 = R * q // PROJ_CHUNKS
+        r1 = R * (q + 1) // PROJ_CHUNKS
+        if c < PROJ_CHUNKS:
+            gemm(0, 0, r1 - r0, H2, I, 1.0, X, r0 * I, I, gates_kernel, 0, H2, 0.0, XG, r0 * H2, H2, 1)
+        else:
+            gemm(0, 0, r1 - r0, H, I, 1.0, X, r0 * I, I, cand_kernel, 0, H, 0.0, XC, r0 * H, H, 1)
+        atomic_add(done, P, 1)
+    wait_at_least(done, P, 2 * PROJ_CHUNKS)
+    for k in range(L):
+        n = nb[k]
+        nn = nb[k + 1]
+        gb = base[k]
+        hb = hbase[k]
+        nhb = hbase[k + 1]
+        rb = gb if need_grad else 0
+        while True:
+            c = take_chunk(claims, 2 * k, ncg, w)
+            if c < 0:
+                break
+            if k > 0:
+                wait_at_least(done, 2 * k - 1, ncc)
+            j0, j1 = chunk_cols(c, ncg, H2, NR)
+            gemm_acc_packed(n, j1 - j0, H, Hh, hb * H, H, KPg[(j0 // NR) * H * NR:], XG, gb * H2 + j0, H2, scr)
+            for r in range(n):
+                _gates_cols(XG[gb + r], gates_bias, Hh[hb + r], RH[rb + r], H, j0, j1)
+            atomic_add(done, 2 * k, 1)
+        while True:
+            c = take_chunk(claims, 2 * k + 1, ncc, w)
+            if c < 0:
+                break
+            wait_at_least(done, 2 * k, ncg)
+            u0, u1 = chunk_cols(c, ncc, H, NR)
+            gemm_acc_packed(n, u1 - u0, H, RH, rb * H, H, KPc[(u0 // NR) * H * NR:], XC, gb * H + u0, H, scr)
+            for r in range(n):
+                g = gb + r
+                hout = Hh[nhb + r] if r < nn else hT[order[r]]
+                _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H, u0, u1)
+            atomic_add(done, 2 * k + 1, 1)
+
+
+def gru_forward_split(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, need_grad,
+                      packed_g, packed_c):
+    """:func:`gru_forward` for the configurations of :func:`split_applies` (tanh, no state
+    mask), with the time loop on two threads (the caller and :mod:`._team`'s helper) that
+    share the columns of both products of every step. Same results, and the same
+    workspace for :func:`gru_backward`; the arithmetic of each element is the one-thread
+    loop's with the packed micro-kernel."""
+    T, B, _ = x.shape
+    (order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, Hh, RH, y, Yp, hT, claims, done,
+     scratch) = gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g,
+                                        packed_c)
+    run_pair(gru_forward_split_worker, (claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC,
+                                        gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, bool(need_grad), scratch,
+                                        CHUNKS))
+    if not uniform:
+        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
+    return y, hT, (X, XG, XC, Hh, RH, order, lens_s, nb, base)
 
 
 @kernel
@@ -187,15 +363,15 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
     KPgt = given_or_pack(packed_gt, L, gates_kernel, I * H2, H2, H2, H, True)
     scr = scratch_for(dXG)
     mh_on = mask_h.shape[0] > 0
-    fast_out = code == TANH and not mh_on  # decided once: see _grad_out_tanh_row
+    fast_out = code == TANH and not mh_on  # decided once: see _grad_out_tanh_units
     for k in range(L - 1, -1, -1):
         n = nb[k]
         gb = base[k]
         if fast_out:
             for r in range(n):
                 g = gb + r
-                _grad_out_tanh_row(dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], XG[g], XC[g], Hh[g],
-                                   dXC[g], dXG[g], one, H)
+                _grad_out_tanh_units(dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], XG[g], XC[g], Hh[g],
+                                     dXC[g], dXG[g], one, H, 0, H)
         for r in range(n if not fast_out else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
@@ -219,7 +395,7 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
         step_product(n, H, H, dXC, gb * H, H, KPct, cand_kernel, I * H, H, 1, dRH, 0, H, 0, nthreads, scr)
         for r in range(n):
             g = gb + r
-            _grad_reset_row(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, H)
+            _grad_reset_units(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, 0, H)
         step_product(n, H, H2, dXG, gb * H2, H2, KPgt, gates_kernel, I * H2, H2, 1, dH, 0, H, 1, nthreads, scr)
 
     dgk = np.empty((I + H, H2), dt)
@@ -248,3 +424,4 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
         for j in range(H):
             dh0[b, j] = dH[r, j]
     return dx, dh0, dgk, dgb, dck, dcb
+

@@ -26,9 +26,9 @@ from ._blas import gemm
 from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
     sigmoid, time_index
 from ._jit import kernel
-from ._atomic import atomic_add, atomic_cas, atomic_load, wait_at_least
+from ._atomic import atomic_add, chunk_cols, take_chunk, wait_at_least
 from ._packed import PACK_MIN_STEPS, gemm_acc_packed, given_or_pack, panel_width, scratch_for, step_product
-from ._team import run_pair
+from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
 
 @kernel(inline="always")
@@ -313,46 +313,16 @@ def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, pac
     return order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done, scratch
 
 
-_BACK = 1 << 32
-
-
-@kernel(inline="always")
-def _take_chunk(claims, k, nch, w):
-    """Claim a chunk of step ``k`` from ``claims[k]`` (chunks taken from the front in the
-    low 32 bits, from the back in the high ones): worker 0 takes from the front, worker 1
-    from the back, so with both at full speed each keeps to its own half of the units
-    (and of the packed weights, which then stay in its core's cache) step after step, and
-    a slower one takes fewer. Returns the chunk index, or -1 when all are taken."""
-    while True:
-        v = atomic_load(claims, k)
-        lo = v & (_BACK - 1)
-        hi = v >> 32
-        if lo + hi >= nch:
-            return -1
-        if w == 0:
-            if atomic_cas(claims, k, v, v + 1) == v:
-                return lo
-        else:
-            if atomic_cas(claims, k, v, v + _BACK) == v:
-                return nch - 1 - hi
-
-
-#: Row chunks of the input projection in :func:`lstm_forward_split_worker`.
-PROJ_CHUNKS = 4
-#: Most unit chunks per step (each a whole number of panels).
-MAX_CHUNKS = 8
-
-
 @kernel
 def lstm_forward_split_worker(w, claims, done, nb, base, hbase, order, X, kernel, G, bias, fb, KP, Hh, Ch, Yp,
-                              cT, hT, scratch):
+                              cT, hT, scratch, nchunks):
     """Worker ``w`` (0 or 1) of the time loop. First the input projection in
     ``PROJ_CHUNKS`` row chunks, on one BLAS thread per worker (a two-thread OpenBLAS call
     leaves a thread spinning for tens of milliseconds, measured to slow the loop that
     follows 2.4x). Then each step ``k`` in up to ``MAX_CHUNKS`` chunks of units (whole
     panels), all four gates of each: the recurrent product for those gate columns, the
     gate update, the new ``c`` and ``h`` of those units. Chunks are claimed per step
-    (:func:`_take_chunk`: worker 0 from the front, worker 1 from the back), so a thread
+    (:func:`._atomic.take_chunk`: worker 0 from the front, worker 1 from the back), so a thread
     that gets less CPU (another process, a spinning BLAS thread) takes fewer chunks instead
     of holding the other one up; a chunk of step ``k`` waits until every chunk of step ``k - 1`` is done (``done``):
     ``h`` of all units. Index ``L`` of both counters is the projection."""
@@ -361,14 +331,13 @@ def lstm_forward_split_worker(w, claims, done, nb, base, hbase, order, X, kernel
     G4 = 4 * H
     NR = panel_width(G)
     npan = H // NR
-    CU = NR * max(1, (npan + MAX_CHUNKS - 1) // MAX_CHUNKS)
-    nch = (H + CU - 1) // CU
+    nch = min(npan, nchunks)
     scr = scratch[w]
     fbt = G.dtype.type(fb)
     R = G.shape[0]
     I = X.shape[1]
     while True:
-        c = _take_chunk(claims, L, PROJ_CHUNKS, w)
+        c = take_chunk(claims, L, PROJ_CHUNKS, w)
         if c < 0:
             break
         r0 = R * c // PROJ_CHUNKS
@@ -378,13 +347,12 @@ def lstm_forward_split_worker(w, claims, done, nb, base, hbase, order, X, kernel
     wait_at_least(done, L, PROJ_CHUNKS)
     for k in range(L):
         while True:
-            c = _take_chunk(claims, k, nch, w)
+            c = take_chunk(claims, k, nch, w)
             if c < 0:
                 break
             if k > 0:
                 wait_at_least(done, k - 1, nch)
-            u0 = c * CU
-            u1 = min(u0 + CU, H)
+            u0, u1 = chunk_cols(c, nch, H, NR)
             n = nb[k]
             nn = nb[k + 1]
             gb = base[k]
@@ -424,7 +392,7 @@ def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, n
     (order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done,
      scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed)
     run_pair(lstm_forward_split_worker, (claims, done, nb, base, hbase, order, X, kernel, G, bias,
-                                         float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch))
+                                         float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch, MAX_CHUNKS))
     if not uniform:
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
     dt = x.dtype

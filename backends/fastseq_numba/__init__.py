@@ -192,9 +192,16 @@ class NumbaBackend(NumpyArrayOps, Backend):
             H = spec.num_units
             kg = self._packed(p["gates/kernel"], steps, I * 2 * H, 2 * H, H, 2 * H, False)
             kc = self._packed(p["candidate/kernel"], steps, I * H, H, H, H, False)
-            y, hT, ws = k["gru"].gru_forward(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
-                                             p["candidate/bias"], states[0], lengths, reverse, masks[0], code,
-                                             need_grad, nt, kg, kc)
+            if k["gru"].split_applies(B, H, steps, spec.activation == "tanh" and masks[0].shape[0] == 0
+                                      and not need_grad, nt):
+                # inference: the time loop on two threads sharing the columns of each step (fastseq_kernels/gru.py)
+                y, hT, ws = k["gru"].gru_forward_split(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
+                                                       p["candidate/bias"], states[0], lengths, reverse, need_grad,
+                                                       kg, kc)
+            else:
+                y, hT, ws = k["gru"].gru_forward(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
+                                                 p["candidate/bias"], states[0], lengths, reverse, masks[0], code,
+                                                 need_grad, nt, kg, kc)
             final = (hT,)
         else:
             H = spec.num_units

@@ -89,7 +89,7 @@ def test_split_rejects_units_off_the_panels():
 
 @pytest.mark.parametrize("H", [512, 544])
 def test_split_chunks_of_several_panels(H):
-    """More than MAX_CHUNKS panels: chunks of two panels, the last one shorter for 17."""
+    """More than MAX_CHUNKS panels: chunks of two panels (16 panels), of two and three (17)."""
     from fastseq_kernels import lstm
 
     x, k, b, c0, h0, L = _args(np.float32, 5, 3, 4, H, [5, 0, 3], seed=H)

@@ -1,0 +1,180 @@
+"""The GRU time loop on two threads (fastseq_kernels.gru.gru_forward_split): the same
+outputs, final state and workspace as the one-thread kernel, with and without
+sequence_length (lengths 0 and T), forward and reversed, float32 and float64, for unit
+counts on and off the packed panels; the same when the helper thread is busy; correct
+from several Python threads at once; and the backend takes it for inference (against the
+reference) and keeps the one-thread loop for training."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import fastseq
+from fastseq import nn
+
+from _kernel_helpers import assert_close
+
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+
+
+def _args(dtype, T, B, I, H, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(T, B, I)).astype(dtype)
+    gk = (rng.normal(size=(I + H, 2 * H)) * 0.2).astype(dtype)
+    gb = (rng.normal(size=2 * H) * 0.2).astype(dtype)
+    ck = (rng.normal(size=(I + H, H)) * 0.2).astype(dtype)
+    cb = (rng.normal(size=H) * 0.2).astype(dtype)
+    h0 = rng.normal(size=(B, H)).astype(dtype)
+    return x, gk, gb, ck, cb, h0, np.asarray(lengths, np.int64)
+
+
+def _one_thread(x, gk, gb, ck, cb, h0, L, reverse, need_grad):
+    from fastseq_kernels import gru
+
+    dt = x.dtype
+    e1, e3 = np.zeros(0, dt), np.zeros((0, 1, 1), dt)
+    return gru.gru_forward(x, gk, gb, ck, cb, h0, L, reverse, e3, 0, need_grad, 1, e1, e1)
+
+
+def _split(x, gk, gb, ck, cb, h0, L, reverse, need_grad):
+    from fastseq_kernels import gru
+
+    e1 = np.zeros(0, x.dtype)
+    return gru.gru_forward_split(x, gk, gb, ck, cb, h0, L, reverse, need_grad, e1, e1)
+
+
+def _compare(got, want, dtype, what, workspace):
+    assert_close(got[0], want[0], TOL[dtype], f"{what}: y")
+    assert_close(got[1], want[1], TOL[dtype], f"{what}: h_T")
+    if workspace:
+        for i, name in enumerate(("X", "gates", "candidate", "H history", "r*h history")):
+            assert_close(got[2][i], want[2][i], TOL[dtype], f"{what}: workspace {name}")
+        for i in range(5, 9):  # the row plan
+            np.testing.assert_array_equal(got[2][i], want[2][i])
+
+
+LENGTHS = {
+    "full": lambda T, B: [T] * B,
+    "mixed": lambda T, B: [T, 0, 3, T - 1, 1, 0, T, 5][:B],
+    "all-zero": lambda T, B: [0] * B,
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("lengths", sorted(LENGTHS))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("need_grad", [False, True], ids=["infer", "grad"])
+def test_split_matches_one_thread(dtype, lengths, reverse, need_grad):
+    T, B, I, H = 9, 8, 5, 64
+    args = _args(dtype, T, B, I, H, LENGTHS[lengths](T, B))
+    want = _one_thread(*args, reverse, need_grad)
+    got = _split(*args, reverse, need_grad)
+    _compare(got, want, dtype, "split", need_grad)
+
+
+@pytest.mark.parametrize("H", [32, 40, 200, 544])
+def test_split_unit_counts(H):
+    """One panel; a panel and a part (the reset and update columns of one chunk share a
+    panel); P2's 200 units (12.5 gate panels); many panels."""
+    args = _args(np.float32, 7, 5, 4, H, [7, 2, 0, 7, 6], seed=H)
+    want = _one_thread(*args, False, True)
+    got = _split(*args, False, True)
+    _compare(got, want, np.float32, f"H={H}", True)
+
+
+def test_split_chunk_columns_cover_each_column_once():
+    from fastseq_kernels._atomic import chunk_cols
+
+    for ncols in (8, 32, 40, 200, 400, 544):
+        for nch in (1, 2, 3, 8):
+            npan = (ncols + 31) // 32
+            if nch > npan:
+                continue
+            spans = [chunk_cols(c, nch, ncols, 32) for c in range(nch)]
+            assert spans[0][0] == 0 and spans[-1][1] == ncols
+            for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+                assert a1 == b0 and a0 < a1 and a0 % 32 == 0
+            panels = [(j1 - j0 + 31) // 32 for j0, j1 in spans]
+            assert max(panels) - min(panels) <= 1  # whole panels, spread evenly
+
+
+def test_split_with_the_helper_busy_runs_alone():
+    from fastseq_kernels import _team
+
+    args = _args(np.float64, 6, 4, 3, 48, [6, 1, 0, 4])
+    want = _one_thread(*args, False, True)
+    assert _team._HELPER.busy.acquire(timeout=10)
+    try:
+        got = _split(*args, False, True)
+    finally:
+        _team._HELPER.busy.release()
+    _compare(got, want, np.float64, "helper busy", True)
+
+
+def test_split_from_several_threads_at_once():
+    cases = [_args(np.float32, 12, 6, 4, 64, [12, 3, 0, 12, 7, 1], seed=s) for s in range(4)]
+    wants = [_one_thread(*c, False, False) for c in cases]
+    results = [None] * len(cases)
+
+    def work(i):
+        for _ in range(5):
+            results[i] = _split(*cases[i], False, False)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for got, want in zip(results, wants):
+        _compare(got, want, np.float32, "threads", False)
+
+
+def test_split_applies_only_where_it_can():
+    from fastseq_kernels.gru import SPLIT_MIN_MACS, split_applies
+
+    big_b = SPLIT_MIN_MACS // (3 * 200 * 200) + 1
+    assert split_applies(big_b, 200, 28, True, 2)
+    assert not split_applies(big_b, 200, 28, True, 1)  # one thread allowed
+    assert not split_applies(big_b, 200, 28, False, 2)  # another activation, a state mask, training
+    assert not split_applies(big_b, 200, 3, True, 2)  # too few steps
+    assert not split_applies(SPLIT_MIN_MACS // (3 * 16 * 16) + 1, 16, 28, True, 2)  # less than a panel of units
+    assert not split_applies(1, 200, 28, True, 2)  # too small a product per step
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch", "time"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
+def test_backend_takes_the_split_loop_for_inference_and_agrees_with_the_reference(dtype, time_major, with_lengths,
+                                                                                  monkeypatch):
+    from fastseq_kernels import gru
+
+    calls = []
+    real = gru.gru_forward_split
+    monkeypatch.setattr(gru, "gru_forward_split", lambda *a: calls.append(1) or real(*a))
+    T, B, I, H = 6, 16, 7, 160  # 16 x 3 x 160 x 160 multiply-adds per step: above SPLIT_MIN_MACS
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(T, B, I) if time_major else (B, T, I)).astype(dtype)
+    lengths = rng.integers(0, T + 1, B) if with_lengths else None
+    if with_lengths:
+        lengths[:2] = (0, T)
+    cot = rng.normal(size=(T, B, H) if time_major else (B, T, H)).astype(dtype)
+    cell = nn.rnn_cell.GRUCell(H)
+    out = {}
+    for backend in ("numpy", "numba"):
+        with fastseq.use_backend(backend), fastseq.threads.limit(2):
+            out[backend] = nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=dtype, time_major=time_major)
+    assert calls, "the numba backend did not take the two-thread loop"
+    (y0, s0), (y1, s1) = out["numpy"], out["numba"]
+    tol = TOL[dtype]
+    assert_close(y1, y0, tol, "outputs")
+    assert_close(s1, s0, tol, "state")
+    # training keeps the one-thread loop (see backends/fastseq_numba: layer_forward)
+    n = len(calls)
+    with fastseq.use_backend("numba"), fastseq.threads.limit(2):
+        (y2, _), pull = fastseq.vjp(nn.dynamic_rnn, cell, x, sequence_length=lengths, dtype=dtype,
+                                    time_major=time_major)
+        pull(cot, None)
+    assert len(calls) == n
+    assert_close(y2, y0, tol, "outputs (training)")
