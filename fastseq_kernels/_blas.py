@@ -27,6 +27,29 @@ from ._jit import kernel
 _THREADS_SYMBOL = "fastseq_blas_set_threads_local"
 _keepalive = []
 
+#: ``OPENBLAS_THREAD_TIMEOUT`` for SciPy's OpenBLAS when the kernels load it first: its
+#: idle threads spin for ``2**n`` CPU cycles after a parallel call before they sleep.
+#: OpenBLAS's default (28: about 0.1 s) keeps a core busy long after a layer's last
+#: two-thread product, and the two-thread time loops that follow (``_team``) then share
+#: that core with a spinning thread: measured on the 2-core machine, P2 training with the
+#: two-thread GRU loop 37-41 ms at the default, 28-33 ms at 22 (about 1.6 ms at 2.6 GHz,
+#: still longer than the gap between the per-step products of one loop).
+OPENBLAS_THREAD_TIMEOUT = "22"
+
+
+def _load_blas(path):
+    """``ctypes.CDLL(path)`` with ``OPENBLAS_THREAD_TIMEOUT`` set for the load (OpenBLAS
+    reads it once, when the library initialises) unless the user set it; the process
+    environment is left as it was. No effect when the library is already loaded."""
+    key = "OPENBLAS_THREAD_TIMEOUT"
+    if key in os.environ:
+        return ctypes.CDLL(path)
+    os.environ[key] = OPENBLAS_THREAD_TIMEOUT
+    try:
+        return ctypes.CDLL(path)
+    finally:
+        del os.environ[key]
+
 
 def _bind_thread_control():
     addr = None
@@ -35,7 +58,7 @@ def _bind_thread_control():
 
         pattern = os.path.join(os.path.dirname(scipy.__file__) + ".libs", "*openblas*")
         for path in sorted(glob.glob(pattern)):
-            lib = ctypes.CDLL(path)
+            lib = _load_blas(path)
             fn = getattr(lib, "openblas_set_num_threads_local", None)
             if fn is not None:
                 addr = ctypes.cast(fn, ctypes.c_void_p).value

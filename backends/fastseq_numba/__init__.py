@@ -173,9 +173,8 @@ class NumbaBackend(NumpyArrayOps, Backend):
             kp = self._packed(p["kernel"], steps, I * H4, H4, spec.output_size, H4, False)
             plain = (spec.activation == "tanh" and not peep and spec.cell_clip is None and not spec.num_proj
                      and masks[0].shape[0] == 0 and masks[1].shape[0] == 0)
-            if k["lstm"].split_applies(B, spec.num_units, spec.output_size, steps, plain and not need_grad, nt,
-                                         x.dtype.itemsize):
-                # inference: the time loop on two threads sharing the units (fastseq_kernels/lstm.py)
+            if k["lstm"].split_applies(B, spec.num_units, spec.output_size, steps, plain, nt, x.dtype.itemsize):
+                # the time loop on two threads sharing the units (fastseq_kernels/lstm.py)
                 y, cT, hT, ws = k["lstm"].lstm_forward_split(x, p["kernel"], p["bias"], states[0], states[1],
                                                              lengths, reverse, float(spec.forget_bias),
                                                              need_grad, nt, kp)
@@ -192,9 +191,8 @@ class NumbaBackend(NumpyArrayOps, Backend):
             H = spec.num_units
             kg = self._packed(p["gates/kernel"], steps, I * 2 * H, 2 * H, H, 2 * H, False)
             kc = self._packed(p["candidate/kernel"], steps, I * H, H, H, H, False)
-            if k["gru"].split_applies(B, H, steps, spec.activation == "tanh" and masks[0].shape[0] == 0
-                                      and not need_grad, nt):
-                # inference: the time loop on two threads sharing the columns of each step (fastseq_kernels/gru.py)
+            if k["gru"].split_applies(B, H, steps, spec.activation == "tanh" and masks[0].shape[0] == 0, nt):
+                # the time loop on two threads sharing the columns of each step (fastseq_kernels/gru.py)
                 y, hT, ws = k["gru"].gru_forward_split(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
                                                        p["candidate/bias"], states[0], lengths, reverse, need_grad,
                                                        kg, kc)

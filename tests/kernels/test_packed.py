@@ -86,3 +86,21 @@ def test_step_product_paths(dtype, transb, beta):
                 step_product(m, n, k, a, 0, k, bp, b, 0, b.shape[1], transb, c, 0, n, beta, nthreads,
                              scratch_for(c))
                 assert _rel_err(c, want) <= 10 * TOL[dtype], (m, nthreads, packed)
+
+
+def test_scipy_blas_is_loaded_with_a_short_thread_timeout_and_the_environment_left_alone(monkeypatch):
+    """fastseq_kernels._blas loads SciPy's OpenBLAS with OPENBLAS_THREAD_TIMEOUT set for
+    the load only, and leaves a value the user set alone."""
+    import os
+
+    from fastseq_kernels import _blas
+
+    seen = []
+    monkeypatch.setattr(_blas.ctypes, "CDLL", lambda path: seen.append(os.environ.get("OPENBLAS_THREAD_TIMEOUT")))
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    _blas._load_blas("libopenblas.so")
+    assert seen == [_blas.OPENBLAS_THREAD_TIMEOUT]
+    assert "OPENBLAS_THREAD_TIMEOUT" not in os.environ
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "26")
+    _blas._load_blas("libopenblas.so")
+    assert seen[-1] == "26" and os.environ["OPENBLAS_THREAD_TIMEOUT"] == "26"

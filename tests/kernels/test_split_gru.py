@@ -3,7 +3,7 @@ outputs, final state and workspace as the one-thread kernel, with and without
 sequence_length (lengths 0 and T), forward and reversed, float32 and float64, for unit
 counts on and off the packed panels; the same when the helper thread is busy; correct
 from several Python threads at once; and the backend takes it for inference (against the
-reference) and keeps the one-thread loop for training."""
+reference), for inference and for training."""
 
 import threading
 
@@ -146,7 +146,7 @@ def test_split_applies_only_where_it_can():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("time_major", [False, True], ids=["batch", "time"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
-def test_backend_takes_the_split_loop_for_inference_and_agrees_with_the_reference(dtype, time_major, with_lengths,
+def test_backend_takes_the_split_loop_and_agrees_with_the_reference(dtype, time_major, with_lengths,
                                                                                   monkeypatch):
     from fastseq_kernels import gru
 
@@ -170,11 +170,18 @@ def test_backend_takes_the_split_loop_for_inference_and_agrees_with_the_referenc
     tol = TOL[dtype]
     assert_close(y1, y0, tol, "outputs")
     assert_close(s1, s0, tol, "state")
-    # training keeps the one-thread loop (see backends/fastseq_numba: layer_forward)
+    # training takes it too; its gradients against the reference
     n = len(calls)
-    with fastseq.use_backend("numba"), fastseq.threads.limit(2):
-        (y2, _), pull = fastseq.vjp(nn.dynamic_rnn, cell, x, sequence_length=lengths, dtype=dtype,
-                                    time_major=time_major)
-        pull(cot, None)
-    assert len(calls) == n
+    grads = {}
+    for backend in ("numpy", "numba"):
+        with fastseq.use_backend(backend), fastseq.threads.limit(2):
+            (y2, _), pull = fastseq.vjp(nn.dynamic_rnn, cell, x, sequence_length=lengths, dtype=dtype,
+                                        time_major=time_major)
+            grads[backend] = pull(cot, None)
+    assert len(calls) > n, "training did not take the two-thread loop"
     assert_close(y2, y0, tol, "outputs (training)")
+    g0, g1 = grads["numpy"], grads["numba"]
+    assert_close(g1.inputs, g0.inputs, tol, "d inputs")
+    assert set(g1.weights) == set(g0.weights)
+    for name in g0.weights:
+        assert_close(g1.weights[name], g0.weights[name], tol, f"d {name}")
