@@ -335,6 +335,61 @@ def gru_forward_split(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, l
     return y, hT, (X, XG, XC, Hh, RH, order, lens_s, nb, base)
 
 
+@kernel(inline="always")
+def _weight_grads(X, Hh, RH, dXG, dXC, dH, gates_kernel, cand_kernel, order, lens_s, nb, base, T, reverse, uniform,
+                  nthreads):
+    """What both backward kernels end with, after the time loop: the weight gradients as
+    GEMMs over all rows (``[X; h]^T dXG``, ``[X; r*h]^T dXC``), the bias gradients, ``dx``
+    in the caller's layout and ``dh0`` in batch order."""
+    R, I = X.shape
+    B, H = dH.shape
+    H2 = 2 * H
+    dt = dXG.dtype
+    dgk = np.empty((I + H, H2), dt)
+    gemm(1, 0, I, H2, R, 1.0, X, 0, I, dXG, 0, H2, 0.0, dgk, 0, H2, nthreads)
+    gemm(1, 0, H, H2, R, 1.0, Hh, 0, H, dXG, 0, H2, 0.0, dgk, I * H2, H2, nthreads)
+    dck = np.empty((I + H, H), dt)
+    gemm(1, 0, I, H, R, 1.0, X, 0, I, dXC, 0, H, 0.0, dck, 0, H, nthreads)
+    gemm(1, 0, H, H, R, 1.0, RH, 0, H, dXC, 0, H, 0.0, dck, I * H, H, nthreads)
+    dgb = np.zeros(H2, dt)
+    dcb = np.zeros(H, dt)
+    for i in range(R):
+        for j in range(H2):
+            dgb[j] += dXG[i, j]
+        for j in range(H):
+            dcb[j] += dXC[i, j]
+    dXp = np.empty((R, I), dt)
+    gemm(0, 1, R, I, H2, 1.0, dXG, 0, H2, gates_kernel, 0, H2, 0.0, dXp, 0, I, nthreads)
+    gemm(0, 1, R, I, H, 1.0, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I, nthreads)
+    if uniform:
+        dx = dXp.reshape(T, B, I)
+    else:
+        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse)
+    dh0 = np.empty((B, H), dt)
+    for r in range(B):
+        b = order[r]
+        for j in range(H):
+            dh0[b, j] = dH[r, j]
+    return dx, dh0, dgk, dgb, dck, dcb
+
+
+@kernel(inline="always")
+def _backward_setup(ws, dhT, T):
+    """What both backward kernels start from: whether the row plan is uniform, the carried
+    state gradient ``dH`` (sorted rows, from ``dhT``) and the gradient buffers."""
+    X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
+    B, H = dhT.shape
+    R = XG.shape[0]
+    dt = XG.dtype
+    uniform = R == T * B and (B == 0 or lens_s[B - 1] == T)
+    dH = np.empty((B, H), dt)
+    for r in range(B):
+        b = order[r]
+        for j in range(H):
+            dH[r, j] = dhT[b, j]
+    return uniform, dH, np.empty((B, H), dt), np.empty((R, 2 * H), dt), np.empty((R, H), dt)
+
+
 @kernel
 def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, T, reverse, mask_h, code, nthreads,
                  packed_ct, packed_gt):
@@ -350,15 +405,7 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
     one = dt.type(1.0)
     store_out = output_activation_stored(code)
     L = nb.shape[0] - 1
-    uniform = R == T * B and (B == 0 or lens_s[B - 1] == T)
-    dH = np.empty((B, H), dt)
-    for r in range(B):
-        b = order[r]
-        for j in range(H):
-            dH[r, j] = dhT[b, j]
-    dRH = np.empty((B, H), dt)
-    dXG = np.empty((R, H2), dt)
-    dXC = np.empty((R, H), dt)
+    uniform, dH, dRH, dXG, dXC = _backward_setup(ws, dhT, T)
     KPct = given_or_pack(packed_ct, L, cand_kernel, I * H, H, H, H, True)  # transposed recurrent rows
     KPgt = given_or_pack(packed_gt, L, gates_kernel, I * H2, H2, H2, H, True)
     scr = scratch_for(dXG)
@@ -398,30 +445,105 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
             _grad_reset_units(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, 0, H)
         step_product(n, H, H2, dXG, gb * H2, H2, KPgt, gates_kernel, I * H2, H2, 1, dH, 0, H, 1, nthreads, scr)
 
-    dgk = np.empty((I + H, H2), dt)
-    gemm(1, 0, I, H2, R, 1.0, X, 0, I, dXG, 0, H2, 0.0, dgk, 0, H2, nthreads)
-    gemm(1, 0, H, H2, R, 1.0, Hh, 0, H, dXG, 0, H2, 0.0, dgk, I * H2, H2, nthreads)
-    dck = np.empty((I + H, H), dt)
-    gemm(1, 0, I, H, R, 1.0, X, 0, I, dXC, 0, H, 0.0, dck, 0, H, nthreads)
-    gemm(1, 0, H, H, R, 1.0, RH, 0, H, dXC, 0, H, 0.0, dck, I * H, H, nthreads)
-    dgb = np.zeros(H2, dt)
-    dcb = np.zeros(H, dt)
-    for i in range(R):
-        for j in range(H2):
-            dgb[j] += dXG[i, j]
-        for j in range(H):
-            dcb[j] += dXC[i, j]
-    dXp = np.empty((R, I), dt)
-    gemm(0, 1, R, I, H2, 1.0, dXG, 0, H2, gates_kernel, 0, H2, 0.0, dXp, 0, I, nthreads)
-    gemm(0, 1, R, I, H, 1.0, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I, nthreads)
-    if uniform:
-        dx = dXp.reshape(T, B, I)
-    else:
-        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse)
-    dh0 = np.empty((B, H), dt)
-    for r in range(B):
-        b = order[r]
-        for j in range(H):
-            dh0[b, j] = dH[r, j]
-    return dx, dh0, dgk, dgb, dck, dcb
+    return _weight_grads(X, Hh, RH, dXG, dXC, dH, gates_kernel, cand_kernel, order, lens_s, nb, base, T, reverse,
+                         uniform, nthreads)
 
+
+@kernel
+def gru_backward_split_begin(ws, gates_kernel, cand_kernel, dhT, T, packed_ct, packed_gt):
+    """Everything before the time loop of :func:`gru_backward_split`: the gradient buffers,
+    the packed transposed recurrent rows, the task counters."""
+    X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
+    H = dhT.shape[1]
+    H2 = 2 * H
+    I = X.shape[1]
+    L = nb.shape[0] - 1
+    uniform, dH, dRH, dXG, dXC = _backward_setup(ws, dhT, T)
+    KPct = given_or_pack(packed_ct, max(L, PACK_MIN_STEPS), cand_kernel, I * H, H, H, H, True)
+    KPgt = given_or_pack(packed_gt, max(L, PACK_MIN_STEPS), gates_kernel, I * H2, H2, H2, H, True)
+    claims = np.zeros(2 * L + 1, np.int64)  # chunks taken per task, see gru_backward_split_worker
+    done = np.zeros(2 * L + 1, np.int64)
+    scratch = np.empty((2, 12 * panel_width(XG)), XG.dtype)
+    return uniform, dH, dRH, dXG, dXC, KPct, KPgt, claims, done, scratch
+
+
+@kernel
+def gru_backward_split_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy, dH, dRH,
+                              dXG, dXC, scratch, nchunks):
+    """Worker ``w`` (0 or 1) of the backward time loop, in chunks of units (whole panels)
+    claimed per task; every task waits for all chunks of the one before. Round ``i``
+    handles step ``k = L - 1 - i``: task ``2i`` adds step ``k + 1``'s
+    ``dXG @ gates_kernel[I:]^T`` into ``d h`` for its units (which finishes ``d h`` of
+    those units) and takes them through the output of step ``k`` (candidate and
+    update-gate gradients); task ``2i + 1`` multiplies the candidate gradients by
+    ``cand_kernel[I:]^T`` for its units and forms their reset-gate gradients. Task ``2L``
+    finishes ``d h_0``."""
+    L = nb.shape[0] - 1
+    H = dH.shape[1]
+    H2 = 2 * H
+    NR = panel_width(XG)
+    nch = min((H + NR - 1) // NR, nchunks)
+    scr = scratch[w]
+    one = XG.dtype.type(1.0)
+    for i in range(L + 1):
+        k = L - 1 - i
+        while True:
+            c = take_chunk(claims, 2 * i, nch, w)
+            if c < 0:
+                break
+            if i > 0:
+                wait_at_least(done, 2 * i - 1, nch)
+            u0, u1 = chunk_cols(c, nch, H, NR)
+            if k + 1 < L:
+                gemm_acc_packed(nb[k + 1], u1 - u0, H2, dXG, base[k + 1] * H2, H2, KPgt[(u0 // NR) * H2 * NR:], dH,
+                                u0, H, scr)
+            if k >= 0:
+                gb = base[k]
+                for r in range(nb[k]):
+                    g = gb + r
+                    _grad_out_tanh_units(dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], XG[g], XC[g],
+                                         Hh[g], dXC[g], dXG[g], one, H, u0, u1)
+            atomic_add(done, 2 * i, 1)
+        if k < 0:
+            break
+        n = nb[k]
+        gb = base[k]
+        while True:
+            c = take_chunk(claims, 2 * i + 1, nch, w)
+            if c < 0:
+                break
+            wait_at_least(done, 2 * i, nch)
+            u0, u1 = chunk_cols(c, nch, H, NR)
+            for r in range(n):
+                dr = dRH[r, u0:u1]
+                for j in range(u1 - u0):
+                    dr[j] = 0
+            gemm_acc_packed(n, u1 - u0, H, dXC, gb * H, H, KPct[(u0 // NR) * H * NR:], dRH, u0, H, scr)
+            for r in range(n):
+                g = gb + r
+                _grad_reset_units(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, u0, u1)
+            atomic_add(done, 2 * i + 1, 1)
+
+
+@kernel
+def gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, reverse, uniform, nthreads):
+    """After the loop of :func:`gru_backward_split`: :func:`_weight_grads`."""
+    X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
+    return _weight_grads(X, Hh, RH, dXG, dXC, dH, gates_kernel, cand_kernel, order, lens_s, nb, base, T, reverse,
+                         uniform, nthreads)
+
+
+def gru_backward_split(ws, gates_kernel, cand_kernel, dy, dhT, T, reverse, nthreads, packed_ct, packed_gt):
+    """:func:`gru_backward` for the configurations of :func:`split_applies` (the workspace
+    of a forward run with ``need_grad``; tanh, no state mask), with the time loop on two
+    threads (the caller and :mod:`._team`'s helper) that share the units of every step;
+    the weight gradients afterwards as in :func:`gru_backward`, on ``nthreads`` BLAS
+    threads. Same results; the arithmetic of the loop is the one-thread kernel's with the
+    packed micro-kernel."""
+    X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
+    reverse = bool(reverse)
+    (uniform, dH, dRH, dXG, dXC, KPct, KPgt, claims, done,
+     scratch) = gru_backward_split_begin(ws, gates_kernel, cand_kernel, dhT, T, packed_ct, packed_gt)
+    run_pair(gru_backward_split_worker, (claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy,
+                                         dH, dRH, dXG, dXC, scratch, CHUNKS))
+    return gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, reverse, uniform, nthreads)

@@ -257,9 +257,14 @@ class NumbaBackend(NumpyArrayOps, Backend):
         if spec.kind == "gru":
             kct = self._packed(p["candidate/kernel"], steps, I * H, H, H, H, True)
             kgt = self._packed(p["gates/kernel"], steps, I * 2 * H, 2 * H, 2 * H, H, True)
-            dx, dh0, dgk, dgb, dck, dcb = k["gru"].gru_backward(
-                w.ws, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"], p["candidate/bias"], dy, ds[0],
-                T, w.reverse, w.masks[0], code, nt, kct, kgt)
+            if k["gru"].split_applies(B, H, steps, spec.activation == "tanh" and w.masks[0].shape[0] == 0, nt):
+                # the time loop on two threads sharing the units of each step (fastseq_kernels/gru.py)
+                dx, dh0, dgk, dgb, dck, dcb = k["gru"].gru_backward_split(
+                    w.ws, p["gates/kernel"], p["candidate/kernel"], dy, ds[0], T, w.reverse, nt, kct, kgt)
+            else:
+                dx, dh0, dgk, dgb, dck, dcb = k["gru"].gru_backward(
+                    w.ws, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"], p["candidate/bias"], dy,
+                    ds[0], T, w.reverse, w.masks[0], code, nt, kct, kgt)
             return dx, (dh0,), {"gates/kernel": dgk, "gates/bias": dgb, "candidate/kernel": dck,
                                 "candidate/bias": dcb}
         kpt = self._packed(p["kernel"], steps, I * H, H, H, H, True)

@@ -1,5 +1,6 @@
-"""The GRU time loop on two threads (fastseq_kernels.gru.gru_forward_split): the same
-outputs, final state and workspace as the one-thread kernel, with and without
+"""The GRU time loops on two threads (fastseq_kernels.gru.gru_forward_split and
+gru_backward_split): the same outputs, final state, workspace and gradients as the
+one-thread kernels, with and without
 sequence_length (lengths 0 and T), forward and reversed, float32 and float64, for unit
 counts on and off the packed panels; the same when the helper thread is busy; correct
 from several Python threads at once; and the backend takes it for inference (against the
@@ -71,6 +72,52 @@ def test_split_matches_one_thread(dtype, lengths, reverse, need_grad):
     want = _one_thread(*args, reverse, need_grad)
     got = _split(*args, reverse, need_grad)
     _compare(got, want, dtype, "split", need_grad)
+
+
+def _backward_pair(dtype, T, B, I, H, lengths, reverse, seed=0):
+    from fastseq_kernels import gru
+
+    x, gk, gb, ck, cb, h0, L = _args(dtype, T, B, I, H, lengths, seed)
+    y, hT, ws = _one_thread(x, gk, gb, ck, cb, h0, L, reverse, True)
+    rng = np.random.default_rng(seed + 1)
+    dy = rng.normal(size=y.shape).astype(dtype)
+    dhT = rng.normal(size=hT.shape).astype(dtype)
+    e1, e3 = np.zeros(0, dtype), np.zeros((0, 1, 1), dtype)
+    want = gru.gru_backward(ws, gk, gb, ck, cb, dy, dhT, T, reverse, e3, 0, 1, e1, e1)
+    got = gru.gru_backward_split(ws, gk, ck, dy, dhT, T, reverse, 1, e1, e1)
+    return got, want
+
+
+GRADS = ("dx", "dh0", "d gates kernel", "d gates bias", "d candidate kernel", "d candidate bias")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("lengths", sorted(LENGTHS))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_backward_split_matches_one_thread(dtype, lengths, reverse):
+    T, B = 9, 8
+    got, want = _backward_pair(dtype, T, B, 5, 64, LENGTHS[lengths](T, B), reverse)
+    for g, w_, name in zip(got, want, GRADS):
+        assert_close(g, w_, TOL[dtype], name)
+
+
+@pytest.mark.parametrize("H", [32, 40, 200])
+def test_backward_split_unit_counts(H):
+    got, want = _backward_pair(np.float32, 7, 5, 4, H, [7, 2, 0, 7, 6], False, seed=H)
+    for g, w_, name in zip(got, want, GRADS):
+        assert_close(g, w_, TOL[np.float32], f"H={H}: {name}")
+
+
+def test_backward_split_with_the_helper_busy_runs_alone():
+    from fastseq_kernels import _team
+
+    assert _team._HELPER.busy.acquire(timeout=10)
+    try:
+        got, want = _backward_pair(np.float64, 6, 4, 3, 48, [6, 1, 0, 4], True)
+    finally:
+        _team._HELPER.busy.release()
+    for g, w_, name in zip(got, want, GRADS):
+        assert_close(g, w_, TOL[np.float64], name)
 
 
 @pytest.mark.parametrize("H", [32, 40, 200, 544])
@@ -153,6 +200,9 @@ def test_backend_takes_the_split_loop_and_agrees_with_the_reference(dtype, time_
     calls = []
     real = gru.gru_forward_split
     monkeypatch.setattr(gru, "gru_forward_split", lambda *a: calls.append(1) or real(*a))
+    back_calls = []
+    real_back = gru.gru_backward_split
+    monkeypatch.setattr(gru, "gru_backward_split", lambda *a: back_calls.append(1) or real_back(*a))
     T, B, I, H = 6, 16, 7, 160  # 16 x 3 x 160 x 160 multiply-adds per step: above SPLIT_MIN_MACS
     rng = np.random.default_rng(1)
     x = rng.normal(size=(T, B, I) if time_major else (B, T, I)).astype(dtype)
@@ -179,6 +229,7 @@ def test_backend_takes_the_split_loop_and_agrees_with_the_reference(dtype, time_
                                         time_major=time_major)
             grads[backend] = pull(cot, None)
     assert len(calls) > n, "training did not take the two-thread loop"
+    assert back_calls, "the backward pass did not take the two-thread loop"
     assert_close(y2, y0, tol, "outputs (training)")
     g0, g1 = grads["numpy"], grads["numba"]
     assert_close(g1.inputs, g0.inputs, tol, "d inputs")
