@@ -68,6 +68,27 @@ def assert_close(actual, expected, rtol, what=""):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
+def training_against_reference(cell, x, lengths, cot, dtype, time_major, tol):
+    """One training step (``fastseq.vjp`` of ``dynamic_rnn``, pulled back with ``cot``) on
+    the numpy reference and on the numba backend with two threads allowed; compares the
+    input and weight gradients and returns the numba backend's outputs."""
+    import fastseq
+    from fastseq import nn
+
+    grads = {}
+    for backend in ("numpy", "numba"):
+        with fastseq.use_backend(backend), fastseq.threads.limit(2):
+            (y, _), pull = fastseq.vjp(nn.dynamic_rnn, cell, x, sequence_length=lengths, dtype=dtype,
+                                       time_major=time_major)
+            grads[backend] = pull(cot, None)
+    g0, g1 = grads["numpy"], grads["numba"]
+    assert_close(g1.inputs, g0.inputs, tol, "d inputs")
+    assert set(g1.weights) == set(g0.weights)
+    for name in g0.weights:
+        assert_close(g1.weights[name], g0.weights[name], tol, f"d {name}")
+    return y
+
+
 def compare_layer(fast, ref, spec, T, B, I, dtype, rng, lengths, reverse, masks, grads=True):
     """Run one layer forward (and backward) on both backends and compare everything."""
     dtype = np.dtype(dtype)
