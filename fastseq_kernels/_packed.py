@@ -9,11 +9,17 @@ packed copy from their caller (:func:`given_or_pack`): the numba backend keeps i
 calls for weights that cannot have changed (``backends/fastseq_numba/_packcache.py``).
 
 The micro-kernel is LLVM IR emitted through ``@intrinsic``: ``MR`` rows of ``C`` by one
-panel (two 64-byte vectors: 32 float32 or 16 float64 columns) are accumulated in
-registers over the whole depth ``k`` (one fused multiply-add per vector and row per
-depth step), then added to ``C`` once. Numba's own loops keep such accumulators in
-memory, which bounds them by loads and stores. On CPUs without 512-bit vectors LLVM
-splits the vectors into halves: same results, fewer registers.
+panel (two native vectors) are accumulated in registers over the whole depth ``k`` (one
+fused multiply-add per vector and row per depth step), then added to ``C`` once. Numba's
+own loops keep such accumulators in memory, which bounds them by loads and stores. The
+shape follows the vector registers of the CPU Numba compiles for (:data:`WIDE`): with
+AVX-512 (32 registers of 64 bytes) panels of 32 float32 / 16 float64 columns and up to 12
+rows (24 accumulators); otherwise (AVX2: 16 registers of 32 bytes) panels of 16 / 8
+columns and up to 6 rows (12 accumulators), the classic 6x16 block. The 512-bit shape
+compiled for AVX2 spills its accumulators to the stack (measured on Zen 3, one core,
+[60, 512] x [512, 2048] float32: 27.5 GFLOP/s for 12 rows of 32 columns, 68.3 for 6 rows
+of 16). Numba's on-disk cache is keyed by the target CPU and its features, so a cache
+never hands one CPU the other's shape.
 
 Rounding: each element of ``C`` gets ``sum_p a[i, p] * b[p, j]`` accumulated in order of
 ``p`` with fused multiply-adds, then added to ``C`` (the in-house loops of :mod:`._blas`
@@ -22,6 +28,7 @@ float rounding.
 """
 
 import itertools
+import os
 
 import numpy as np
 from llvmlite import ir
@@ -35,10 +42,43 @@ from ._jit import kernel
 _i64 = ir.IntType(64)
 _i32 = ir.IntType(32)
 
+
+
+def _wide_vectors():
+    """Whether Numba compiles for a CPU with 512-bit vectors (AVX-512F): the host CPU, or
+    the one named by ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``."""
+    name = os.environ.get("NUMBA_CPU_NAME", "host")
+    if name != "host":
+        return "+avx512f" in os.environ.get("NUMBA_CPU_FEATURES", "")
+    from llvmlite import binding as ll
+
+    try:
+        return bool(ll.get_host_cpu_features().get("avx512f", False))
+    except RuntimeError:  # pragma: no cover - features unknown on this platform
+        return False
+
+
+#: 512-bit vectors on the compile target: the micro-kernel's shape, see the module docstring.
+WIDE = _wide_vectors()
+#: Bytes per vector register the micro-kernel is shaped for.
+VECTOR_BYTES = 64 if WIDE else 32
+#: Columns per packed panel (two vectors), float32 and float64.
+NR_F32 = VECTOR_BYTES // 2
+NR_F64 = VECTOR_BYTES // 4
 #: Micro-kernel heights generated (rows of ``C`` per call); a block of ``m`` rows is cut
-#: into these, largest first. 12 rows x 2 vectors = 24 accumulators, which with the two
-#: panel vectors and a broadcast fit in the 32 vector registers of AVX-512.
-HEIGHTS = (12, 8, 4, 2, 1)
+#: into these, largest first. AVX-512: 12 rows x 2 vectors = 24 accumulators, which with
+#: the two panel vectors and a broadcast fit in its 32 vector registers; AVX2: 6 x 2 = 12
+#: of 16.
+HEIGHTS = (12, 8, 4, 2, 1) if WIDE else (6, 4, 3, 2, 1)
+_HA, _HB, _HC = HEIGHTS[:3]
+#: Most rows of one micro-kernel call (the scratch buffer's height).
+MAX_HEIGHT = HEIGHTS[0]
+
+
+def panel_cols(itemsize):
+    """Columns per packed panel for elements of ``itemsize`` bytes (Python side of
+    :func:`panel_width`)."""
+    return NR_F32 if itemsize == 4 else NR_F64
 
 
 _loop_ids = itertools.count()
@@ -57,7 +97,7 @@ def _no_unroll_loop_id(module):
 
 
 def _vector_width(dtype):
-    return 16 if dtype == types.float32 else 8
+    return VECTOR_BYTES // (4 if dtype == types.float32 else 8)
 
 
 def _make_micro(MR, WAYS=1):
@@ -183,7 +223,7 @@ def _make_micro(MR, WAYS=1):
     return micro
 
 
-_micro12, _micro8, _micro4, _micro2, _micro1 = (_make_micro(h) for h in HEIGHTS)
+_micro_a, _micro_b, _micro_c, _micro2, _micro1 = (_make_micro(h) for h in HEIGHTS)
 #: One and two rows have 2 and 4 accumulators, too few to cover the latency of a fused
 #: multiply-add (4 cycles, 2 per cycle: 8 in flight): these variants keep 4 and 2 sets.
 WAYS_1, WAYS_2 = 4, 2
@@ -193,8 +233,8 @@ _micro1w = _make_micro(1, WAYS_1)
 
 @kernel(inline="always")
 def panel_width(dtype_probe):
-    """Columns per panel: two 64-byte vectors of the array's dtype."""
-    return 32 if dtype_probe.itemsize == 4 else 16
+    """Columns per panel: two vectors (:data:`VECTOR_BYTES`) of the array's dtype."""
+    return NR_F32 if dtype_probe.itemsize == 4 else NR_F64
 
 
 @kernel
@@ -239,7 +279,7 @@ def _add_scratch(cf, co, ldc, scratch, NR, h, w):
 def gemm_acc_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, scratch):
     """``C[m, n] += A[m, k] @ B`` with ``B`` packed by :func:`pack_panels`; row-major ``A``
     and ``C`` at element offsets with leading dimensions. ``scratch``: a flat array of at
-    least ``12 * NR`` elements of the same dtype (the right-edge panel goes through it)."""
+    least ``MAX_HEIGHT * NR`` elements of the same dtype (the right-edge panel goes through it)."""
     if m <= 0 or n <= 0:
         return
     NR = panel_width(c)
@@ -256,15 +296,15 @@ def gemm_acc_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, scratch):
             left = m - i
             ao = aoff + i * lda
             co = coff + i * ldc + j0
-            if left >= 12:
-                h = 12
-                _micro12(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
-            elif left >= 8:
-                h = 8
-                _micro8(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
-            elif left >= 4:
-                h = 4
-                _micro4(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+            if left >= _HA:
+                h = _HA
+                _micro_a(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+            elif left >= _HB:
+                h = _HB
+                _micro_b(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
+            elif left >= _HC:
+                h = _HC
+                _micro_c(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
             elif left >= 2:
                 h = 2
                 k1 = k - k % WAYS_2
@@ -322,7 +362,7 @@ PACK_MIN_STEPS = 4
 @kernel
 def scratch_for(c):
     """The scratch buffer :func:`gemm_acc_packed` needs for arrays of ``c``'s dtype."""
-    return np.empty(12 * panel_width(c), c.dtype)
+    return np.empty(MAX_HEIGHT * panel_width(c), c.dtype)
 
 
 @kernel

@@ -30,7 +30,9 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         # the two-thread loop (lstm.split_applies), 32 units: a whole number of panels
         k32 = rng.standard_normal((I + 32, 128)).astype(dt)
         h32 = np.zeros((B, 32), dt)
-        lstm.lstm_forward_split(x, k32, np.zeros(128, dt), h32, h32, lengths, False, 1.0, True, 2, e1)
+        _, _, _, ws32 = lstm.lstm_forward_split(x, k32, np.zeros(128, dt), h32, h32, lengths, False, 1.0, True, 2,
+                                                e1)
+        lstm.lstm_backward_split(ws32, k32, np.ones((T, B, 32), dt), h32, h32, T, False, 1, e1)
         timings[("lstm", name)] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -21,7 +21,8 @@ from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_acti
     sigmoid, time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, wait_at_least
 from ._jit import kernel
-from ._packed import PACK_MIN_STEPS, gemm_acc_packed, given_or_pack, panel_width, scratch_for, step_product
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, given_or_pack, panel_width, scratch_for, \
+    step_product
 from ._team import PROJ_CHUNKS, run_pair
 
 
@@ -238,7 +239,7 @@ def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, 
     KPc = given_or_pack(packed_c, max(L, PACK_MIN_STEPS), cand_kernel, I * H, H, H, H, False)
     claims = np.zeros(2 * L + 1, np.int64)  # chunks taken per task: 2k gates, 2k+1 candidate; [2L] projections
     done = np.zeros(2 * L + 1, np.int64)  # chunks done per task
-    scratch = np.empty((2, 12 * panel_width(XG)), dt)
+    scratch = np.empty((2, MAX_HEIGHT * panel_width(XG)), dt)
     return order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, Hh, RH, y, Yp, hT, claims, done, scratch
 
 
@@ -463,7 +464,7 @@ def gru_backward_split_begin(ws, gates_kernel, cand_kernel, dhT, T, packed_ct, p
     KPgt = given_or_pack(packed_gt, max(L, PACK_MIN_STEPS), gates_kernel, I * H2, H2, H2, H, True)
     claims = np.zeros(2 * L + 1, np.int64)  # chunks taken per task, see gru_backward_split_worker
     done = np.zeros(2 * L + 1, np.int64)
-    scratch = np.empty((2, 12 * panel_width(XG)), XG.dtype)
+    scratch = np.empty((2, MAX_HEIGHT * panel_width(XG)), XG.dtype)
     return uniform, dH, dRH, dXG, dXC, KPct, KPgt, claims, done, scratch
 
 

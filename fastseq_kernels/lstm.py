@@ -27,7 +27,8 @@ from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_acti
     sigmoid, time_index
 from ._jit import kernel
 from ._atomic import atomic_add, chunk_cols, take_chunk, wait_at_least
-from ._packed import PACK_MIN_STEPS, gemm_acc_packed, given_or_pack, panel_width, scratch_for, step_product
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, given_or_pack, panel_cols, panel_width, \
+    scratch_for, step_product
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
 
@@ -78,39 +79,51 @@ def _gates_tanh_row(gr, bias, fb, cp, cout, mout, H):
 
 
 @kernel(inline="always")
+def _grad_tanh_units(gr, cp, dh, dyr, dcr, dgr, one, H, u0, u1):
+    """Backward of :func:`_gates_tanh_units` for one row and units ``u0:u1`` (no
+    projection, no state masks): ``gr`` the activated gates, ``cp`` the previous cell,
+    ``dh``/``dyr`` the incoming gradients of the output (summed into ``dh``, which the
+    caller overwrites next), ``dcr`` the cell gradient (updated in place to the previous
+    cell's), ``dgr`` receives the gate gradients of those units (four blocks of the
+    ``4H`` row). Same arithmetic per element as the general loop of :func:`lstm_backward`,
+    as short loops from index 0 over views: one loop over all twelve streams was left
+    scalar (too many possible overlaps for LLVM's run-time checks), these vectorise
+    (measured 2x faster for H=256)."""
+    n = u1 - u0
+    si = gr[u0:u1]
+    aj = gr[H + u0:H + u1]
+    sf = gr[2 * H + u0:2 * H + u1]
+    so = gr[3 * H + u0:3 * H + u1]
+    dgi = dgr[u0:u1]
+    dgj = dgr[H + u0:H + u1]
+    dgf = dgr[2 * H + u0:2 * H + u1]
+    dgo = dgr[3 * H + u0:3 * H + u1]
+    cpv = cp[u0:u1]
+    dhv = dh[u0:u1]
+    dyv = dyr[u0:u1]
+    dcv = dcr[u0:u1]
+    for j in range(n):
+        dhv[j] += dyv[j]  # dm
+    for j in range(n):
+        dgo[j] = ftanh(sf[j] * cpv[j] + si[j] * aj[j])  # tanh(c), kept in dgo for now
+    for j in range(n):
+        dcv[j] += dhv[j] * so[j] * (one - dgo[j] * dgo[j])  # dc
+    for j in range(n):
+        dgo[j] = dhv[j] * dgo[j] * so[j] * (one - so[j])
+    for j in range(n):
+        dgf[j] = dcv[j] * cpv[j] * sf[j] * (one - sf[j])
+    for j in range(n):
+        dgi[j] = dcv[j] * aj[j] * si[j] * (one - si[j])
+    for j in range(n):
+        dgj[j] = dcv[j] * si[j] * (one - aj[j] * aj[j])
+    for j in range(n):
+        dcv[j] *= sf[j]
+
+
+@kernel(inline="always")
 def _grad_tanh_row(gr, cp, dh, dyr, dcr, dgr, one, H):
-    """Backward of :func:`_gates_tanh_row` for one row (no projection, no state masks):
-    ``gr`` the activated gates, ``cp`` the previous cell, ``dh``/``dyr`` the incoming
-    gradients of the output (summed into ``dh``, which the caller overwrites next),
-    ``dcr`` the cell gradient (updated in place to the previous cell's), ``dgr`` receives
-    the ``4H`` gate gradients. Same arithmetic per element as the general loop of
-    :func:`lstm_backward`, as short loops from index 0 over views: one loop over all
-    twelve streams was left scalar (too many possible overlaps for LLVM's run-time
-    checks), these vectorise (measured 2x faster for H=256)."""
-    si = gr[:H]
-    aj = gr[H:2 * H]
-    sf = gr[2 * H:3 * H]
-    so = gr[3 * H:4 * H]
-    dgi = dgr[:H]
-    dgj = dgr[H:2 * H]
-    dgf = dgr[2 * H:3 * H]
-    dgo = dgr[3 * H:4 * H]
-    for j in range(H):
-        dh[j] += dyr[j]  # dm
-    for j in range(H):
-        dgo[j] = ftanh(sf[j] * cp[j] + si[j] * aj[j])  # tanh(c), kept in dgo for now
-    for j in range(H):
-        dcr[j] += dh[j] * so[j] * (one - dgo[j] * dgo[j])  # dc
-    for j in range(H):
-        dgo[j] = dh[j] * dgo[j] * so[j] * (one - so[j])
-    for j in range(H):
-        dgf[j] = dcr[j] * cp[j] * sf[j] * (one - sf[j])
-    for j in range(H):
-        dgi[j] = dcr[j] * aj[j] * si[j] * (one - si[j])
-    for j in range(H):
-        dgj[j] = dcr[j] * si[j] * (one - aj[j] * aj[j])
-    for j in range(H):
-        dcr[j] *= sf[j]
+    """:func:`_grad_tanh_units` over all ``H`` units."""
+    _grad_tanh_units(gr, cp, dh, dyr, dcr, dgr, one, H, 0, H)
 
 
 @kernel(inline="always")
@@ -287,7 +300,7 @@ def split_applies(B, H, P, steps, plain, nthreads, itemsize):
     configuration (``plain``: tanh, no peepholes, clipping, projection or state masks),
     two threads allowed, each half of the units a whole number of packed panels, and a
     per-step product large enough to pay for a barrier per step."""
-    nr = 32 if itemsize == 4 else 16
+    nr = panel_cols(itemsize)
     return (plain and nthreads >= 2 and P == H and H % nr == 0 and H >= 2 * nr and steps >= 4
             and B * 4 * H * H >= SPLIT_MIN_MACS)
 
@@ -309,7 +322,7 @@ def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, pac
     KP = given_or_pack(packed, max(L, PACK_MIN_STEPS), kernel, I * G4, G4, H, G4, False)
     claims = np.zeros(L + 1, np.int64)  # chunks taken per step; [L]: the projection
     done = np.zeros(L + 1, np.int64)  # chunks done per step
-    scratch = np.empty((2, 12 * panel_width(G)), dt)
+    scratch = np.empty((2, MAX_HEIGHT * panel_width(G)), dt)
     return order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done, scratch
 
 
@@ -385,7 +398,7 @@ def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, n
     with the packed micro-kernel. ``nthreads`` is not used (two threads)."""
     T, B, _ = x.shape
     H = c0.shape[1]
-    nr = 32 if x.dtype.itemsize == 4 else 16
+    nr = panel_cols(x.dtype.itemsize)
     if H % nr or h0.shape[1] != H or kernel.shape[1] != 4 * H:
         raise ValueError(f"lstm_forward_split: units must be a multiple of {nr} with no projection, "
                          f"got c0 {c0.shape}, h0 {h0.shape}, kernel {kernel.shape}")
@@ -398,6 +411,61 @@ def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, n
     dt = x.dtype
     ws = (X, G, Hh, Ch, np.empty((0, H), dt), np.empty((0, H), dt), order, lens_s, nb, base)
     return y, cT, hT, ws
+
+
+@kernel(inline="always")
+def _sorted_state_grads(dcT, dhT, order):
+    """The carried state gradients ``dC``, ``dH`` in sorted row order, from ``dcT``/``dhT``."""
+    B, H = dcT.shape
+    P = dhT.shape[1]
+    dH = np.empty((B, P), dhT.dtype)
+    dC = np.empty((B, H), dcT.dtype)
+    for r in range(B):
+        b = order[r]
+        for j in range(P):
+            dH[r, j] = dhT[b, j]
+        for j in range(H):
+            dC[r, j] = dcT[b, j]
+    return dH, dC
+
+
+@kernel(inline="always")
+def _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb, base, T, reverse, uniform,
+                  nthreads):
+    """What both backward kernels end with, after the time loop: the weight gradients as
+    GEMMs over all rows (``[X; h]^T dG``, and ``m^T dMraw`` with a projection), the bias
+    gradient, ``dx`` in the caller's layout and ``dc0``/``dh0`` in batch order."""
+    R, I = X.shape
+    B, H = dC.shape
+    P = dH.shape[1]
+    G4 = 4 * H
+    dt = dG.dtype
+    dkernel = np.empty((I + P, G4), dt)
+    gemm(1, 0, I, G4, R, 1.0, X, 0, I, dG, 0, G4, 0.0, dkernel, 0, G4, nthreads)
+    gemm(1, 0, P, G4, R, 1.0, Hh, 0, P, dG, 0, G4, 0.0, dkernel, I * G4, G4, nthreads)
+    dbias = np.zeros(G4, dt)
+    for i in range(R):
+        for j in range(G4):
+            dbias[j] += dG[i, j]
+    dproj = np.empty(proj.shape, dt)
+    if proj.shape[0] > 0:
+        gemm(1, 0, H, P, R, 1.0, Mp, 0, H, dMraw, 0, P, 0.0, dproj, 0, P, nthreads)
+    if uniform:
+        dx = np.empty((T, B, I), dt)
+        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dx, 0, I, nthreads)
+    else:
+        dXp = np.empty((R, I), dt)
+        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dXp, 0, I, nthreads)
+        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse)
+    dc0 = np.empty((B, H), dt)
+    dh0 = np.empty((B, P), dt)
+    for r in range(B):
+        b = order[r]
+        for j in range(H):
+            dc0[b, j] = dC[r, j]
+        for j in range(P):
+            dh0[b, j] = dH[r, j]
+    return dx, dc0, dh0, dkernel, dbias, dproj
 
 
 @kernel
@@ -425,14 +493,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
     zero = dt.type(0.0)
     uniform = R == T * B and (B == 0 or lens_s[B - 1] == T)
 
-    dH = np.empty((B, P), dt)
-    dC = np.empty((B, H), dt)
-    for r in range(B):
-        b = order[r]
-        for j in range(P):
-            dH[r, j] = dhT[b, j]
-        for j in range(H):
-            dC[r, j] = dcT[b, j]
+    dH, dC = _sorted_state_grads(dcT, dhT, order)
     dwi = np.zeros(w_i.shape[0], dt)
     dwf = np.zeros(w_i.shape[0], dt)
     dwo = np.zeros(w_i.shape[0], dt)
@@ -524,29 +585,104 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
         # d h_prev = dG @ kernel[I:].T
         step_product(n, P, G4, dG, gb * G4, G4, KPt, kernel, I * G4, G4, 1, dH, 0, P, 0, nthreads, scr)
 
-    dkernel = np.empty((I + P, G4), dt)
-    gemm(1, 0, I, G4, R, 1.0, X, 0, I, dG, 0, G4, 0.0, dkernel, 0, G4, nthreads)
-    gemm(1, 0, P, G4, R, 1.0, Hh, 0, P, dG, 0, G4, 0.0, dkernel, I * G4, G4, nthreads)
-    dbias = np.zeros(G4, dt)
-    for i in range(R):
-        for j in range(G4):
-            dbias[j] += dG[i, j]
-    dproj = np.empty(proj.shape, dt)
-    if use_proj:
-        gemm(1, 0, H, P, R, 1.0, Mp, 0, H, dMraw, 0, P, 0.0, dproj, 0, P, nthreads)
-    if uniform:
-        dx = np.empty((T, B, I), dt)
-        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dx, 0, I, nthreads)
-    else:
-        dXp = np.empty((R, I), dt)
-        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dXp, 0, I, nthreads)
-        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse)
-    dc0 = np.empty((B, H), dt)
-    dh0 = np.empty((B, P), dt)
-    for r in range(B):
-        b = order[r]
-        for j in range(H):
-            dc0[b, j] = dC[r, j]
-        for j in range(P):
-            dh0[b, j] = dH[r, j]
+    dx, dc0, dh0, dkernel, dbias, dproj = _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s,
+                                                        nb, base, T, reverse, uniform, nthreads)
     return dx, dc0, dh0, dkernel, dbias, dwi, dwf, dwo, dproj
+
+
+@kernel
+def lstm_backward_split_begin(ws, kernel, dcT, dhT, packed_t):
+    """Everything before the time loop of :func:`lstm_backward_split`: the carried state
+    gradients in sorted order, the gate-gradient buffer, the packed transposed recurrent
+    rows, the task counters."""
+    X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
+    I = X.shape[1]
+    G4 = G.shape[1]
+    H = G4 // 4
+    L = nb.shape[0] - 1
+    dH, dC = _sorted_state_grads(dcT, dhT, order)
+    dG = np.empty(G.shape, G.dtype)
+    KPt = given_or_pack(packed_t, max(L, PACK_MIN_STEPS), kernel, I * G4, G4, G4, H, True)  # kernel[I:].T
+    claims = np.zeros(L + 1, np.int64)  # chunks taken per round, see lstm_backward_split_worker
+    done = np.zeros(L + 1, np.int64)
+    scratch = np.empty((2, MAX_HEIGHT * panel_width(G)), G.dtype)
+    return dH, dC, dG, KPt, claims, done, scratch
+
+
+@kernel
+def lstm_backward_split_worker(w, claims, done, G, Ch, order, lens_s, nb, base, reverse, KPt, dy, dH, dC, dG,
+                               scratch, nchunks):
+    """Worker ``w`` (0 or 1) of the backward time loop, in chunks of units (whole panels)
+    claimed per round (:func:`._atomic.take_chunk`); every round waits for all chunks of
+    the one before. Round ``i`` handles step ``k = L - 1 - i``: for its units, ``d h``
+    becomes step ``k + 1``'s ``dG @ kernel[I:]^T`` (all four gate blocks of that step are
+    needed, hence the wait), and then the gate gradients of step ``k`` and the carried
+    cell gradient of those units follow (:func:`_grad_tanh_units`). Round ``L`` only
+    forms ``d h_0``. Rows that have not started yet at step ``k + 1`` (shorter sequences)
+    keep the ``d h`` they came with."""
+    L = nb.shape[0] - 1
+    H = dH.shape[1]
+    G4 = 4 * H
+    NR = panel_width(G)
+    nch = min((H + NR - 1) // NR, nchunks)
+    scr = scratch[w]
+    one = G.dtype.type(1.0)
+    for i in range(L + 1):
+        k = L - 1 - i
+        while True:
+            c = take_chunk(claims, i, nch, w)
+            if c < 0:
+                break
+            if i > 0:
+                wait_at_least(done, i - 1, nch)
+            u0, u1 = chunk_cols(c, nch, H, NR)
+            if k + 1 < L:
+                n1 = nb[k + 1]
+                for r in range(n1):
+                    dr = dH[r, u0:u1]
+                    for j in range(u1 - u0):
+                        dr[j] = 0
+                gemm_acc_packed(n1, u1 - u0, G4, dG, base[k + 1] * G4, G4, KPt[(u0 // NR) * G4 * NR:], dH, u0, H,
+                                scr)
+            if k >= 0:
+                gb = base[k]
+                for r in range(nb[k]):
+                    g = gb + r
+                    _grad_tanh_units(G[g], Ch[g], dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], dC[r],
+                                     dG[g], one, H, u0, u1)
+            atomic_add(done, i, 1)
+
+
+@kernel
+def lstm_backward_split_end(ws, kernel, dG, dH, dC, T, reverse, nthreads):
+    """After the loop of :func:`lstm_backward_split`: :func:`_weight_grads`."""
+    X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
+    B = dH.shape[0]
+    uniform = G.shape[0] == T * B and (B == 0 or lens_s[B - 1] == T)
+    proj = np.empty((0, 0), dG.dtype)
+    dMraw = np.empty((0, dH.shape[1]), dG.dtype)
+    return _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb, base, T, reverse, uniform,
+                         nthreads)
+
+
+def lstm_backward_split(ws, kernel, dy, dcT, dhT, T, reverse, nthreads, packed_t):
+    """:func:`lstm_backward` for the configurations of :func:`split_applies` (the workspace
+    of a forward run with ``need_grad``; tanh, no peepholes, clipping, projection or state
+    masks), with the time loop on two threads (the caller and :mod:`._team`'s helper)
+    that share the units of every step; the weight gradients afterwards as in
+    :func:`lstm_backward`, on ``nthreads`` BLAS threads. Same results; the arithmetic of
+    the loop is the one-thread kernel's with the packed micro-kernel.
+
+    Returns ``(dx, dc0, dh0, dkernel, dbias, dproj)`` (no peephole gradients; ``dproj`` is
+    ``[0, 0]``)."""
+    H = dcT.shape[1]
+    nr = panel_cols(dcT.dtype.itemsize)
+    if H % nr or dhT.shape[1] != H or kernel.shape[1] != 4 * H:
+        raise ValueError(f"lstm_backward_split: units must be a multiple of {nr} with no projection, "
+                         f"got dcT {dcT.shape}, dhT {dhT.shape}, kernel {kernel.shape}")
+    X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
+    reverse = bool(reverse)
+    dH, dC, dG, KPt, claims, done, scratch = lstm_backward_split_begin(ws, kernel, dcT, dhT, packed_t)
+    run_pair(lstm_backward_split_worker, (claims, done, G, Ch, order, lens_s, nb, base, reverse, KPt, dy, dH, dC, dG,
+                                          scratch, MAX_CHUNKS))
+    return lstm_backward_split_end(ws, kernel, dG, dH, dC, T, reverse, nthreads)

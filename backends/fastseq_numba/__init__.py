@@ -23,6 +23,13 @@ __all__ = ["NumbaBackend"]
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def _lstm_plain(spec, masks):
+    """Whether an LSTM layer is the common configuration the two-thread loops handle:
+    tanh, no peepholes, cell clipping, projection or state masks."""
+    return (spec.activation == "tanh" and not spec.use_peepholes and spec.cell_clip is None and not spec.num_proj
+            and masks[0].shape[0] == 0 and masks[1].shape[0] == 0)
+
+
 class _Workspace:
     """What :meth:`NumbaBackend.layer_backward` needs from a forward run."""
 
@@ -171,8 +178,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
             peep = spec.use_peepholes
             H4 = 4 * spec.num_units
             kp = self._packed(p["kernel"], steps, I * H4, H4, spec.output_size, H4, False)
-            plain = (spec.activation == "tanh" and not peep and spec.cell_clip is None and not spec.num_proj
-                     and masks[0].shape[0] == 0 and masks[1].shape[0] == 0)
+            plain = _lstm_plain(spec, masks)
             if k["lstm"].split_applies(B, spec.num_units, spec.output_size, steps, plain, nt, x.dtype.itemsize):
                 # the time loop on two threads sharing the units (fastseq_kernels/lstm.py)
                 y, cT, hT, ws = k["lstm"].lstm_forward_split(x, p["kernel"], p["bias"], states[0], states[1],
@@ -240,6 +246,12 @@ class NumbaBackend(NumpyArrayOps, Backend):
             peep = spec.use_peepholes
             H4 = 4 * spec.num_units
             kpt = self._packed(p["kernel"], steps, I * H4, H4, H4, spec.output_size, True)
+            plain = _lstm_plain(spec, w.masks)
+            if k["lstm"].split_applies(B, spec.num_units, P, steps, plain, nt, dtype.itemsize):
+                # the time loop on two threads sharing the units of each step (fastseq_kernels/lstm.py)
+                dx, dc0, dh0, dk, db, _ = k["lstm"].lstm_backward_split(w.ws, p["kernel"], dy, ds[0], ds[1], T,
+                                                                        w.reverse, nt, kpt)
+                return dx, (dc0, dh0), {"kernel": dk, "bias": db}
             dx, dc0, dh0, dk, db, dwi, dwf, dwo, dproj = k["lstm"].lstm_backward(
                 w.ws, p["kernel"], p["bias"],
                 p["w_i_diag"] if peep else E1, p["w_f_diag"] if peep else E1, p["w_o_diag"] if peep else E1,

@@ -16,10 +16,10 @@ def _rel_err(got, want):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_pack_panels_layout(dtype):
-    from fastseq_kernels._packed import pack_panels, pack_panels_t, panel_width
+    from fastseq_kernels._packed import WIDE, pack_panels, pack_panels_t, panel_cols, panel_width
 
-    nr = 32 if dtype == np.float32 else 16
-    assert panel_width(np.zeros(1, dtype)) == nr
+    nr = (32 if WIDE else 16) if dtype == np.float32 else (16 if WIDE else 8)  # two vectors of 64 or 32 bytes
+    assert panel_width(np.zeros(1, dtype)) == nr == panel_cols(np.dtype(dtype).itemsize)
     rng = np.random.default_rng(0)
     k, n = 5, nr + 3
     buf = rng.normal(size=(k + 2, n + 4)).astype(dtype)  # B = buf[2:, 1:n+1]
@@ -38,10 +38,10 @@ def test_pack_panels_layout(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_gemm_acc_packed_against_numpy(dtype):
-    from fastseq_kernels._packed import gemm_acc_packed, pack_panels, scratch_for
+    from fastseq_kernels._packed import gemm_acc_packed, pack_panels, panel_cols, scratch_for
 
     rng = np.random.default_rng(1)
-    nr = 32 if dtype == np.float32 else 16
+    nr = panel_cols(np.dtype(dtype).itemsize)
     ms = (0, 1, 2, 3, 4, 5, 7, 8, 11, 12, 13, 19, 24, 27, 31, 64)
     ns = (1, nr - 1, nr, nr + 1, 2 * nr + 5)
     for m in ms:

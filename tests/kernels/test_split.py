@@ -1,8 +1,9 @@
-"""The LSTM time loop on two threads (fastseq_kernels.lstm.lstm_forward_split, _team,
-_atomic): the same outputs, final states and workspace as the one-thread kernel, with and
-without sequence_length (lengths 0 and T), forward and reversed, float32 and float64; the
-same when the helper thread is busy (worker 0 alone does every task); correct from several
-Python threads at once; and the backend takes it (with gradients against the reference)."""
+"""The LSTM time loops on two threads (fastseq_kernels.lstm.lstm_forward_split and
+lstm_backward_split, _team, _atomic): the same outputs, final states, workspace and
+gradients as the one-thread kernels, with and without sequence_length (lengths 0 and T),
+forward and reversed, float32 and float64; the same when the helper thread is busy
+(worker 0 alone does every task); correct from several Python threads at once; and the
+backend takes them (with gradients against the reference)."""
 
 import threading
 
@@ -81,21 +82,84 @@ def test_split_unit_counts(H):
 
 def test_split_rejects_units_off_the_panels():
     from fastseq_kernels import lstm
+    from fastseq_kernels._packed import panel_cols
 
     x, k, b, c0, h0, L = _args(np.float32, 4, 2, 3, 40, [4, 4])
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match=f"multiple of {panel_cols(4)}"):
         lstm.lstm_forward_split(x, k, b, c0, h0, L, False, 1.0, False, 2, np.zeros(0, np.float32))
 
 
 @pytest.mark.parametrize("H", [512, 544])
 def test_split_chunks_of_several_panels(H):
-    """More than MAX_CHUNKS panels: chunks of two panels (16 panels), of two and three (17)."""
+    """More than MAX_CHUNKS panels: chunks of several panels, all alike (512 units) and not (544)."""
     from fastseq_kernels import lstm
 
     x, k, b, c0, h0, L = _args(np.float32, 5, 3, 4, H, [5, 0, 3], seed=H)
     want = _one_thread(x, k, b, c0, h0, L, False, True)
     got = lstm.lstm_forward_split(x, k, b, c0, h0, L, False, 1.0, True, 2, np.zeros(0, np.float32))
     _compare(got, want, np.float32, f"H={H}")
+
+
+def _backward_pair(dtype, T, B, I, H, lengths, reverse, seed=0):
+    """Gradients of one forward run by the one-thread and the two-thread backward kernels."""
+    from fastseq_kernels import lstm
+
+    x, k, b, c0, h0, L = _args(dtype, T, B, I, H, lengths, seed)
+    y, cT, hT, ws = _one_thread(x, k, b, c0, h0, L, reverse, True)
+    rng = np.random.default_rng(seed + 1)
+    dy = rng.normal(size=y.shape).astype(dtype)
+    dcT = rng.normal(size=cT.shape).astype(dtype)
+    dhT = rng.normal(size=hT.shape).astype(dtype)
+    e1, e2, e3 = np.zeros(0, dtype), np.zeros((0, 0), dtype), np.zeros((0, 1, 1), dtype)
+    want = lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, dcT, dhT, T, reverse, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1)
+    got = lstm.lstm_backward_split(ws, k, dy, dcT, dhT, T, reverse, 1, e1)
+    return got, want[:5]
+
+
+GRADS = ("dx", "dc0", "dh0", "dkernel", "dbias")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("lengths", sorted(LENGTHS))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_backward_split_matches_one_thread(dtype, lengths, reverse):
+    T, B = 9, 8
+    got, want = _backward_pair(dtype, T, B, 5, 64, LENGTHS[lengths](T, B), reverse)
+    for g, w_, name in zip(got, want, GRADS):
+        assert_close(g, w_, TOL[dtype], name)
+    assert got[5].shape == (0, 0)  # no projection gradient
+
+
+@pytest.mark.parametrize("H", [32, 96, 512, 544])
+def test_backward_split_unit_counts(H):
+    """One or two panels per chunk, more panels than chunks, chunks of unequal panels."""
+    got, want = _backward_pair(np.float32, 6, 5, 4, H, [6, 2, 0, 6, 5], False, seed=H)
+    for g, w_, name in zip(got, want, GRADS):
+        assert_close(g, w_, TOL[np.float32], f"H={H}: {name}")
+
+
+def test_backward_split_with_the_helper_busy_runs_alone():
+    from fastseq_kernels import _team
+
+    assert _team._HELPER.busy.acquire(timeout=10)
+    try:
+        got, want = _backward_pair(np.float64, 6, 4, 3, 32, [6, 1, 0, 4], True)
+    finally:
+        _team._HELPER.busy.release()
+    for g, w_, name in zip(got, want, GRADS):
+        assert_close(g, w_, TOL[np.float64], name)
+
+
+def test_backward_split_rejects_units_off_the_panels():
+    from fastseq_kernels import lstm
+    from fastseq_kernels._packed import panel_cols
+
+    H = panel_cols(4) + 8
+    e1 = np.zeros(0, np.float32)
+    ws = _one_thread(*_args(np.float32, 4, 2, 3, H, [4, 4]), False, True)[3]
+    with pytest.raises(ValueError, match=f"multiple of {panel_cols(4)}"):
+        lstm.lstm_backward_split(ws, np.zeros((3 + H, 4 * H), np.float32), np.zeros((4, 2, H), np.float32),
+                                 np.zeros((2, H), np.float32), np.zeros((2, H), np.float32), 4, False, 1, e1)
 
 
 def test_split_with_the_helper_busy_runs_alone():
@@ -154,6 +218,9 @@ def test_backend_takes_the_split_loop_and_agrees_with_the_reference(dtype, time_
     calls = []
     real = lstm.lstm_forward_split
     monkeypatch.setattr(lstm, "lstm_forward_split", lambda *a: calls.append(1) or real(*a))
+    back_calls = []
+    real_back = lstm.lstm_backward_split
+    monkeypatch.setattr(lstm, "lstm_backward_split", lambda *a: back_calls.append(1) or real_back(*a))
     T, B, I, H = 6, 16, 7, 256  # 16 x 1024 x 256 multiply-adds per step: above SPLIT_MIN_MACS
     rng = np.random.default_rng(1)
     x = rng.normal(size=(T, B, I) if time_major else (B, T, I)).astype(dtype)
@@ -176,4 +243,5 @@ def test_backend_takes_the_split_loop_and_agrees_with_the_reference(dtype, time_
     n = len(calls)
     y2 = training_against_reference(cell, x, lengths, cot, dtype, time_major, tol)
     assert len(calls) > n, "training did not take the two-thread loop"
+    assert back_calls, "training did not take the two-thread backward loop"
     assert_close(y2, y0, tol, "outputs (training)")
