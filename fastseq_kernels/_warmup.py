@@ -6,6 +6,15 @@ import time
 import numpy as np
 
 
+def _ro(a):
+    """Weights as the numba backend passes them: read-only (a cell stores its weights
+    read-only, and the backend hands the kernels read-only views of any others), which is
+    a Numba type of its own; warming up with writable weights would compile kernels a
+    user's first call never runs."""
+    a.flags.writeable = False
+    return a
+
+
 def warmup(dtypes=("float32", "float64"), verbose=False):
     """Returns the seconds spent per (kernel, dtype)."""
     from . import _packed, gru, lstm, rnn
@@ -22,33 +31,34 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         dy = np.ones((T, B, H), dt)
 
         t0 = time.perf_counter()
-        k = rng.standard_normal((I + H, 4 * H)).astype(dt)
-        b = np.zeros(4 * H, dt)
+        k = _ro(rng.standard_normal((I + H, 4 * H)).astype(dt))
+        b = _ro(np.zeros(4 * H, dt))
         y, c, hh, ws = lstm.lstm_forward(x, k, b, e1, e1, e1, e2, h, h, lengths, False, e3, e3, 0, 1.0, -1.0, -1.0,
                                          True, 1, e1)
         lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, h, h, T, False, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1)
         # the two-thread loop (lstm.split_applies), 32 units: a whole number of panels
-        k32 = rng.standard_normal((I + 32, 128)).astype(dt)
+        k32 = _ro(rng.standard_normal((I + 32, 128)).astype(dt))
         h32 = np.zeros((B, 32), dt)
-        _, _, _, ws32 = lstm.lstm_forward_split(x, k32, np.zeros(128, dt), h32, h32, lengths, False, 1.0, True, 2,
+        _, _, _, ws32 = lstm.lstm_forward_split(x, k32, _ro(np.zeros(128, dt)), h32, h32, lengths, False, 1.0, True, 2,
                                                 e1)
         lstm.lstm_backward_split(ws32, k32, np.ones((T, B, 32), dt), h32, h32, T, False, 1, e1)
         timings[("lstm", name)] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        gk = rng.standard_normal((I + H, 2 * H)).astype(dt)
-        ck = rng.standard_normal((I + H, H)).astype(dt)
-        y, hh, ws = gru.gru_forward(x, gk, np.ones(2 * H, dt), ck, np.zeros(H, dt), h, lengths, False, e3, 0, True, 1,
+        gk = _ro(rng.standard_normal((I + H, 2 * H)).astype(dt))
+        ck = _ro(rng.standard_normal((I + H, H)).astype(dt))
+        gb, cb = _ro(np.ones(2 * H, dt)), _ro(np.zeros(H, dt))
+        y, hh, ws = gru.gru_forward(x, gk, gb, ck, cb, h, lengths, False, e3, 0, True, 1,
                                     e1, e1)
-        gru.gru_backward(ws, gk, np.ones(2 * H, dt), ck, np.zeros(H, dt), dy, h, T, False, e3, 0, 1, e1, e1)
+        gru.gru_backward(ws, gk, gb, ck, cb, dy, h, T, False, e3, 0, 1, e1, e1)
         # the two-thread loop (gru.split_applies)
-        gru.gru_forward_split(x, gk, np.ones(2 * H, dt), ck, np.zeros(H, dt), h, lengths, False, False, e1, e1)
+        gru.gru_forward_split(x, gk, gb, ck, cb, h, lengths, False, False, e1, e1)
         gru.gru_backward_split(ws, gk, ck, dy, h, T, False, 1, e1, e1)
         timings[("gru", name)] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        y, hh, ws = rnn.rnn_forward(x, ck, np.zeros(H, dt), h, lengths, False, e3, 0, True, 1, e1)
-        rnn.rnn_backward(ws, ck, np.zeros(H, dt), dy, h, T, False, e3, 0, 1, e1)
+        y, hh, ws = rnn.rnn_forward(x, ck, cb, h, lengths, False, e3, 0, True, 1, e1)
+        rnn.rnn_backward(ws, ck, cb, dy, h, T, False, e3, 0, 1, e1)
         # the backend packs cached weights itself (backends/fastseq_numba/_packcache.py)
         _packed.pack_if_worth(4, ck, I * H, H, H, H, False)
         _packed.pack_if_worth(4, ck, I * H, H, H, H, True)

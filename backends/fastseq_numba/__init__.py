@@ -51,6 +51,20 @@ def _contig(a, dtype, name):
     return a
 
 
+def _weights(a, dtype, name):
+    """:func:`_contig` for a weight array, always read-only: a cell's stored weights are
+    (``fastseq.nn.rnn_cell``), and giving the kernels the same array type for weights the
+    caller passes in means one compiled specialisation per dtype, the one
+    :func:`fastseq_kernels.warmup` compiles ahead of time (a writable weight array would
+    compile a second set on first use). A writable array becomes a read-only view; the
+    caller's array is not touched."""
+    a = _contig(a, dtype, name)
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
 class NumbaBackend(NumpyArrayOps, Backend):
     """Fused Numba kernels: one compiled call per layer, forward and backward."""
 
@@ -110,7 +124,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
         for name, shape in shapes.items():
             if name not in params:
                 raise ValueError(f"params: missing {name!r} for a {spec.kind} cell")
-            a = _contig(params[name], dtype, f"params[{name!r}]")
+            a = _weights(params[name], dtype, f"params[{name!r}]")
             if a.shape != shape:
                 raise ValueError(f"params[{name!r}] must have shape {shape}, got {a.shape}")
             p[name] = a
@@ -238,7 +252,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 raise ValueError(f"d_final_state[{i}] must have shape {(B, n)}, got {d.shape}")
             ds.append(d)
         shapes = spec.param_shapes(I)
-        p = {name: _contig(params[name], dtype, f"params[{name!r}]") for name in shapes}
+        p = {name: _weights(params[name], dtype, f"params[{name!r}]") for name in shapes}
         E1, E2, _ = self._empty[dtype]
         nt = get_num_threads()
         steps = w.steps

@@ -184,3 +184,21 @@ def test_kernel_ignores_a_packed_array_of_the_wrong_size(dtype, numba_backend, r
     k2[I:] *= 2
     want = rnn.rnn_forward(x, k2, b, h0, L, False, e3, 0, False, 1, np.zeros(0, dtype))[0]
     assert_close(rnn.rnn_forward(x, k, b, h0, L, False, e3, 0, False, 1, doubled)[0], want, 1e-6)
+
+
+def test_backend_hands_the_kernels_read_only_weights_without_touching_the_callers():
+    """Weights reach the kernels read-only whether or not the caller's are (one compiled
+    specialisation per dtype, the one fastseq_kernels.warmup compiles); a writable array
+    of the caller's stays writable and unchanged; a read-only one is passed as is."""
+    from fastseq_numba import _weights
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    w = _weights(a, np.dtype(np.float32), "params['kernel']")
+    assert not w.flags.writeable and a.flags.writeable
+    assert np.shares_memory(w, a)
+    np.testing.assert_array_equal(w, a)
+    b = a.copy()
+    b.flags.writeable = False
+    assert _weights(b, np.dtype(np.float32), "params['kernel']") is b
+    with pytest.raises(TypeError, match="params\\['kernel'\\]"):
+        _weights(np.array(["x"]), np.dtype(np.float32), "params['kernel']")
