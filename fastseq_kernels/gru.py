@@ -237,10 +237,33 @@ def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, 
     # packed even for loops under PACK_MIN_STEPS: the workers have no unpacked path
     KPg = given_or_pack(packed_g, max(L, PACK_MIN_STEPS), gates_kernel, I * H2, H2, H, H2, False)
     KPc = given_or_pack(packed_c, max(L, PACK_MIN_STEPS), cand_kernel, I * H, H, H, H, False)
-    claims = np.zeros(2 * L + 1, np.int64)  # chunks taken per task: 2k gates, 2k+1 candidate; [2L] projections
-    done = np.zeros(2 * L + 1, np.int64)  # chunks done per task
+    # chunks taken per task: 2k gates, 2k+1 candidate; [2L] projections; [2L+1] row parts
+    claims = np.zeros(2 * L + 2, np.int64)
+    done = np.zeros(2 * L + 2, np.int64)  # chunks done per task
     scratch = np.empty((2, MAX_HEIGHT * panel_width(XG)), dt)
     return order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, Hh, RH, y, Yp, hT, claims, done, scratch
+
+@kernel(inline="always")
+def _project_chunks(w, claims, done, P, X, gates_kernel, cand_kernel, XG, XC):
+    """The two input projections in ``PROJ_CHUNKS`` row chunks each (task ``P``), one BLAS
+    thread per worker (see :func:`.lstm.lstm_forward_split_worker`); returns when every
+    chunk is done, by either worker."""
+    R, I = X.shape
+    H2 = XG.shape[1]
+    H = XC.shape[1]
+    while True:
+        c = take_chunk(claims, P, 2 * PROJ_CHUNKS, w)
+        if c < 0:
+            break
+        q = c % PROJ_CHUNKS
+        r0 = R * q // PROJ_CHUNKS
+        r1 = R * (q + 1) // PROJ_CHUNKS
+        if c < PROJ_CHUNKS:
+            gemm(0, 0, r1 - r0, H2, I, 1.0, X, r0 * I, I, gates_kernel, 0, H2, 0.0, XG, r0 * H2, H2, 1)
+        else:
+            gemm(0, 0, r1 - r0, H, I, 1.0, X, r0 * I, I, cand_kernel, 0, H, 0.0, XC, r0 * H, H, 1)
+        atomic_add(done, P, 1)
+    wait_at_least(done, P, 2 * PROJ_CHUNKS)
 
 
 #: Chunks per product and step in :func:`gru_forward_split_worker`: one per worker.
@@ -264,27 +287,12 @@ def gru_forward_split_worker(w, claims, done, nb, base, hbase, order, X, gates_k
     L = nb.shape[0] - 1
     H = Hh.shape[1]
     H2 = 2 * H
-    I = X.shape[1]
-    R = XG.shape[0]
     NR = panel_width(XG)
     ncg = min((H2 + NR - 1) // NR, nchunks)
     ncc = min((H + NR - 1) // NR, nchunks)
     scr = scratch[w]
     one = XG.dtype.type(1.0)
-    P = 2 * L
-    while True:
-        c = take_chunk(claims, P, 2 * PROJ_CHUNKS, w)
-        if c < 0:
-            break
-        q = c % PROJ_CHUNKS
-        r0 = R * q // PROJ_CHUNKS
-        r1 = R * (q + 1) // PROJ_CHUNKS
-        if c < PROJ_CHUNKS:
-            gemm(0, 0, r1 - r0, H2, I, 1.0, X, r0 * I, I, gates_kernel, 0, H2, 0.0, XG, r0 * H2, H2, 1)
-        else:
-            gemm(0, 0, r1 - r0, H, I, 1.0, X, r0 * I, I, cand_kernel, 0, H, 0.0, XC, r0 * H, H, 1)
-        atomic_add(done, P, 1)
-    wait_at_least(done, P, 2 * PROJ_CHUNKS)
+    _project_chunks(w, claims, done, 2 * L, X, gates_kernel, cand_kernel, XG, XC)
     for k in range(L):
         n = nb[k]
         nn = nb[k + 1]
@@ -317,20 +325,85 @@ def gru_forward_split_worker(w, claims, done, nb, base, hbase, order, X, gates_k
             atomic_add(done, 2 * k + 1, 1)
 
 
+#: Fewest batch rows for which the two-thread loops split the rows of the batch instead of
+#: the columns of every product (:func:`gru_forward_rows_worker`).
+ROWS_MIN_B = 8
+#: Most bytes of recurrent weights (``3 H^2`` elements) for the row split: each worker
+#: then reads all of them every step, which pays while they stay in its L2. Measured on
+#: the 2-vCPU Zen 4 machine (1 MB L2 per core; ratios column split / row split, forward
+#: and training): H=128 B=128 1.10 / 1.09, H=200 B=16..64 1.04-1.09, H=256 B=12 (768 KB)
+#: 0.98 / 1.05, H=512 B=32 (3 MB) 0.91 / 0.99.
+ROWS_MAX_WEIGHT_BYTES = 1 << 19
+#: Row parts in that case: one per worker.
+ROW_PARTS = 2
+
+
+def _split_by_rows(B, H, itemsize):
+    """Whether the two-thread loops share each step by rows (else by columns)."""
+    return B >= ROWS_MIN_B and 3 * H * H * itemsize <= ROWS_MAX_WEIGHT_BYTES
+
+
+@kernel
+def gru_forward_rows_worker(w, claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC,
+                            gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, need_grad, scratch, nparts):
+    """Worker ``w`` (0 or 1) of the time loop split by batch rows: the input projections as
+    in :func:`gru_forward_split_worker`, then the whole time loop of every row part it
+    claims (task ``2L + 1``: ``nparts`` parts, part ``p`` the sorted rows ``p``,
+    ``p + nparts``, ...). Rows of a batch never meet in a recurrent layer, and a sorted row
+    keeps its index while it is active, so each part runs from the first step to the last
+    with no wait on the other worker: no barrier per step (the column split has two), at
+    the cost of each worker reading all of the packed weights every step. A worker that is
+    late or absent leaves its part to the other one, which claims it when done with its own."""
+    L = nb.shape[0] - 1
+    H = Hh.shape[1]
+    H2 = 2 * H
+    scr = scratch[w]
+    one = XG.dtype.type(1.0)
+    _project_chunks(w, claims, done, 2 * L, X, gates_kernel, cand_kernel, XG, XC)
+    S = nparts
+    while True:
+        p = take_chunk(claims, 2 * L + 1, S, w)
+        if p < 0:
+            break
+        for k in range(L):
+            n = nb[k]
+            m = (n - p + S - 1) // S  # rows p, p + S, ... below n
+            if m <= 0:
+                break  # active rows only shrink
+            nn = nb[k + 1]
+            gb = base[k]
+            hb = hbase[k]
+            nhb = hbase[k + 1]
+            rb = gb if need_grad else 0
+            gemm_acc_packed(m, H2, H, Hh, (hb + p) * H, S * H, KPg, XG, (gb + p) * H2, S * H2, scr)
+            for r in range(p, n, S):
+                _gates_cols(XG[gb + r], gates_bias, Hh[hb + r], RH[rb + r], H, 0, H2)
+            gemm_acc_packed(m, H, H, RH, (rb + p) * H, S * H, KPc, XC, (gb + p) * H, S * H, scr)
+            for r in range(p, n, S):
+                g = gb + r
+                hout = Hh[nhb + r] if r < nn else hT[order[r]]
+                _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H, 0, H)
+
+
 def gru_forward_split(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, need_grad,
                       packed_g, packed_c):
     """:func:`gru_forward` for the configurations of :func:`split_applies` (tanh, no state
     mask), with the time loop on two threads (the caller and :mod:`._team`'s helper) that
-    share the columns of both products of every step. Same results, and the same
+    share every step: by rows of the batch where :func:`_split_by_rows` says so (no
+    barrier per step), else by the columns of both products. Same results, and the same
     workspace for :func:`gru_backward`; the arithmetic of each element is the one-thread
-    loop's with the packed micro-kernel."""
+    loop's with the packed micro-kernel (the row split cuts the batch into other
+    micro-kernel blocks, so float32 sums may round differently)."""
     T, B, _ = x.shape
     (order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, Hh, RH, y, Yp, hT, claims, done,
      scratch) = gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g,
                                         packed_c)
-    run_pair(gru_forward_split_worker, (claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC,
-                                        gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, bool(need_grad), scratch,
-                                        CHUNKS))
+    if _split_by_rows(B, h0.shape[1], x.dtype.itemsize):
+        worker, parts = gru_forward_rows_worker, ROW_PARTS
+    else:
+        worker, parts = gru_forward_split_worker, CHUNKS
+    run_pair(worker, (claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC, gates_bias, cand_bias,
+                      KPg, KPc, Hh, RH, Yp, hT, bool(need_grad), scratch, parts))
     if not uniform:
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
     return y, hT, (X, XG, XC, Hh, RH, order, lens_s, nb, base)
@@ -462,8 +535,8 @@ def gru_backward_split_begin(ws, gates_kernel, cand_kernel, dhT, T, packed_ct, p
     uniform, dH, dRH, dXG, dXC = _backward_setup(ws, dhT, T)
     KPct = given_or_pack(packed_ct, max(L, PACK_MIN_STEPS), cand_kernel, I * H, H, H, H, True)
     KPgt = given_or_pack(packed_gt, max(L, PACK_MIN_STEPS), gates_kernel, I * H2, H2, H2, H, True)
-    claims = np.zeros(2 * L + 1, np.int64)  # chunks taken per task, see gru_backward_split_worker
-    done = np.zeros(2 * L + 1, np.int64)
+    claims = np.zeros(2 * L + 2, np.int64)  # chunks taken per task, see gru_backward_split_worker; [2L+1] row parts
+    done = np.zeros(2 * L + 2, np.int64)
     scratch = np.empty((2, MAX_HEIGHT * panel_width(XG)), XG.dtype)
     return uniform, dH, dRH, dXG, dXC, KPct, KPgt, claims, done, scratch
 
@@ -527,6 +600,43 @@ def gru_backward_split_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, ba
 
 
 @kernel
+def gru_backward_rows_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy, dH, dRH,
+                             dXG, dXC, scratch, nparts):
+    """Worker ``w`` of the backward time loop split by batch rows (see
+    :func:`gru_forward_rows_worker`): every row part it claims (task ``2L + 1``) goes
+    through all steps, last to first, as in :func:`gru_backward`, with no wait on the
+    other worker."""
+    L = nb.shape[0] - 1
+    H = dH.shape[1]
+    H2 = 2 * H
+    scr = scratch[w]
+    one = XG.dtype.type(1.0)
+    S = nparts
+    while True:
+        p = take_chunk(claims, 2 * L + 1, S, w)
+        if p < 0:
+            break
+        for k in range(L - 1, -1, -1):
+            n = nb[k]
+            m = (n - p + S - 1) // S
+            if m <= 0:
+                continue  # active rows only grow going back
+            gb = base[k]
+            for r in range(p, n, S):
+                g = gb + r
+                _grad_out_tanh_units(dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], XG[g], XC[g], Hh[g],
+                                     dXC[g], dXG[g], one, H, 0, H)
+                dr = dRH[r]
+                for j in range(H):
+                    dr[j] = 0
+            gemm_acc_packed(m, H, H, dXC, (gb + p) * H, S * H, KPct, dRH, p * H, S * H, scr)
+            for r in range(p, n, S):
+                g = gb + r
+                _grad_reset_units(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, 0, H)
+            gemm_acc_packed(m, H, H2, dXG, (gb + p) * H2, S * H2, KPgt, dH, p * H, S * H, scr)
+
+
+@kernel
 def gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, reverse, uniform, nthreads):
     """After the loop of :func:`gru_backward_split`: :func:`_weight_grads`."""
     X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
@@ -537,14 +647,18 @@ def gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, rever
 def gru_backward_split(ws, gates_kernel, cand_kernel, dy, dhT, T, reverse, nthreads, packed_ct, packed_gt):
     """:func:`gru_backward` for the configurations of :func:`split_applies` (the workspace
     of a forward run with ``need_grad``; tanh, no state mask), with the time loop on two
-    threads (the caller and :mod:`._team`'s helper) that share the units of every step;
-    the weight gradients afterwards as in :func:`gru_backward`, on ``nthreads`` BLAS
+    threads (the caller and :mod:`._team`'s helper) that share every step (by rows or by
+    units, as :func:`gru_forward_split`); the weight gradients afterwards as in :func:`gru_backward`, on ``nthreads`` BLAS
     threads. Same results; the arithmetic of the loop is the one-thread kernel's with the
     packed micro-kernel."""
     X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
     reverse = bool(reverse)
     (uniform, dH, dRH, dXG, dXC, KPct, KPgt, claims, done,
      scratch) = gru_backward_split_begin(ws, gates_kernel, cand_kernel, dhT, T, packed_ct, packed_gt)
-    run_pair(gru_backward_split_worker, (claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy,
-                                         dH, dRH, dXG, dXC, scratch, CHUNKS))
+    if _split_by_rows(dhT.shape[0], dhT.shape[1], dhT.dtype.itemsize):
+        worker, parts = gru_backward_rows_worker, ROW_PARTS
+    else:
+        worker, parts = gru_backward_split_worker, CHUNKS
+    run_pair(worker, (claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy, dH, dRH, dXG, dXC,
+                      scratch, parts))
     return gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, reverse, uniform, nthreads)
