@@ -169,12 +169,78 @@ def _forward_setup(x, c0, h0, lengths, reverse, need_grad):
     return order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT
 
 
+@kernel(inline="always")
+def _fused_setup(x, c0, h0, lengths, reverse, need_grad):
+    """:func:`_forward_setup` for the fused loop of :func:`lstm_forward`: one buffer
+    ``XH [rows, I + P]`` holds each row's input (columns ``:I``) beside the state it
+    multiplies (columns ``I:``), so that a step's whole product is ``XH[block] @ kernel``.
+    With ``need_grad`` it has ``R`` rows (the inputs in plan order and the state history:
+    the workspace's ``X`` and ``Hh`` at once); else ``2B`` ping-pong rows, the inputs
+    copied in step by step."""
+    T, B, I = x.shape
+    H = c0.shape[1]
+    P = h0.shape[1]
+    dt = x.dtype
+    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+    L = nb.shape[0] - 1
+    XH = np.empty((R if need_grad else 2 * B, I + P), dt)
+    if need_grad:
+        for k in range(L):
+            for r in range(nb[k]):
+                _copy_row(x[time_index(k, r, lens_s, reverse), order[r]], XH[base[k] + r], I)
+    Ch = np.empty((R if need_grad else 2 * B, H), dt)
+    if uniform:
+        y = np.empty((T, B, P), dt)
+        Yp = y.reshape(T * B, P)
+    else:
+        y = np.empty((0, 0, 0), dt)
+        Yp = np.empty((R, P), dt)
+    cT = np.empty((B, H), dt)
+    hT = np.empty((B, P), dt)
+    n0 = nb[0] if nb.shape[0] > 1 else 0
+    for r in range(B):
+        b = order[r]
+        if r < n0:
+            _copy_row(h0[b], XH[hbase[0] + r, I:], P)
+            _copy_row(c0[b], Ch[hbase[0] + r], H)
+        else:
+            _copy_row(h0[b], hT[b], P)
+            _copy_row(c0[b], cT[b], H)
+    return order, lens_s, nb, base, hbase, R, uniform, XH, Ch, y, Yp, cT, hT
+
+
+#: Fused input projection (:func:`fuse_applies`): fewest rows at the first step, and most
+#: bytes of the whole kernel ``[I + P, 4H]``.
+FUSE_MIN_ROWS = 8
+FUSE_MAX_BYTES = 1 << 21
+
+
+def fuse_applies(B, I, P, H, itemsize):
+    """Whether :func:`lstm_forward` should run with ``fuse``: the input projection of
+    each step inside that step's product (``[x_t, h] @ kernel``, one pass of the packed
+    micro-kernel over the whole kernel) instead of one GEMM over all steps before the
+    loop. That keeps the gate rows of a step in cache from the product to the
+    nonlinearities (the all-steps GEMM writes ``R x 4H`` gates that are read back long
+    after, from memory when they outgrow the caches) and, without ``need_grad``, needs
+    one block of gate rows instead of ``R``; it costs streaming the input rows of the
+    kernel every step, which pays while the whole kernel stays in the core's L2 and the
+    product has enough rows to be compute-bound. Measured on the 2-vCPU Zen 4 machine
+    (1 MB L2 per core), one direction of P4 (B=64, I=64, H=256, 1.25 MB of kernel): 23.5
+    vs 26.8 ms at T=100, 92.8 vs 106.3 ms at T=400; P3's shape (I=H=512, 8 MB of kernel)
+    147.6 vs 136.5 ms, slower; P1 (B=1) slower (each step streams 384 instead of 256 KB)."""
+    return B >= FUSE_MIN_ROWS and (I + P) * 4 * H * itemsize <= FUSE_MAX_BYTES
+
+
 @kernel
 def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse, mask_c, mask_h, code,
-                 forget_bias, cell_clip, proj_clip, need_grad, nthreads, packed):
-    """Returns ``(y [T, B, P], c_T [B, H], h_T [B, P], workspace)``. ``packed``: the recurrent
-    rows ``kernel[I:]`` packed by ``pack_if_worth(steps, kernel, I*4H, 4H, P, 4H, False)``, or
-    an empty array (then they are packed here)."""
+                 forget_bias, cell_clip, proj_clip, need_grad, nthreads, packed, fuse):
+    """Returns ``(y [T, B, P], c_T [B, H], h_T [B, P], workspace)``. ``fuse``: the input
+    projection inside each step's product (see :func:`fuse_applies`). ``packed``: the
+    weights the steps multiply, packed by ``pack_if_worth``: with ``fuse`` the whole
+    kernel (``pack_if_worth(steps, kernel, 0, 4H, I+P, 4H, False)``), else its recurrent
+    rows (``pack_if_worth(steps, kernel, I*4H, 4H, P, 4H, False)``); or an empty array
+    (then they are packed here). The workspace's ``X`` and ``Hh`` are one ``[R, I+P]``
+    buffer when fused (:func:`_fused_setup`)."""
     T, B, I = x.shape
     H = c0.shape[1]
     P = h0.shape[1]
@@ -187,12 +253,28 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
     pclip = dt.type(proj_clip)
     store_out = output_activation_stored(code)
 
-    order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
-                                                                                         reverse, need_grad)
-    L = nb.shape[0] - 1
-    G = np.empty((R, G4), dt)
-    gemm(0, 0, R, G4, I, 1.0, X, 0, I, kernel, 0, G4, 0.0, G, 0, G4, nthreads)
-    KP = given_or_pack(packed, L, kernel, I * G4, G4, P, G4, False)  # recurrent rows, packed once
+    fuse = bool(fuse)
+    if fuse:
+        order, lens_s, nb, base, hbase, R, uniform, X, Ch, y, Yp, cT, hT = _fused_setup(x, c0, h0, lengths, reverse,
+                                                                                       need_grad)
+        Hh = X  # one buffer: inputs in columns :I, states in I:
+        L = nb.shape[0] - 1
+        G = np.empty((R if need_grad else B, G4), dt)  # without need_grad: one step's block, reused
+        KP = given_or_pack(packed, L, kernel, 0, G4, I + P, G4, False)  # the whole kernel, packed once
+    else:
+        order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
+                                                                                             reverse, need_grad)
+        L = nb.shape[0] - 1
+        G = np.empty((R, G4), dt)
+        gemm(0, 0, R, G4, I, 1.0, X, 0, I, kernel, 0, G4, 0.0, G, 0, G4, nthreads)
+        KP = given_or_pack(packed, L, kernel, I * G4, G4, P, G4, False)  # recurrent rows, packed once
+    # the step product: C[gates] (+)= A[rows, kd] @ kernel[k0:], A the state (or input and
+    # state) rows of leading dimension ldh; the state of a row sits at column hoff
+    kd = I + P if fuse else P
+    k0 = 0 if fuse else I
+    ldh = I + P if fuse else P
+    hoff = I if fuse else 0
+    beta = 0 if fuse else 1
     scr = scratch_for(G)
     Mp = np.empty((R if need_grad else B, H) if use_proj else (0, H), dt)
     Yraw = np.empty((R, P) if (use_proj and pclip >= 0 and need_grad) else (0, P), dt)
@@ -210,25 +292,29 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
         hb = hbase[k]
         nhb = hbase[k + 1]
         mb = gb if need_grad else 0
-        # recurrent part: G[gb:gb+n] += h @ kernel[I:]
-        step_product(n, G4, P, Hh, hb * P, P, KP, kernel, I * G4, G4, 0, G, gb * G4, G4, 1, nthreads, scr)
+        gg = gb if (need_grad or not fuse) else 0  # first gate row of this step
+        if fuse and not need_grad:
+            for r in range(n):
+                _copy_row(x[time_index(k, r, lens_s, reverse), order[r]], X[hb + r], I)
+        # G[gg:gg+n] += h @ kernel[I:] (fused: G[gg:gg+n] = [x, h] @ kernel)
+        step_product(n, G4, kd, Hh, hb * ldh, ldh, KP, kernel, k0 * G4, G4, 0, G, gg * G4, G4, beta, nthreads, scr)
         if fast_gates:
             for r in range(n):
-                g = gb + r
                 cout = Ch[nhb + r] if r < nn else cT[order[r]]
-                mout = Mp[mb + r] if use_proj else Yp[g]
-                _gates_tanh_row(G[g], bias, fb, Ch[hb + r], cout, mout, H)
+                mout = Mp[mb + r] if use_proj else Yp[gb + r]
+                _gates_tanh_row(G[gg + r], bias, fb, Ch[hb + r], cout, mout, H)
         for r in range(n if not fast_gates else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
             g = gb + r
+            q = gg + r
             tc = 0 if mask_c.shape[0] == 1 else t
             for j in range(H):
                 cp = Ch[hb + r, j]
-                gi = G[g, j] + bias[j]
-                gj = G[g, H + j] + bias[H + j]
-                gf = G[g, 2 * H + j] + bias[2 * H + j] + fb
-                go = G[g, 3 * H + j] + bias[3 * H + j]
+                gi = G[q, j] + bias[j]
+                gj = G[q, H + j] + bias[H + j]
+                gf = G[q, 2 * H + j] + bias[2 * H + j] + fb
+                go = G[q, 3 * H + j] + bias[3 * H + j]
                 if use_peep:
                     gi += w_i[j] * cp
                     gf += w_f[j] * cp
@@ -245,10 +331,10 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
                     go += w_o[j] * c
                 so = sigmoid(go)
                 m = so * act(c, code)
-                G[g, j] = si
-                G[g, H + j] = aj if store_out else gj
-                G[g, 2 * H + j] = sf
-                G[g, 3 * H + j] = so
+                G[q, j] = si
+                G[q, H + j] = aj if store_out else gj
+                G[q, 2 * H + j] = sf
+                G[q, 3 * H + j] = so
                 cm = c * mask_c[tc, b, j] if mc_on else c
                 if r < nn:
                     Ch[nhb + r, j] = cm
@@ -262,7 +348,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
             gemm(0, 0, n, P, H, 1.0, Mp, mb * H, H, proj, 0, P, 0.0, Yp, gb * P, P, nthreads)
         if plain_h:
             for r in range(n):
-                _copy_row(Yp[gb + r], Hh[nhb + r] if r < nn else hT[order[r]], P)
+                _copy_row(Yp[gb + r], Hh[nhb + r, hoff:] if r < nn else hT[order[r]], P)
         for r in range(n if not plain_h else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
@@ -280,7 +366,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
                     Yp[g, j] = m
                 hm = m * mask_h[th, b, j] if mh_on else m
                 if r < nn:
-                    Hh[nhb + r, j] = hm
+                    Hh[nhb + r, hoff + j] = hm
                 else:
                     hT[b, j] = hm
     if not uniform:
@@ -433,16 +519,21 @@ def _sorted_state_grads(dcT, dhT, order):
 def _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb, base, T, reverse, uniform,
                   nthreads):
     """What both backward kernels end with, after the time loop: the weight gradients as
-    GEMMs over all rows (``[X; h]^T dG``, and ``m^T dMraw`` with a projection), the bias
+    GEMMs over all rows (``[X; h]^T dG``, one GEMM when the forward was fused, and ``m^T
+    dMraw`` with a projection), the bias
     gradient, ``dx`` in the caller's layout and ``dc0``/``dh0`` in batch order."""
-    R, I = X.shape
+    R = dG.shape[0]
     B, H = dC.shape
     P = dH.shape[1]
+    I = kernel.shape[0] - P
     G4 = 4 * H
     dt = dG.dtype
     dkernel = np.empty((I + P, G4), dt)
-    gemm(1, 0, I, G4, R, 1.0, X, 0, I, dG, 0, G4, 0.0, dkernel, 0, G4, nthreads)
-    gemm(1, 0, P, G4, R, 1.0, Hh, 0, P, dG, 0, G4, 0.0, dkernel, I * G4, G4, nthreads)
+    if X.shape[1] == I + P:  # a fused forward's [R, I+P] buffer (X and Hh are one): one GEMM
+        gemm(1, 0, I + P, G4, R, 1.0, X, 0, I + P, dG, 0, G4, 0.0, dkernel, 0, G4, nthreads)
+    else:
+        gemm(1, 0, I, G4, R, 1.0, X, 0, I, dG, 0, G4, 0.0, dkernel, 0, G4, nthreads)
+        gemm(1, 0, P, G4, R, 1.0, Hh, 0, P, dG, 0, G4, 0.0, dkernel, I * G4, G4, nthreads)
     dbias = np.zeros(G4, dt)
     for i in range(R):
         for j in range(G4):
@@ -479,7 +570,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
     B = dcT.shape[0]
     H = dcT.shape[1]
     P = dhT.shape[1]
-    I = X.shape[1]
+    I = kernel.shape[0] - P
     G4 = 4 * H
     R = G.shape[0]
     dt = G.dtype
@@ -596,9 +687,9 @@ def lstm_backward_split_begin(ws, kernel, dcT, dhT, packed_t):
     gradients in sorted order, the gate-gradient buffer, the packed transposed recurrent
     rows, the task counters."""
     X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
-    I = X.shape[1]
     G4 = G.shape[1]
     H = G4 // 4
+    I = kernel.shape[0] - H
     L = nb.shape[0] - 1
     dH, dC = _sorted_state_grads(dcT, dhT, order)
     dG = np.empty(G.shape, G.dtype)

@@ -191,21 +191,26 @@ class NumbaBackend(NumpyArrayOps, Backend):
         if spec.kind == "lstm":
             peep = spec.use_peepholes
             H4 = 4 * spec.num_units
-            kp = self._packed(p["kernel"], steps, I * H4, H4, spec.output_size, H4, False)
+            P = spec.output_size
             plain = _lstm_plain(spec, masks)
-            if k["lstm"].split_applies(B, spec.num_units, spec.output_size, steps, plain, nt, x.dtype.itemsize):
+            if k["lstm"].split_applies(B, spec.num_units, P, steps, plain, nt, x.dtype.itemsize):
                 # the time loop on two threads sharing the units (fastseq_kernels/lstm.py)
+                kp = self._packed(p["kernel"], steps, I * H4, H4, P, H4, False)
                 y, cT, hT, ws = k["lstm"].lstm_forward_split(x, p["kernel"], p["bias"], states[0], states[1],
                                                              lengths, reverse, float(spec.forget_bias),
                                                              need_grad, nt, kp)
             else:
+                # the input projection inside each step's product where that pays (lstm.fuse_applies)
+                fuse = k["lstm"].fuse_applies(B, I, P, spec.num_units, x.dtype.itemsize)
+                kp = (self._packed(p["kernel"], steps, 0, H4, I + P, H4, False) if fuse
+                      else self._packed(p["kernel"], steps, I * H4, H4, P, H4, False))
                 y, cT, hT, ws = k["lstm"].lstm_forward(
                     x, p["kernel"], p["bias"],
                     p["w_i_diag"] if peep else E1, p["w_f_diag"] if peep else E1, p["w_o_diag"] if peep else E1,
                     p["projection/kernel"] if spec.num_proj else E2,
                     states[0], states[1], lengths, reverse, masks[0], masks[1], code,
                     float(spec.forget_bias), self._clip(spec.cell_clip),
-                    self._clip(spec.proj_clip if spec.num_proj else None), need_grad, nt, kp)
+                    self._clip(spec.proj_clip if spec.num_proj else None), need_grad, nt, kp, fuse)
             final = (cT, hT)
         elif spec.kind == "gru":
             H = spec.num_units
