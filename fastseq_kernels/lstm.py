@@ -14,7 +14,10 @@ rows are packed once per call, or handed in already packed, for a register-block
 micro-kernel, or BLAS for large multi-threaded products) and applies the gate
 nonlinearities in place, so ``G`` ends up holding the activated gates the backward pass
 needs. The backward pass turns ``G`` into the gate gradients in place, one GEMM per step
-for ``d h``, and then gets every weight gradient from one GEMM over all rows.
+for ``d h``, and then gets every weight gradient from one GEMM over all rows. Where it
+pays (:func:`fuse_applies`: batches of several rows, a kernel that fits in L2) the
+one-thread loop instead *fuses* the input projection into each step's product over
+``[x_t, h]`` and the whole kernel (``fuse``).
 
 ``nthreads`` (last argument of every kernel): BLAS threads the kernel's large products may
 use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS`` use one).
