@@ -220,6 +220,19 @@ def time_index(k, r, lens_s, reverse):
     return lens_s[r] - 1 - k if reverse else k
 
 
+@kernel(inline="always")
+def plan_and_inputs(x, lengths, reverse, need_grad):
+    """:func:`make_plan` and the input rows ``X [R, I]`` in plan order: ``x`` itself for a
+    uniform batch (no copy, either direction), else :func:`gather_rows`."""
+    T, B, I = x.shape
+    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+    if uniform:
+        X = x.reshape(T * B, I)
+    else:
+        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
+    return order, lens_s, nb, base, hbase, R, uniform, X
+
+
 @kernel
 def gather_rows(x, order, lens_s, nb, base, R, reverse):
     """Pack the valid rows of ``x [T, B, D]`` step by step: ``[R, D]``."""

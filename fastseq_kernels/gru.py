@@ -17,7 +17,7 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
+from ._common import TANH, act, dact, ftanh, output_activation_stored, plan_and_inputs, scatter_rows, \
     sigmoid, time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, wait_at_least
 from ._jit import kernel
@@ -120,11 +120,7 @@ def _forward_setup(x, h0, lengths, reverse, need_grad):
     T, B, I = x.shape
     H = h0.shape[1]
     dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
-    if uniform:
-        X = x.reshape(T * B, I)
-    else:
-        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad)
     Hh = np.empty((R if need_grad else 2 * B, H), dt)
     RH = np.empty((R if need_grad else B, H), dt)
     if uniform:

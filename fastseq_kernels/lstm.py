@@ -26,8 +26,8 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import TANH, act, dact, ftanh, gather_rows, make_plan, output_activation_stored, scatter_rows, \
-    sigmoid, time_index
+from ._common import TANH, act, dact, ftanh, make_plan, output_activation_stored, plan_and_inputs, \
+    scatter_rows, sigmoid, time_index
 from ._jit import kernel
 from ._atomic import atomic_add, chunk_cols, take_chunk, wait_at_least
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, given_or_pack, panel_cols, panel_width, \
@@ -136,22 +136,15 @@ def _copy_row(src, dst, n):
 
 
 @kernel(inline="always")
-def _forward_setup(x, c0, h0, lengths, reverse, need_grad):
-    """What both forward loops start from: the row plan, the input rows ``X`` in plan
-    order, the carried-state buffers ``Hh``/``Ch`` with the initial state in place (rows of
-    sequences of length 0 go straight to the final state ``hT``/``cT``), and the outputs."""
-    T, B, I = x.shape
+def _outputs_and_initial_state(x, c0, h0, order, nb, hbase, R, uniform, Hs, hoff, Ch):
+    """The output buffers (``y``, or ``Yp`` in plan order) and the final-state buffers of
+    both forward setups; the initial state of the rows active at the first step goes into
+    the state buffers (``Hs`` from column ``hoff``, ``Ch``), that of sequences of length 0
+    straight into the final state."""
+    T, B, _ = x.shape
     H = c0.shape[1]
     P = h0.shape[1]
     dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
-    if uniform:
-        X = x.reshape(T * B, I)
-    else:
-        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
-    nh = R if need_grad else 2 * B
-    Hh = np.empty((nh, P), dt)
-    Ch = np.empty((nh, H), dt)
     if uniform:
         y = np.empty((T, B, P), dt)
         Yp = y.reshape(T * B, P)
@@ -164,11 +157,28 @@ def _forward_setup(x, c0, h0, lengths, reverse, need_grad):
     for r in range(B):
         b = order[r]
         if r < n0:
-            _copy_row(h0[b], Hh[hbase[0] + r], P)
+            _copy_row(h0[b], Hs[hbase[0] + r, hoff:], P)
             _copy_row(c0[b], Ch[hbase[0] + r], H)
         else:
             _copy_row(h0[b], hT[b], P)
             _copy_row(c0[b], cT[b], H)
+    return y, Yp, cT, hT
+
+
+@kernel(inline="always")
+def _forward_setup(x, c0, h0, lengths, reverse, need_grad):
+    """What both forward loops start from: the row plan, the input rows ``X`` in plan
+    order, the carried-state buffers ``Hh``/``Ch`` with the initial state in place (rows of
+    sequences of length 0 go straight to the final state ``hT``/``cT``), and the outputs."""
+    T, B, I = x.shape
+    H = c0.shape[1]
+    P = h0.shape[1]
+    dt = x.dtype
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad)
+    nh = R if need_grad else 2 * B
+    Hh = np.empty((nh, P), dt)
+    Ch = np.empty((nh, H), dt)
+    y, Yp, cT, hT = _outputs_and_initial_state(x, c0, h0, order, nb, hbase, R, uniform, Hh, 0, Ch)
     return order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT
 
 
@@ -192,23 +202,7 @@ def _fused_setup(x, c0, h0, lengths, reverse, need_grad):
             for r in range(nb[k]):
                 _copy_row(x[time_index(k, r, lens_s, reverse), order[r]], XH[base[k] + r], I)
     Ch = np.empty((R if need_grad else 2 * B, H), dt)
-    if uniform:
-        y = np.empty((T, B, P), dt)
-        Yp = y.reshape(T * B, P)
-    else:
-        y = np.empty((0, 0, 0), dt)
-        Yp = np.empty((R, P), dt)
-    cT = np.empty((B, H), dt)
-    hT = np.empty((B, P), dt)
-    n0 = nb[0] if nb.shape[0] > 1 else 0
-    for r in range(B):
-        b = order[r]
-        if r < n0:
-            _copy_row(h0[b], XH[hbase[0] + r, I:], P)
-            _copy_row(c0[b], Ch[hbase[0] + r], H)
-        else:
-            _copy_row(h0[b], hT[b], P)
-            _copy_row(c0[b], cT[b], H)
+    y, Yp, cT, hT = _outputs_and_initial_state(x, c0, h0, order, nb, hbase, R, uniform, XH, I, Ch)
     return order, lens_s, nb, base, hbase, R, uniform, XH, Ch, y, Yp, cT, hT
 
 

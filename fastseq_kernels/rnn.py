@@ -12,7 +12,7 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import act, dact, gather_rows, make_plan, output_activation_stored, scatter_rows, time_index
+from ._common import act, dact, output_activation_stored, plan_and_inputs, scatter_rows, time_index
 from ._jit import kernel
 from ._packed import given_or_pack, scratch_for, step_product
 
@@ -25,12 +25,8 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, 
     H = h0.shape[1]
     dt = x.dtype
     store_out = output_activation_stored(code)
-    order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad)
     L = nb.shape[0] - 1
-    if uniform:
-        X = x.reshape(T * B, I)
-    else:
-        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
     G = np.empty((R, H), dt)
     gemm(0, 0, R, H, I, 1.0, X, 0, I, kernel, 0, H, 0.0, G, 0, H, nthreads)
     KP = given_or_pack(packed, L, kernel, I * H, H, H, H, False)  # recurrent rows, packed once

@@ -58,6 +58,27 @@ def lengths_for(pattern, T, B, rng):
     raise ValueError(pattern)
 
 
+#: Fixed length patterns of the kernel-pair tests (two-thread, fused vs one-thread): the
+#: whole batch at T; a mix with lengths 0, 1 and T (up to 9 rows); every row empty.
+LENGTHS = {
+    "full": lambda T, B: [T] * B,
+    "mixed": lambda T, B: [T, 0, 3, T - 1, 1, 0, T, 5, 2][:B],
+    "all-zero": lambda T, B: [0] * B,
+}
+
+
+def lstm_kernel_args(dtype, T, B, I, H, lengths, seed=0, scale=0.1):
+    """Arguments of the LSTM kernels: ``x [T, B, I]``, kernel ``[I+H, 4H]`` and bias
+    (``scale`` times normal), ``c0``, ``h0``, int64 lengths."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(T, B, I)).astype(dtype)
+    k = (rng.normal(size=(I + H, 4 * H)) * scale).astype(dtype)
+    b = (rng.normal(size=4 * H) * scale).astype(dtype)
+    c0 = rng.normal(size=(B, H)).astype(dtype)
+    h0 = rng.normal(size=(B, H)).astype(dtype)
+    return x, k, b, c0, h0, np.asarray(lengths, np.int64)
+
+
 def assert_close(actual, expected, rtol, what=""):
     """Relative to the largest magnitude of ``expected`` (element-wise relative error is
     meaningless for entries that cancel to ~0)."""
@@ -116,3 +137,13 @@ def compare_layer(fast, ref, spec, T, B, I, dtype, rng, lengths, reverse, masks,
     for name in dpr:
         assert dp[name].dtype == dtype
         assert_close(dp[name], dpr[name], rtol, f"d_params[{name!r}]")
+
+
+def compare_masked_layer(fast, ref, spec, mask_kind, reverse, seed):
+    """:func:`compare_layer` in float64 with state masks of ``mask_kind`` and lengths 6, 0,
+    3, 5 (T=6, B=4)."""
+    rng = np.random.default_rng(seed)
+    T, B, I = 6, 4, 3
+    lens = np.array([6, 0, 3, 5], np.int64)
+    masks = make_masks(spec, T, B, np.dtype(np.float64), rng, mask_kind)
+    compare_layer(fast, ref, spec, T, B, I, np.float64, rng, lens, reverse, masks)

@@ -8,7 +8,8 @@ backward pass from either workspace); and the backend's choice (fuse_applies).""
 import numpy as np
 import pytest
 
-from _kernel_helpers import SPECS, assert_close, compare_layer, lengths_for, make_masks
+from _kernel_helpers import assert_close, compare_layer, compare_masked_layer, LENGTHS, lengths_for, lstm_kernel_args, \
+    SPECS
 
 LSTM_SPECS = sorted(name for name in SPECS if SPECS[name].kind == "lstm")
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
@@ -38,12 +39,7 @@ def test_layer_matches_reference(numba_backend, ref_backend, fuse, cell, dtype, 
 @pytest.mark.parametrize("mask_kind", ["step", "fixed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_state_masks(numba_backend, ref_backend, fuse, cell, mask_kind, reverse):
-    rng = np.random.default_rng(17)
-    T, B, I = 6, 4, 3
-    spec = SPECS[cell]
-    lens = np.array([6, 0, 3, 5], np.int64)
-    masks = make_masks(spec, T, B, np.dtype(np.float64), rng, mask_kind)
-    compare_layer(numba_backend, ref_backend, spec, T, B, I, np.float64, rng, lens, reverse, masks)
+    compare_masked_layer(numba_backend, ref_backend, SPECS[cell], mask_kind, reverse, seed=17)
 
 
 @pytest.mark.parametrize("T", [1, 3, 9])  # under and over _packed.PACK_MIN_STEPS
@@ -54,16 +50,6 @@ def test_short_and_long_loops(numba_backend, ref_backend, fuse, T):
     compare_layer(numba_backend, ref_backend, SPECS["lstm"], T, 11, 6, np.float32, rng, lens, True, None)
 
 
-def _kernel_args(dtype, T, B, I, H, lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(T, B, I)).astype(dtype)
-    k = (rng.normal(size=(I + H, 4 * H)) * 0.2).astype(dtype)
-    b = (rng.normal(size=4 * H) * 0.2).astype(dtype)
-    c0 = rng.normal(size=(B, H)).astype(dtype)
-    h0 = rng.normal(size=(B, H)).astype(dtype)
-    return x, k, b, c0, h0, np.asarray(lengths, np.int64)
-
-
 def _forward(args, reverse, need_grad, fuse):
     from fastseq_kernels import lstm
 
@@ -72,13 +58,6 @@ def _forward(args, reverse, need_grad, fuse):
     e1, e2, e3 = np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt)
     return lstm.lstm_forward(x, k, b, e1, e1, e1, e2, c0, h0, L, reverse, e3, e3, 0, 1.0, -1.0, -1.0, need_grad, 1,
                              e1, fuse)
-
-
-LENGTHS = {
-    "full": lambda T, B: [T] * B,
-    "mixed": lambda T, B: [T, 0, 3, T - 1, 1, 0, T, 5, 2][:B],
-    "all-zero": lambda T, B: [0] * B,
-}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -92,7 +71,7 @@ def test_fused_matches_unfused_kernel(dtype, lengths, reverse, need_grad):
     from fastseq_kernels import lstm
 
     T, B, I, H = 9, 9, 5, 40
-    args = _kernel_args(dtype, T, B, I, H, LENGTHS[lengths](T, B))
+    args = lstm_kernel_args(dtype, T, B, I, H, LENGTHS[lengths](T, B), scale=0.2)
     want = _forward(args, reverse, need_grad, False)
     got = _forward(args, reverse, need_grad, True)
     tol = TOL[dtype]
@@ -129,7 +108,7 @@ def test_fused_takes_a_packed_kernel_and_ignores_a_wrong_one():
     from fastseq_kernels import _packed
 
     T, B, I, H = 8, 9, 6, 32
-    args = _kernel_args(np.float32, T, B, I, H, [T] * B, seed=3)
+    args = lstm_kernel_args(np.float32, T, B, I, H, [T] * B, seed=3, scale=0.2)
     x, k = args[0], args[1]
     full = _packed.pack_if_worth(T, k, 0, 4 * H, I + H, 4 * H, False)
     rec = _packed.pack_if_worth(T, k, I * 4 * H, 4 * H, H, 4 * H, False)

@@ -5,7 +5,8 @@ state masks (per step, fixed)."""
 import numpy as np
 import pytest
 
-from _kernel_helpers import SPECS, compare_layer, lengths_for, make_masks, make_params, make_state, RTOL, assert_close
+from _kernel_helpers import SPECS, compare_layer, compare_masked_layer, lengths_for, make_params, make_state, RTOL, \
+    assert_close
 
 
 @pytest.mark.parametrize("cell", sorted(SPECS))
@@ -90,12 +91,7 @@ def test_step_products_against_numpy(dtype):
 @pytest.mark.parametrize("mask_kind", ["step", "fixed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_state_masks(numba_backend, ref_backend, cell, mask_kind, reverse):
-    rng = np.random.default_rng(7)
-    T, B, I = 6, 4, 3
-    spec = SPECS[cell]
-    lens = np.array([6, 0, 3, 5], np.int64)
-    masks = make_masks(spec, T, B, np.dtype(np.float64), rng, mask_kind)
-    compare_layer(numba_backend, ref_backend, spec, T, B, I, np.float64, rng, lens, reverse, masks)
+    compare_masked_layer(numba_backend, ref_backend, SPECS[cell], mask_kind, reverse, seed=7)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu", "relu6", "elu", "softsign", "softplus", "linear"])

@@ -13,19 +13,12 @@ import pytest
 import fastseq
 from fastseq import nn
 
-from _kernel_helpers import assert_close, training_against_reference
+from _kernel_helpers import assert_close, LENGTHS, lstm_kernel_args, training_against_reference
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
 
-def _args(dtype, T, B, I, H, lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(T, B, I)).astype(dtype)
-    k = (rng.normal(size=(I + H, 4 * H)) * 0.1).astype(dtype)
-    b = (rng.normal(size=4 * H) * 0.1).astype(dtype)
-    c0 = rng.normal(size=(B, H)).astype(dtype)
-    h0 = rng.normal(size=(B, H)).astype(dtype)
-    return x, k, b, c0, h0, np.asarray(lengths, np.int64)
+_args = lstm_kernel_args
 
 
 def _one_thread(x, k, b, c0, h0, L, reverse, need_grad):
@@ -45,13 +38,6 @@ def _compare(got, want, dtype, what):
             assert_close(got[3][i], want[3][i], TOL[dtype], f"{what}: workspace {name}")
         for i in range(6, 10):  # the row plan
             np.testing.assert_array_equal(got[3][i], want[3][i])
-
-
-LENGTHS = {
-    "full": lambda T, B: [T] * B,
-    "mixed": lambda T, B: [T, 0, 3, T - 1, 1, 0, T, 5][:B],
-    "all-zero": lambda T, B: [0] * B,
-}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])

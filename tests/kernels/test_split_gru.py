@@ -15,7 +15,7 @@ import pytest
 import fastseq
 from fastseq import nn
 
-from _kernel_helpers import assert_close, training_against_reference
+from _kernel_helpers import assert_close, LENGTHS, training_against_reference
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
@@ -66,13 +66,6 @@ def _compare(got, want, dtype, what, workspace, tol=None):
             assert_close(got[2][i], want[2][i], tol, f"{what}: workspace {name}")
         for i in range(5, 9):  # the row plan
             np.testing.assert_array_equal(got[2][i], want[2][i])
-
-
-LENGTHS = {
-    "full": lambda T, B: [T] * B,
-    "mixed": lambda T, B: [T, 0, 3, T - 1, 1, 0, T, 5][:B],
-    "all-zero": lambda T, B: [0] * B,
-}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
