@@ -206,7 +206,7 @@ def _fused_setup(x, c0, h0, lengths, reverse, need_grad):
     return order, lens_s, nb, base, hbase, R, uniform, XH, Ch, y, Yp, cT, hT
 
 
-#: Fused input projection (:func:`fuse_applies`): fewest rows at the first step, and most
+#: Fused input projection (:func:`fuse_applies`): fewest batch rows, and most
 #: bytes of the whole kernel ``[I + P, 4H]``.
 FUSE_MIN_ROWS = 8
 FUSE_MAX_BYTES = 1 << 21
