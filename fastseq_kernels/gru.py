@@ -239,6 +239,7 @@ def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, 
     scratch = np.empty((2, MAX_HEIGHT * panel_width(XG)), dt)
     return order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, Hh, RH, y, Yp, hT, claims, done, scratch
 
+
 @kernel(inline="always")
 def _project_chunks(w, claims, done, P, X, gates_kernel, cand_kernel, XG, XC):
     """The two input projections in ``PROJ_CHUNKS`` row chunks each (task ``P``), one BLAS
@@ -644,9 +645,9 @@ def gru_backward_split(ws, gates_kernel, cand_kernel, dy, dhT, T, reverse, nthre
     """:func:`gru_backward` for the configurations of :func:`split_applies` (the workspace
     of a forward run with ``need_grad``; tanh, no state mask), with the time loop on two
     threads (the caller and :mod:`._team`'s helper) that share every step (by rows or by
-    units, as :func:`gru_forward_split`); the weight gradients afterwards as in :func:`gru_backward`, on ``nthreads`` BLAS
-    threads. Same results; the arithmetic of the loop is the one-thread kernel's with the
-    packed micro-kernel."""
+    units, as :func:`gru_forward_split`); the weight gradients afterwards as in
+    :func:`gru_backward`, on ``nthreads`` BLAS threads. Same results; the arithmetic of the
+    loop is the one-thread kernel's with the packed micro-kernel."""
     X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
     reverse = bool(reverse)
     (uniform, dH, dRH, dXG, dXC, KPct, KPgt, claims, done,

@@ -250,7 +250,6 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
     pclip = dt.type(proj_clip)
     store_out = output_activation_stored(code)
 
-    fuse = bool(fuse)
     if fuse:
         order, lens_s, nb, base, hbase, R, uniform, X, Ch, y, Yp, cT, hT = _fused_setup(x, c0, h0, lengths, reverse,
                                                                                        need_grad)
@@ -266,10 +265,9 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
         gemm(0, 0, R, G4, I, 1.0, X, 0, I, kernel, 0, G4, 0.0, G, 0, G4, nthreads)
         KP = given_or_pack(packed, L, kernel, I * G4, G4, P, G4, False)  # recurrent rows, packed once
     # the step product: C[gates] (+)= A[rows, kd] @ kernel[k0:], A the state (or input and
-    # state) rows of leading dimension ldh; the state of a row sits at column hoff
+    # state) rows, kd wide; the state of a row sits at column hoff
     kd = I + P if fuse else P
     k0 = 0 if fuse else I
-    ldh = I + P if fuse else P
     hoff = I if fuse else 0
     beta = 0 if fuse else 1
     scr = scratch_for(G)
@@ -294,7 +292,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
             for r in range(n):
                 _copy_row(x[time_index(k, r, lens_s, reverse), order[r]], X[hb + r], I)
         # G[gg:gg+n] += h @ kernel[I:] (fused: G[gg:gg+n] = [x, h] @ kernel)
-        step_product(n, G4, kd, Hh, hb * ldh, ldh, KP, kernel, k0 * G4, G4, 0, G, gg * G4, G4, beta, nthreads, scr)
+        step_product(n, G4, kd, Hh, hb * kd, kd, KP, kernel, k0 * G4, G4, 0, G, gg * G4, G4, beta, nthreads, scr)
         if fast_gates:
             for r in range(n):
                 cout = Ch[nhb + r] if r < nn else cT[order[r]]
