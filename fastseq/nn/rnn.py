@@ -517,15 +517,22 @@ def _bidirectional(cell_fw, cell_bw, inputs, sequence_length, initial_state_fw, 
     # cores (fastseq.threads). Cells that draw dropout masks run one after the other, so
     # the masks drawn for a seed do not depend on thread timing.
     together = _concurrent(backend, cell_fw, cell_bw)
+
+    def direction(cell, state, reverse):
+        # each direction's outputs go back to batch-major in its own thread (the copies
+        # of the two directions run side by side)
+        y, final, bw = _run(cell, x, state, ctx, reverse=reverse)
+        return (y if time_major else backend.swap_batch_time(y)), final, bw
+
     if together:
         if lengths is not None:
             ctx.seq_mask()  # shared, computed once before the threads start
         (y_fw, f_fw, bw_fw), (y_bw, f_bw, bw_bw) = _threads.run_concurrently(
-            lambda: _run(cell_fw, x, s_fw, ctx, reverse=False), lambda: _run(cell_bw, x, s_bw, ctx, reverse=True))
+            lambda: direction(cell_fw, s_fw, False), lambda: direction(cell_bw, s_bw, True))
     else:
-        y_fw, f_fw, bw_fw = _run(cell_fw, x, s_fw, ctx, reverse=False)
-        y_bw, f_bw, bw_bw = _run(cell_bw, x, s_bw, ctx, reverse=True)
-    outs = (y_fw, y_bw) if time_major else (backend.swap_batch_time(y_fw), backend.swap_batch_time(y_bw))
+        y_fw, f_fw, bw_fw = direction(cell_fw, s_fw, False)
+        y_bw, f_bw, bw_bw = direction(cell_bw, s_bw, True)
+    outs = (y_fw, y_bw)
     result = (
         (_out(backend, outs[0], native), _out(backend, outs[1], native)),
         (_out(backend, cell_fw._to_public(f_fw), native), _out(backend, cell_bw._to_public(f_bw), native)),
@@ -541,13 +548,17 @@ def _bidirectional(cell_fw, cell_bw, inputs, sequence_length, initial_state_fw, 
         for c, d_out, d_st, final, bw in ((cell_fw, d_out_fw, d_st_fw, f_fw, bw_fw), (cell_bw, d_out_bw, d_st_bw, f_bw, bw_bw)):
             shape = (T, B, c.output_size) if time_major else (B, T, c.output_size)
             dy = _cotangent(backend, d_out, shape, dt, "d_outputs")
-            if not time_major:
-                dy = backend.swap_batch_time(dy)
             jobs.append((c, bw, dy, _state_cotangent(c, backend, d_st, final, B, dt, "d_state"), _Acc(backend)))
+
+        def back(job):
+            # the cotangent to time-major in the direction's own thread (side by side)
+            _, bw, dy, dst, part = job
+            return bw(dy if time_major else backend.swap_batch_time(dy), dst, part)
+
         if together:
-            res = _threads.run_concurrently(*[(lambda j=j: j[1](j[2], j[3], j[4])) for j in jobs])
+            res = _threads.run_concurrently(*[(lambda j=j: back(j)) for j in jobs])
         else:
-            res = [j[1](j[2], j[3], j[4]) for j in jobs]
+            res = [back(j) for j in jobs]
         dxs, d0s = [], []
         for (c, _, _, _, part), (dx, d0) in zip(jobs, res):
             acc.merge(part)  # each direction accumulated on its own (a shared cell sums here)
