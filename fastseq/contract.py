@@ -147,6 +147,13 @@ class Backend:
     #: with its share of :func:`fastseq.threads.get_num_threads`.
     concurrent_layers: bool = False
 
+    #: True when :meth:`layer_forward` also accepts ``batch_major=True``: inputs
+    #: ``[B, T, I]`` and outputs ``[B, T, P]`` (``state_mask`` unchanged), and the
+    #: :meth:`layer_backward` of that run takes ``d_outputs [B, T, P]`` and gives
+    #: ``d_inputs [B, T, I]``. The drivers then run a plain cell on batch-major inputs
+    #: (``time_major=False``, TF1's default) without transposed copies around the call.
+    batch_major_layers: bool = False
+
     # ---------------------------------------------------------------- lifecycle
     def availability(self) -> Optional[str]:
         """``None`` when usable here, else a one-line reason (e.g. "numba is not

@@ -1,7 +1,9 @@
 """Pieces shared by the cell kernels: activations by integer code, the batch plan
 (sort by length, shrinking active batch, row blocks per step), gathers and scatters.
 
-Row bookkeeping used by every kernel (``B`` rows, ``T`` steps, time-major input):
+Row bookkeeping used by every kernel (``B`` rows, ``T`` steps; sequence arrays are
+time-major ``[T, B, D]``, or batch-major ``[B, T, D]`` where a kernel's ``bm`` is set,
+see :func:`dims`):
 
 - ``order [B]``: rows sorted by length, longest first (stable); sorted row ``r`` is batch
   row ``order[r]``; ``lens_s[r]`` its length.
@@ -9,10 +11,11 @@ Row bookkeeping used by every kernel (``B`` rows, ``T`` steps, time-major input)
   rows at step ``k`` are the sorted rows ``0 .. nb[k]-1``, so every per-step GEMM runs on
   a contiguous block of ``nb[k]`` rows: finished sequences cost nothing.
 - ``base [L+1]``: first row of step ``k``'s block in the per-step buffers ``[R, ...]``.
-  *Uniform* batches (every length is ``T``; no sorting needed) use the input itself,
-  ``R = T*B`` and ``base[k] = t*B`` with ``t = k`` or ``T-1-k`` (reverse): no copy of the
-  input even for the backward direction. Otherwise the valid rows are packed step by step,
-  ``R = sum(lengths)``, ``base[k] = nb[0] + ... + nb[k-1]``.
+  *Uniform* batches (every length is ``T``; no sorting needed) have ``R = T*B`` and
+  ``base[k] = t*B`` with ``t = k`` or ``T-1-k`` (reverse): time-major, that is the input
+  itself, no copy even for the backward direction (:func:`direct_rows`). Otherwise the
+  valid rows are packed step by step, ``R = sum(lengths)``, ``base[k] = nb[0] + ... +
+  nb[k-1]``.
 - Processing step ``k`` of sorted row ``r`` reads time ``t = k`` or, with ``reverse``,
   ``t = lens_s[r] - 1 - k``.
 """
@@ -221,45 +224,70 @@ def time_index(k, r, lens_s, reverse):
 
 
 @kernel(inline="always")
-def plan_and_inputs(x, lengths, reverse, need_grad):
+def dims(a, bm):
+    """``(T, B, D)`` of a sequence array: ``[T, B, D]``, or ``[B, T, D]`` when ``bm``
+    (batch-major: the kernels read inputs and cotangents and write outputs and input
+    gradients in the caller's layout, so no transposed copy is made around them)."""
+    if bm:
+        return a.shape[1], a.shape[0], a.shape[2]
+    return a.shape[0], a.shape[1], a.shape[2]
+
+
+@kernel(inline="always")
+def row3(a, t, b, bm):
+    """The ``[D]`` row of time ``t`` and batch row ``b`` of a sequence array (see :func:`dims`)."""
+    return a[b, t] if bm else a[t, b]
+
+
+@kernel(inline="always")
+def direct_rows(uniform, bm, B):
+    """Whether a layer reads its input rows from ``x`` and writes its outputs into ``y``
+    in place (a uniform batch, time-major or of one row, where both layouts are the same
+    memory: the plan's row blocks are ``x``'s own), instead of :func:`gather_rows` /
+    :func:`scatter_rows`."""
+    return uniform and (not bm or B == 1)
+
+
+@kernel(inline="always")
+def plan_and_inputs(x, lengths, reverse, need_grad, bm):
     """:func:`make_plan` and the input rows ``X [R, I]`` in plan order: ``x`` itself for a
-    uniform batch (no copy, either direction), else :func:`gather_rows`."""
-    T, B, I = x.shape
+    uniform time-major batch (no copy, either direction), else :func:`gather_rows`."""
+    T, B, I = dims(x, bm)
     order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
-    if uniform:
+    if direct_rows(uniform, bm, B):
         X = x.reshape(T * B, I)
     else:
-        X = gather_rows(x, order, lens_s, nb, base, R, reverse)
+        X = gather_rows(x, order, lens_s, nb, base, R, reverse, bm)
     return order, lens_s, nb, base, hbase, R, uniform, X
 
 
 @kernel
-def gather_rows(x, order, lens_s, nb, base, R, reverse):
-    """Pack the valid rows of ``x [T, B, D]`` step by step: ``[R, D]``."""
+def gather_rows(x, order, lens_s, nb, base, R, reverse, bm):
+    """Pack the valid rows of ``x`` (``[T, B, D]``, or ``[B, T, D]`` when ``bm``) step by
+    step: ``[R, D]``."""
     D = x.shape[2]
     out = np.empty((R, D), x.dtype)
     for k in range(nb.shape[0] - 1):
         for r in range(nb[k]):
-            t = time_index(k, r, lens_s, reverse)
-            b = order[r]
-            row = base[k] + r
+            src = row3(x, time_index(k, r, lens_s, reverse), order[r], bm)
+            dst = out[base[k] + r]
             for j in range(D):
-                out[row, j] = x[t, b, j]
+                dst[j] = src[j]
     return out
 
 
 @kernel
-def scatter_rows(packed, T, B, order, lens_s, nb, base, reverse):
-    """Inverse of :func:`gather_rows`: ``[R, D]`` -> ``[T, B, D]``, zeros elsewhere."""
+def scatter_rows(packed, T, B, order, lens_s, nb, base, reverse, bm):
+    """Inverse of :func:`gather_rows`: ``[R, D]`` -> ``[T, B, D]`` (``[B, T, D]`` when
+    ``bm``), zeros elsewhere."""
     D = packed.shape[1]
-    out = np.zeros((T, B, D), packed.dtype)
+    out = np.zeros((B, T, D) if bm else (T, B, D), packed.dtype)
     for k in range(nb.shape[0] - 1):
         for r in range(nb[k]):
-            t = time_index(k, r, lens_s, reverse)
-            b = order[r]
-            row = base[k] + r
+            dst = row3(out, time_index(k, r, lens_s, reverse), order[r], bm)
+            src = packed[base[k] + r]
             for j in range(D):
-                out[t, b, j] = packed[row, j]
+                dst[j] = src[j]
     return out
 
 

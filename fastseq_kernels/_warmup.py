@@ -34,8 +34,8 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         k = _ro(rng.standard_normal((I + H, 4 * H)).astype(dt))
         b = _ro(np.zeros(4 * H, dt))
         y, c, hh, ws = lstm.lstm_forward(x, k, b, e1, e1, e1, e2, h, h, lengths, False, e3, e3, 0, 1.0, -1.0, -1.0,
-                                         True, 1, e1, False)
-        lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, h, h, T, False, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1)
+                                         True, 1, e1, False, False)
+        lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, h, h, T, False, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1, False)
         # the two-thread loop (lstm.split_applies), 32 units: a whole number of panels
         k32 = _ro(rng.standard_normal((I + 32, 128)).astype(dt))
         h32 = np.zeros((B, 32), dt)
@@ -49,16 +49,16 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         ck = _ro(rng.standard_normal((I + H, H)).astype(dt))
         gb, cb = _ro(np.ones(2 * H, dt)), _ro(np.zeros(H, dt))
         y, hh, ws = gru.gru_forward(x, gk, gb, ck, cb, h, lengths, False, e3, 0, True, 1,
-                                    e1, e1)
-        gru.gru_backward(ws, gk, gb, ck, cb, dy, h, T, False, e3, 0, 1, e1, e1)
+                                    e1, e1, False)
+        gru.gru_backward(ws, gk, gb, ck, cb, dy, h, T, False, e3, 0, 1, e1, e1, False)
         # the two-thread loop (gru.split_applies)
         gru.gru_forward_split(x, gk, gb, ck, cb, h, lengths, False, False, e1, e1)
         gru.gru_backward_split(ws, gk, ck, dy, h, T, False, 1, e1, e1)
         timings[("gru", name)] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        y, hh, ws = rnn.rnn_forward(x, ck, cb, h, lengths, False, e3, 0, True, 1, e1)
-        rnn.rnn_backward(ws, ck, cb, dy, h, T, False, e3, 0, 1, e1)
+        y, hh, ws = rnn.rnn_forward(x, ck, cb, h, lengths, False, e3, 0, True, 1, e1, False)
+        rnn.rnn_backward(ws, ck, cb, dy, h, T, False, e3, 0, 1, e1, False)
         # the backend packs cached weights itself (backends/fastseq_numba/_packcache.py)
         _packed.pack_if_worth(4, ck, I * H, H, H, H, False)
         _packed.pack_if_worth(4, ck, I * H, H, H, H, True)

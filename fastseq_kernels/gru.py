@@ -17,7 +17,8 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import TANH, act, dact, ftanh, output_activation_stored, plan_and_inputs, scatter_rows, \
+from ._common import TANH, act, dact, dims, direct_rows, ftanh, output_activation_stored, plan_and_inputs, row3, \
+    scatter_rows, \
     sigmoid, time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, wait_at_least
 from ._jit import kernel
@@ -112,19 +113,19 @@ def _grad_reset_units(drh, xg, hp, dxg, dh, one, u0, u1):
 
 
 @kernel(inline="always")
-def _forward_setup(x, h0, lengths, reverse, need_grad):
+def _forward_setup(x, h0, lengths, reverse, need_grad, bm):
     """What both forward loops start from: the row plan, the input rows ``X`` in plan
     order, the carried-state buffer ``Hh`` with the initial state in place (rows of
     sequences of length 0 go straight to the final state ``hT``), ``RH`` (``r * h``) and
     the outputs."""
-    T, B, I = x.shape
+    T, B, I = dims(x, bm)
     H = h0.shape[1]
     dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad)
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm)
     Hh = np.empty((R if need_grad else 2 * B, H), dt)
     RH = np.empty((R if need_grad else B, H), dt)
-    if uniform:
-        y = np.empty((T, B, H), dt)
+    if direct_rows(uniform, bm, B):
+        y = np.empty((B, T, H) if bm else (T, B, H), dt)
         Yp = y.reshape(T * B, H)
     else:
         y = np.empty((0, 0, 0), dt)
@@ -143,18 +144,19 @@ def _forward_setup(x, h0, lengths, reverse, need_grad):
 
 @kernel
 def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, mask_h, code, need_grad, nthreads,
-                packed_g, packed_c):
-    """Returns ``(y [T, B, H], h_T [B, H], workspace)``. ``packed_g``, ``packed_c``: the
-    recurrent rows of the two kernels packed by ``pack_if_worth`` (as below), or empty
-    arrays (then they are packed here)."""
-    T, B, I = x.shape
+                packed_g, packed_c, bm):
+    """Returns ``(y [T, B, H], h_T [B, H], workspace)``; with ``bm`` ``x`` is ``[B, T, I]``
+    and ``y`` ``[B, T, H]`` (the state mask stays ``[T or 1, B, H]``). ``packed_g``,
+    ``packed_c``: the recurrent rows of the two kernels packed by ``pack_if_worth`` (as
+    below), or empty arrays (then they are packed here)."""
+    T, B, I = dims(x, bm)
     H = h0.shape[1]
     H2 = 2 * H
     dt = x.dtype
     one = dt.type(1.0)
     store_out = output_activation_stored(code)
     order, lens_s, nb, base, hbase, R, uniform, X, Hh, RH, y, Yp, hT = _forward_setup(x, h0, lengths, reverse,
-                                                                                     need_grad)
+                                                                                     need_grad, bm)
     L = nb.shape[0] - 1
     XG = np.empty((R, H2), dt)
     XC = np.empty((R, H), dt)
@@ -198,8 +200,8 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
                     Hh[nhb + r, j] = hm
                 else:
                     hT[b, j] = hm
-    if not uniform:
-        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
+    if not direct_rows(uniform, bm, B):
+        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)
     ws = (X, XG, XC, Hh, RH, order, lens_s, nb, base)
     return y, hT, ws
 
@@ -217,7 +219,7 @@ def split_applies(B, H, steps, plain, nthreads):
 
 
 @kernel
-def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g, packed_c):
+def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g, packed_c, bm):
     """Everything before the time loop of :func:`gru_forward_split` but the input
     projections (the workers do those): the row plan, the packed recurrent rows, the
     buffers, the initial state in place, the task counters."""
@@ -226,7 +228,7 @@ def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, 
     H2 = 2 * H
     dt = x.dtype
     order, lens_s, nb, base, hbase, R, uniform, X, Hh, RH, y, Yp, hT = _forward_setup(x, h0, lengths, reverse,
-                                                                                     need_grad)
+                                                                                     need_grad, bm)
     L = nb.shape[0] - 1
     XG = np.empty((R, H2), dt)
     XC = np.empty((R, H), dt)
@@ -383,32 +385,34 @@ def gru_forward_rows_worker(w, claims, done, nb, base, hbase, order, X, gates_ke
 
 
 def gru_forward_split(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, need_grad,
-                      packed_g, packed_c):
+                      packed_g, packed_c, bm=False):
     """:func:`gru_forward` for the configurations of :func:`split_applies` (tanh, no state
     mask), with the time loop on two threads (the caller and :mod:`._team`'s helper) that
     share every step: by rows of the batch where :func:`_split_by_rows` says so (no
     barrier per step), else by the columns of both products. Same results, and the same
     workspace for :func:`gru_backward`; the arithmetic of each element is the one-thread
     loop's with the packed micro-kernel (the row split cuts the batch into other
-    micro-kernel blocks, so float32 sums may round differently)."""
-    T, B, _ = x.shape
+    micro-kernel blocks, so float32 sums may round differently). ``bm`` as in
+    :func:`gru_forward`."""
+    bm = bool(bm)
+    T, B = (x.shape[1], x.shape[0]) if bm else (x.shape[0], x.shape[1])
     (order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, Hh, RH, y, Yp, hT, claims, done,
      scratch) = gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g,
-                                        packed_c)
+                                        packed_c, bm)
     if _split_by_rows(B, h0.shape[1], x.dtype.itemsize):
         worker, parts = gru_forward_rows_worker, ROW_PARTS
     else:
         worker, parts = gru_forward_split_worker, CHUNKS
     run_pair(worker, (claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC, gates_bias, cand_bias,
                       KPg, KPc, Hh, RH, Yp, hT, bool(need_grad), scratch, parts))
-    if not uniform:
-        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
+    if not direct_rows(uniform, bm, B):
+        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)
     return y, hT, (X, XG, XC, Hh, RH, order, lens_s, nb, base)
 
 
 @kernel(inline="always")
 def _weight_grads(X, Hh, RH, dXG, dXC, dH, gates_kernel, cand_kernel, order, lens_s, nb, base, T, reverse, uniform,
-                  nthreads):
+                  nthreads, bm):
     """What both backward kernels end with, after the time loop: the weight gradients as
     GEMMs over all rows (``[X; h]^T dXG``, ``[X; r*h]^T dXC``), the bias gradients, ``dx``
     in the caller's layout and ``dh0`` in batch order."""
@@ -432,10 +436,10 @@ def _weight_grads(X, Hh, RH, dXG, dXC, dH, gates_kernel, cand_kernel, order, len
     dXp = np.empty((R, I), dt)
     gemm(0, 1, R, I, H2, 1.0, dXG, 0, H2, gates_kernel, 0, H2, 0.0, dXp, 0, I, nthreads)
     gemm(0, 1, R, I, H, 1.0, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I, nthreads)
-    if uniform:
-        dx = dXp.reshape(T, B, I)
+    if direct_rows(uniform, bm, B):
+        dx = dXp.reshape((B, T, I) if bm else (T, B, I))
     else:
-        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse)
+        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
     dh0 = np.empty((B, H), dt)
     for r in range(B):
         b = order[r]
@@ -463,10 +467,11 @@ def _backward_setup(ws, dhT, T):
 
 @kernel
 def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, T, reverse, mask_h, code, nthreads,
-                 packed_ct, packed_gt):
+                 packed_ct, packed_gt, bm):
     """Gradients of :func:`gru_forward` (run with ``need_grad``); ``ws`` is left intact.
 
-    Returns ``(dx, dh0, d_gates_kernel, d_gates_bias, d_cand_kernel, d_cand_bias)``."""
+    Returns ``(dx, dh0, d_gates_kernel, d_gates_bias, d_cand_kernel, d_cand_bias)``; with
+    ``bm`` ``dy`` is ``[B, T, H]`` and ``dx`` ``[B, T, I]``."""
     X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
     B, H = dhT.shape
     H2 = 2 * H
@@ -488,16 +493,17 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
         if fast_out:
             for r in range(n):
                 g = gb + r
-                _grad_out_tanh_units(dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], XG[g], XC[g], Hh[g],
-                                     dXC[g], dXG[g], one, H, 0, H)
+                _grad_out_tanh_units(dH[r], row3(dy, time_index(k, r, lens_s, reverse), order[r], bm), XG[g], XC[g],
+                                     Hh[g], dXC[g], dXG[g], one, H, 0, H)
         for r in range(n if not fast_out else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
             th = 0 if mask_h.shape[0] == 1 else t
             g = gb + r
+            dyr = row3(dy, t, b, bm)
             for j in range(H):
                 dhn = dH[r, j] * mask_h[th, b, j] if mh_on else dH[r, j]
-                dhn += dy[t, b, j]
+                dhn += dyr[j]
                 ug = XG[g, H + j]
                 h = Hh[g, j]
                 if store_out:
@@ -517,7 +523,7 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
         step_product(n, H, H2, dXG, gb * H2, H2, KPgt, gates_kernel, I * H2, H2, 1, dH, 0, H, 1, nthreads, scr)
 
     return _weight_grads(X, Hh, RH, dXG, dXC, dH, gates_kernel, cand_kernel, order, lens_s, nb, base, T, reverse,
-                         uniform, nthreads)
+                         uniform, nthreads, bm)
 
 
 @kernel
@@ -540,7 +546,7 @@ def gru_backward_split_begin(ws, gates_kernel, cand_kernel, dhT, T, packed_ct, p
 
 @kernel
 def gru_backward_split_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy, dH, dRH,
-                              dXG, dXC, scratch, nchunks):
+                              dXG, dXC, scratch, nchunks, bm):
     """Worker ``w`` (0 or 1) of the backward time loop, in chunks of units (whole panels)
     claimed per task; every task waits for all chunks of the one before. Round ``i``
     handles step ``k = L - 1 - i``: task ``2i`` adds step ``k + 1``'s
@@ -572,8 +578,8 @@ def gru_backward_split_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, ba
                 gb = base[k]
                 for r in range(nb[k]):
                     g = gb + r
-                    _grad_out_tanh_units(dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], XG[g], XC[g],
-                                         Hh[g], dXC[g], dXG[g], one, H, u0, u1)
+                    _grad_out_tanh_units(dH[r], row3(dy, time_index(k, r, lens_s, reverse), order[r], bm), XG[g],
+                                         XC[g], Hh[g], dXC[g], dXG[g], one, H, u0, u1)
             atomic_add(done, 2 * i, 1)
         if k < 0:
             break
@@ -598,7 +604,7 @@ def gru_backward_split_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, ba
 
 @kernel
 def gru_backward_rows_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy, dH, dRH,
-                             dXG, dXC, scratch, nparts):
+                             dXG, dXC, scratch, nparts, bm):
     """Worker ``w`` of the backward time loop split by batch rows (see
     :func:`gru_forward_rows_worker`): every row part it claims (task ``2L + 1``) goes
     through all steps, last to first, as in :func:`gru_backward`, with no wait on the
@@ -621,8 +627,8 @@ def gru_backward_rows_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, bas
             gb = base[k]
             for r in range(p, n, S):
                 g = gb + r
-                _grad_out_tanh_units(dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], XG[g], XC[g], Hh[g],
-                                     dXC[g], dXG[g], one, H, 0, H)
+                _grad_out_tanh_units(dH[r], row3(dy, time_index(k, r, lens_s, reverse), order[r], bm), XG[g], XC[g],
+                                     Hh[g], dXC[g], dXG[g], one, H, 0, H)
                 dr = dRH[r]
                 for j in range(H):
                     dr[j] = 0
@@ -634,22 +640,24 @@ def gru_backward_rows_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, bas
 
 
 @kernel
-def gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, reverse, uniform, nthreads):
+def gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, reverse, uniform, nthreads, bm):
     """After the loop of :func:`gru_backward_split`: :func:`_weight_grads`."""
     X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
     return _weight_grads(X, Hh, RH, dXG, dXC, dH, gates_kernel, cand_kernel, order, lens_s, nb, base, T, reverse,
-                         uniform, nthreads)
+                         uniform, nthreads, bm)
 
 
-def gru_backward_split(ws, gates_kernel, cand_kernel, dy, dhT, T, reverse, nthreads, packed_ct, packed_gt):
+def gru_backward_split(ws, gates_kernel, cand_kernel, dy, dhT, T, reverse, nthreads, packed_ct, packed_gt, bm=False):
     """:func:`gru_backward` for the configurations of :func:`split_applies` (the workspace
     of a forward run with ``need_grad``; tanh, no state mask), with the time loop on two
     threads (the caller and :mod:`._team`'s helper) that share every step (by rows or by
     units, as :func:`gru_forward_split`); the weight gradients afterwards as in
     :func:`gru_backward`, on ``nthreads`` BLAS threads. Same results; the arithmetic of the
-    loop is the one-thread kernel's with the packed micro-kernel."""
+    loop is the one-thread kernel's with the packed micro-kernel. ``bm`` as in
+    :func:`gru_backward`."""
     X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
     reverse = bool(reverse)
+    bm = bool(bm)
     (uniform, dH, dRH, dXG, dXC, KPct, KPgt, claims, done,
      scratch) = gru_backward_split_begin(ws, gates_kernel, cand_kernel, dhT, T, packed_ct, packed_gt)
     if _split_by_rows(dhT.shape[0], dhT.shape[1], dhT.dtype.itemsize):
@@ -657,5 +665,5 @@ def gru_backward_split(ws, gates_kernel, cand_kernel, dy, dhT, T, reverse, nthre
     else:
         worker, parts = gru_backward_split_worker, CHUNKS
     run_pair(worker, (claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy, dH, dRH, dXG, dXC,
-                      scratch, parts))
-    return gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, reverse, uniform, nthreads)
+                      scratch, parts, bm))
+    return gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, reverse, uniform, nthreads, bm)

@@ -26,8 +26,8 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import TANH, act, dact, ftanh, make_plan, output_activation_stored, plan_and_inputs, \
-    scatter_rows, sigmoid, time_index
+from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, output_activation_stored, \
+    plan_and_inputs, row3, scatter_rows, sigmoid, time_index
 from ._jit import kernel
 from ._atomic import atomic_add, chunk_cols, take_chunk, wait_at_least
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, given_or_pack, panel_cols, panel_width, \
@@ -136,17 +136,17 @@ def _copy_row(src, dst, n):
 
 
 @kernel(inline="always")
-def _outputs_and_initial_state(x, c0, h0, order, nb, hbase, R, uniform, Hs, hoff, Ch):
+def _outputs_and_initial_state(x, c0, h0, order, nb, hbase, R, uniform, Hs, hoff, Ch, bm):
     """The output buffers (``y``, or ``Yp`` in plan order) and the final-state buffers of
     both forward setups; the initial state of the rows active at the first step goes into
     the state buffers (``Hs`` from column ``hoff``, ``Ch``), that of sequences of length 0
     straight into the final state."""
-    T, B, _ = x.shape
+    T, B, _ = dims(x, bm)
     H = c0.shape[1]
     P = h0.shape[1]
     dt = x.dtype
-    if uniform:
-        y = np.empty((T, B, P), dt)
+    if direct_rows(uniform, bm, B):
+        y = np.empty((B, T, P) if bm else (T, B, P), dt)
         Yp = y.reshape(T * B, P)
     else:
         y = np.empty((0, 0, 0), dt)
@@ -166,31 +166,31 @@ def _outputs_and_initial_state(x, c0, h0, order, nb, hbase, R, uniform, Hs, hoff
 
 
 @kernel(inline="always")
-def _forward_setup(x, c0, h0, lengths, reverse, need_grad):
+def _forward_setup(x, c0, h0, lengths, reverse, need_grad, bm):
     """What both forward loops start from: the row plan, the input rows ``X`` in plan
     order, the carried-state buffers ``Hh``/``Ch`` with the initial state in place (rows of
     sequences of length 0 go straight to the final state ``hT``/``cT``), and the outputs."""
-    T, B, I = x.shape
+    T, B, I = dims(x, bm)
     H = c0.shape[1]
     P = h0.shape[1]
     dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad)
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm)
     nh = R if need_grad else 2 * B
     Hh = np.empty((nh, P), dt)
     Ch = np.empty((nh, H), dt)
-    y, Yp, cT, hT = _outputs_and_initial_state(x, c0, h0, order, nb, hbase, R, uniform, Hh, 0, Ch)
+    y, Yp, cT, hT = _outputs_and_initial_state(x, c0, h0, order, nb, hbase, R, uniform, Hh, 0, Ch, bm)
     return order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT
 
 
 @kernel(inline="always")
-def _fused_setup(x, c0, h0, lengths, reverse, need_grad):
+def _fused_setup(x, c0, h0, lengths, reverse, need_grad, bm):
     """:func:`_forward_setup` for the fused loop of :func:`lstm_forward`: one buffer
     ``XH [rows, I + P]`` holds each row's input (columns ``:I``) beside the state it
     multiplies (columns ``I:``), so that a step's whole product is ``XH[block] @ kernel``.
     With ``need_grad`` it has ``R`` rows (the inputs in plan order and the state history:
     the workspace's ``X`` and ``Hh`` at once); else ``2B`` ping-pong rows, the inputs
     copied in step by step."""
-    T, B, I = x.shape
+    T, B, I = dims(x, bm)
     H = c0.shape[1]
     P = h0.shape[1]
     dt = x.dtype
@@ -200,9 +200,9 @@ def _fused_setup(x, c0, h0, lengths, reverse, need_grad):
     if need_grad:
         for k in range(L):
             for r in range(nb[k]):
-                _copy_row(x[time_index(k, r, lens_s, reverse), order[r]], XH[base[k] + r], I)
+                _copy_row(row3(x, time_index(k, r, lens_s, reverse), order[r], bm), XH[base[k] + r], I)
     Ch = np.empty((R if need_grad else 2 * B, H), dt)
-    y, Yp, cT, hT = _outputs_and_initial_state(x, c0, h0, order, nb, hbase, R, uniform, XH, I, Ch)
+    y, Yp, cT, hT = _outputs_and_initial_state(x, c0, h0, order, nb, hbase, R, uniform, XH, I, Ch, bm)
     return order, lens_s, nb, base, hbase, R, uniform, XH, Ch, y, Yp, cT, hT
 
 
@@ -230,15 +230,16 @@ def fuse_applies(B, I, P, H, itemsize):
 
 @kernel
 def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse, mask_c, mask_h, code,
-                 forget_bias, cell_clip, proj_clip, need_grad, nthreads, packed, fuse):
-    """Returns ``(y [T, B, P], c_T [B, H], h_T [B, P], workspace)``. ``fuse``: the input
+                 forget_bias, cell_clip, proj_clip, need_grad, nthreads, packed, fuse, bm):
+    """Returns ``(y [T, B, P], c_T [B, H], h_T [B, P], workspace)``; with ``bm`` ``x`` is
+    ``[B, T, I]`` and ``y`` ``[B, T, P]`` (the state masks stay ``[T or 1, B, n]``). ``fuse``: the input
     projection inside each step's product (see :func:`fuse_applies`). ``packed``: the
     weights the steps multiply, packed by ``pack_if_worth``: with ``fuse`` the whole
     kernel (``pack_if_worth(steps, kernel, 0, 4H, I+P, 4H, False)``), else its recurrent
     rows (``pack_if_worth(steps, kernel, I*4H, 4H, P, 4H, False)``); or an empty array
     (then they are packed here). The workspace's ``X`` and ``Hh`` are one ``[R, I+P]``
     buffer when fused (:func:`_fused_setup`)."""
-    T, B, I = x.shape
+    T, B, I = dims(x, bm)
     H = c0.shape[1]
     P = h0.shape[1]
     G4 = 4 * H
@@ -252,14 +253,14 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
 
     if fuse:
         order, lens_s, nb, base, hbase, R, uniform, X, Ch, y, Yp, cT, hT = _fused_setup(x, c0, h0, lengths, reverse,
-                                                                                       need_grad)
+                                                                                       need_grad, bm)
         Hh = X  # one buffer: inputs in columns :I, states in I:
         L = nb.shape[0] - 1
         G = np.empty((R if need_grad else B, G4), dt)  # without need_grad: one step's block, reused
         KP = given_or_pack(packed, L, kernel, 0, G4, I + P, G4, False)  # the whole kernel, packed once
     else:
         order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
-                                                                                             reverse, need_grad)
+                                                                                             reverse, need_grad, bm)
         L = nb.shape[0] - 1
         G = np.empty((R, G4), dt)
         gemm(0, 0, R, G4, I, 1.0, X, 0, I, kernel, 0, G4, 0.0, G, 0, G4, nthreads)
@@ -290,7 +291,7 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
         gg = gb if (need_grad or not fuse) else 0  # first gate row of this step
         if fuse and not need_grad:
             for r in range(n):
-                _copy_row(x[time_index(k, r, lens_s, reverse), order[r]], X[hb + r], I)
+                _copy_row(row3(x, time_index(k, r, lens_s, reverse), order[r], bm), X[hb + r], I)
         # G[gg:gg+n] += h @ kernel[I:] (fused: G[gg:gg+n] = [x, h] @ kernel)
         step_product(n, G4, kd, Hh, hb * kd, kd, KP, kernel, k0 * G4, G4, 0, G, gg * G4, G4, beta, nthreads, scr)
         if fast_gates:
@@ -364,8 +365,8 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
                     Hh[nhb + r, hoff + j] = hm
                 else:
                     hT[b, j] = hm
-    if not uniform:
-        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
+    if not direct_rows(uniform, bm, B):
+        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)
     ws = (X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base)
     return y, cT, hT, ws
 
@@ -387,7 +388,7 @@ def split_applies(B, H, P, steps, plain, nthreads, itemsize):
 
 
 @kernel
-def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed):
+def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed, bm):
     """Everything before the time loop of :func:`lstm_forward_split` but the input
     projection (the workers do that): the row plan, the packed recurrent rows, the
     buffers, the initial state in place."""
@@ -396,7 +397,7 @@ def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, pac
     G4 = 4 * H
     dt = x.dtype
     order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
-                                                                                         reverse, need_grad)
+                                                                                         reverse, need_grad, bm)
     L = nb.shape[0] - 1
     G = np.empty((R, G4), dt)
     # packed even for loops under PACK_MIN_STEPS: the workers have no unpacked path
@@ -471,24 +472,25 @@ def lstm_forward_split_worker(w, claims, done, nb, base, hbase, order, X, kernel
             atomic_add(done, k, 1)
 
 
-def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, nthreads, packed):
+def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, nthreads, packed, bm=False):
     """:func:`lstm_forward` for the configurations of :func:`split_applies`, with the time
     loop on two threads (the caller and :mod:`._team`'s helper) that share the units of
     every step. Same arguments and results (the workspace is the one
     :func:`lstm_backward` reads); the arithmetic of each element is the one-thread loop's
     with the packed micro-kernel. ``nthreads`` is not used (two threads)."""
-    T, B, _ = x.shape
+    bm = bool(bm)
+    T, B = (x.shape[1], x.shape[0]) if bm else (x.shape[0], x.shape[1])
     H = c0.shape[1]
     nr = panel_cols(x.dtype.itemsize)
     if H % nr or h0.shape[1] != H or kernel.shape[1] != 4 * H:
         raise ValueError(f"lstm_forward_split: units must be a multiple of {nr} with no projection, "
                          f"got c0 {c0.shape}, h0 {h0.shape}, kernel {kernel.shape}")
     (order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done,
-     scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed)
+     scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed, bm)
     run_pair(lstm_forward_split_worker, (claims, done, nb, base, hbase, order, X, kernel, G, bias,
                                          float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch, MAX_CHUNKS))
-    if not uniform:
-        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
+    if not direct_rows(uniform, bm, B):
+        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)
     dt = x.dtype
     ws = (X, G, Hh, Ch, np.empty((0, H), dt), np.empty((0, H), dt), order, lens_s, nb, base)
     return y, cT, hT, ws
@@ -512,7 +514,7 @@ def _sorted_state_grads(dcT, dhT, order):
 
 @kernel(inline="always")
 def _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb, base, T, reverse, uniform,
-                  nthreads):
+                  nthreads, bm):
     """What both backward kernels end with, after the time loop: the weight gradients as
     GEMMs over all rows (``[X; h]^T dG``, one GEMM when the forward was fused, and ``m^T
     dMraw`` with a projection), the bias
@@ -536,13 +538,13 @@ def _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb,
     dproj = np.empty(proj.shape, dt)
     if proj.shape[0] > 0:
         gemm(1, 0, H, P, R, 1.0, Mp, 0, H, dMraw, 0, P, 0.0, dproj, 0, P, nthreads)
-    if uniform:
-        dx = np.empty((T, B, I), dt)
+    if direct_rows(uniform, bm, B):
+        dx = np.empty((B, T, I) if bm else (T, B, I), dt)
         gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dx, 0, I, nthreads)
     else:
         dXp = np.empty((R, I), dt)
         gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dXp, 0, I, nthreads)
-        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse)
+        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
     dc0 = np.empty((B, H), dt)
     dh0 = np.empty((B, P), dt)
     for r in range(B):
@@ -556,11 +558,12 @@ def _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb,
 
 @kernel
 def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, reverse, mask_c, mask_h, code,
-                  forget_bias, cell_clip, proj_clip, nthreads, packed_t):
+                  forget_bias, cell_clip, proj_clip, nthreads, packed_t, bm):
     """Gradients of :func:`lstm_forward` (run with ``need_grad``); ``ws`` its workspace,
     which is left intact (the pullback may run twice). dy ``[T, B, P]``, dcT ``[B, H]``, dhT ``[B, P]``.
 
-    Returns ``(dx [T, B, I], dc0, dh0, dkernel, dbias, dw_i, dw_f, dw_o, dproj)``."""
+    Returns ``(dx [T, B, I], dc0, dh0, dkernel, dbias, dw_i, dw_f, dw_o, dproj)``; with
+    ``bm`` ``dy`` is ``[B, T, P]`` and ``dx`` ``[B, T, I]``."""
     X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
     B = dcT.shape[0]
     H = dcT.shape[1]
@@ -602,9 +605,10 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
                 t = time_index(k, r, lens_s, reverse)
                 th = 0 if mask_h.shape[0] == 1 else t
                 g = gb + r
+                dyr = row3(dy, t, b, bm)
                 for j in range(P):
                     d = dH[r, j] * mask_h[th, b, j] if mh_on else dH[r, j]
-                    d += dy[t, b, j]
+                    d += dyr[j]
                     if pclip >= 0:
                         v = Yraw[g, j]
                         if not (abs(v) <= pclip):
@@ -614,20 +618,21 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
         if fast_grad:
             for r in range(n):
                 g = gb + r
-                _grad_tanh_row(G[g], Ch[g], dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], dC[r], dG[g],
-                               one, H)
+                _grad_tanh_row(G[g], Ch[g], dH[r], row3(dy, time_index(k, r, lens_s, reverse), order[r], bm), dC[r],
+                               dG[g], one, H)
         for r in range(n if not fast_grad else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
             th = 0 if mask_h.shape[0] == 1 else t
             tc = 0 if mask_c.shape[0] == 1 else t
             g = gb + r
+            dyr = row3(dy, t, b, bm)
             for j in range(H):
                 if use_proj:
                     dm = dMpre[r, j]
                 else:
                     dm = dH[r, j] * mask_h[th, b, j] if mh_on else dH[r, j]
-                    dm += dy[t, b, j]
+                    dm += dyr[j]
                 cp = Ch[gb + r, j]
                 si = G[g, j]
                 sf = G[g, 2 * H + j]
@@ -672,7 +677,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
         step_product(n, P, G4, dG, gb * G4, G4, KPt, kernel, I * G4, G4, 1, dH, 0, P, 0, nthreads, scr)
 
     dx, dc0, dh0, dkernel, dbias, dproj = _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s,
-                                                        nb, base, T, reverse, uniform, nthreads)
+                                                        nb, base, T, reverse, uniform, nthreads, bm)
     return dx, dc0, dh0, dkernel, dbias, dwi, dwf, dwo, dproj
 
 
@@ -697,7 +702,7 @@ def lstm_backward_split_begin(ws, kernel, dcT, dhT, packed_t):
 
 @kernel
 def lstm_backward_split_worker(w, claims, done, G, Ch, order, lens_s, nb, base, reverse, KPt, dy, dH, dC, dG,
-                               scratch, nchunks):
+                               scratch, nchunks, bm):
     """Worker ``w`` (0 or 1) of the backward time loop, in chunks of units (whole panels)
     claimed per round (:func:`._atomic.take_chunk`); every round waits for all chunks of
     the one before. Round ``i`` handles step ``k = L - 1 - i``: for its units, ``d h``
@@ -734,13 +739,13 @@ def lstm_backward_split_worker(w, claims, done, G, Ch, order, lens_s, nb, base, 
                 gb = base[k]
                 for r in range(nb[k]):
                     g = gb + r
-                    _grad_tanh_units(G[g], Ch[g], dH[r], dy[time_index(k, r, lens_s, reverse), order[r]], dC[r],
-                                     dG[g], one, H, u0, u1)
+                    _grad_tanh_units(G[g], Ch[g], dH[r], row3(dy, time_index(k, r, lens_s, reverse), order[r], bm),
+                                     dC[r], dG[g], one, H, u0, u1)
             atomic_add(done, i, 1)
 
 
 @kernel
-def lstm_backward_split_end(ws, kernel, dG, dH, dC, T, reverse, nthreads):
+def lstm_backward_split_end(ws, kernel, dG, dH, dC, T, reverse, nthreads, bm):
     """After the loop of :func:`lstm_backward_split`: :func:`_weight_grads`."""
     X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
     B = dH.shape[0]
@@ -748,10 +753,10 @@ def lstm_backward_split_end(ws, kernel, dG, dH, dC, T, reverse, nthreads):
     proj = np.empty((0, 0), dG.dtype)
     dMraw = np.empty((0, dH.shape[1]), dG.dtype)
     return _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb, base, T, reverse, uniform,
-                         nthreads)
+                         nthreads, bm)
 
 
-def lstm_backward_split(ws, kernel, dy, dcT, dhT, T, reverse, nthreads, packed_t):
+def lstm_backward_split(ws, kernel, dy, dcT, dhT, T, reverse, nthreads, packed_t, bm=False):
     """:func:`lstm_backward` for the configurations of :func:`split_applies` (the workspace
     of a forward run with ``need_grad``; tanh, no peepholes, clipping, projection or state
     masks), with the time loop on two threads (the caller and :mod:`._team`'s helper)
@@ -760,7 +765,7 @@ def lstm_backward_split(ws, kernel, dy, dcT, dhT, T, reverse, nthreads, packed_t
     the loop is the one-thread kernel's with the packed micro-kernel.
 
     Returns ``(dx, dc0, dh0, dkernel, dbias, dproj)`` (no peephole gradients; ``dproj`` is
-    ``[0, 0]``)."""
+    ``[0, 0]``); ``bm`` as in :func:`lstm_backward`."""
     H = dcT.shape[1]
     nr = panel_cols(dcT.dtype.itemsize)
     if H % nr or dhT.shape[1] != H or kernel.shape[1] != 4 * H:
@@ -768,7 +773,8 @@ def lstm_backward_split(ws, kernel, dy, dcT, dhT, T, reverse, nthreads, packed_t
                          f"got dcT {dcT.shape}, dhT {dhT.shape}, kernel {kernel.shape}")
     X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
     reverse = bool(reverse)
+    bm = bool(bm)
     dH, dC, dG, KPt, claims, done, scratch = lstm_backward_split_begin(ws, kernel, dcT, dhT, packed_t)
     run_pair(lstm_backward_split_worker, (claims, done, G, Ch, order, lens_s, nb, base, reverse, KPt, dy, dH, dC, dG,
-                                          scratch, MAX_CHUNKS))
-    return lstm_backward_split_end(ws, kernel, dG, dH, dC, T, reverse, nthreads)
+                                          scratch, MAX_CHUNKS, bm))
+    return lstm_backward_split_end(ws, kernel, dG, dH, dC, T, reverse, nthreads, bm)

@@ -12,28 +12,31 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import act, dact, output_activation_stored, plan_and_inputs, scatter_rows, time_index
+from ._common import act, dact, dims, direct_rows, output_activation_stored, plan_and_inputs, row3, scatter_rows, \
+    time_index
 from ._jit import kernel
 from ._packed import given_or_pack, scratch_for, step_product
 
 
 @kernel
-def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, nthreads, packed):
-    """Returns ``(y [T, B, H], h_T [B, H], workspace)``. ``packed``: ``kernel[I:]`` packed by
-    ``pack_if_worth`` (as below), or an empty array (then it is packed here)."""
-    T, B, I = x.shape
+def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, nthreads, packed, bm):
+    """Returns ``(y [T, B, H], h_T [B, H], workspace)``; with ``bm`` ``x`` is ``[B, T, I]``
+    and ``y`` ``[B, T, H]`` (the state mask stays ``[T or 1, B, H]``). ``packed``:
+    ``kernel[I:]`` packed by ``pack_if_worth`` (as below), or an empty array (then it is
+    packed here)."""
+    T, B, I = dims(x, bm)
     H = h0.shape[1]
     dt = x.dtype
     store_out = output_activation_stored(code)
-    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad)
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm)
     L = nb.shape[0] - 1
     G = np.empty((R, H), dt)
     gemm(0, 0, R, H, I, 1.0, X, 0, I, kernel, 0, H, 0.0, G, 0, H, nthreads)
     KP = given_or_pack(packed, L, kernel, I * H, H, H, H, False)  # recurrent rows, packed once
     scr = scratch_for(G)
     Hh = np.empty((R if need_grad else 2 * B, H), dt)
-    if uniform:
-        y = np.empty((T, B, H), dt)
+    if direct_rows(uniform, bm, B):
+        y = np.empty((B, T, H) if bm else (T, B, H), dt)
         Yp = y.reshape(T * B, H)
     else:
         y = np.empty((0, 0, 0), dt)
@@ -70,17 +73,18 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, 
                     Hh[nhb + r, j] = hm
                 else:
                     hT[b, j] = hm
-    if not uniform:
-        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse)
+    if not direct_rows(uniform, bm, B):
+        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)
     ws = (X, G, Hh, order, lens_s, nb, base)
     return y, hT, ws
 
 
 @kernel
-def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads, packed_t):
+def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads, packed_t, bm):
     """Gradients of :func:`rnn_forward` (run with ``need_grad``).
 
-    Returns ``(dx, dh0, dkernel, dbias)``; ``ws`` is left intact."""
+    Returns ``(dx, dh0, dkernel, dbias)``; ``ws`` is left intact. With ``bm`` ``dy`` is
+    ``[B, T, H]`` and ``dx`` ``[B, T, I]``."""
     X, G, Hh, order, lens_s, nb, base = ws
     B, H = dhT.shape
     I = X.shape[1]
@@ -106,9 +110,10 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads, 
             t = time_index(k, r, lens_s, reverse)
             th = 0 if mask_h.shape[0] == 1 else t
             g = gb + r
+            dyr = row3(dy, t, b, bm)
             for j in range(H):
                 d = dH[r, j] * mask_h[th, b, j] if mh_on else dH[r, j]
-                d += dy[t, b, j]
+                d += dyr[j]
                 if store_out:
                     yv = G[g, j]
                     dG[g, j] = d * dact(yv, yv, code)
@@ -125,10 +130,10 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads, 
             db[j] += dG[i, j]
     dXp = np.empty((R, I), dt)
     gemm(0, 1, R, I, H, 1.0, dG, 0, H, kernel, 0, H, 0.0, dXp, 0, I, nthreads)
-    if uniform:
-        dx = dXp.reshape(T, B, I)
+    if direct_rows(uniform, bm, B):
+        dx = dXp.reshape((B, T, I) if bm else (T, B, I))
     else:
-        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse)
+        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
     dh0 = np.empty((B, H), dt)
     for r in range(B):
         b = order[r]

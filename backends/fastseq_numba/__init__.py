@@ -33,11 +33,12 @@ def _lstm_plain(spec, masks):
 class _Workspace:
     """What :meth:`NumbaBackend.layer_backward` needs from a forward run."""
 
-    __slots__ = ("ws", "T", "B", "I", "reverse", "masks", "dtype", "steps")
+    __slots__ = ("ws", "T", "B", "I", "reverse", "masks", "dtype", "steps", "batch_major")
 
-    def __init__(self, ws, T, B, I, reverse, masks, dtype, steps):
+    def __init__(self, ws, T, B, I, reverse, masks, dtype, steps, batch_major):
         self.ws, self.T, self.B, self.I, self.reverse, self.masks, self.dtype = ws, T, B, I, reverse, masks, dtype
         self.steps = steps  # the longest sequence: steps of the time loop
+        self.batch_major = batch_major  # d_outputs come, and d_inputs go, as [B, T, ...]
 
 
 def _contig(a, dtype, name):
@@ -72,6 +73,10 @@ class NumbaBackend(NumpyArrayOps, Backend):
     #: Independent layers (the two directions of a bidirectional RNN) may run on separate
     #: threads at once: the kernels release the GIL and share nothing.
     concurrent_layers = True
+    #: ``layer_forward(..., batch_major=True)``: the kernels read ``[B, T, I]`` inputs and
+    #: write ``[B, T, P]`` outputs (and the backward the same layouts) in place of the
+    #: transposed copies around a time-major call.
+    batch_major_layers = True
 
     def __init__(self):
         self._k = None  # kernel modules, set by initialize()
@@ -105,20 +110,21 @@ class NumbaBackend(NumpyArrayOps, Backend):
         return self._k
 
     # ------------------------------------------------------------ validation
-    def _prepare(self, spec: CellSpec, params, inputs, initial_state, sequence_length, state_mask):
+    def _prepare(self, spec: CellSpec, params, inputs, initial_state, sequence_length, state_mask, batch_major):
         if spec.activation not in ACTIVATIONS:
             raise NotImplementedError(f"numba backend: unsupported activation {spec.activation!r}")
         if spec.kind not in ("rnn", "gru", "lstm"):
             raise NotImplementedError(f"numba backend: unsupported cell kind {spec.kind!r}")
         x = np.asarray(inputs)
         if x.ndim != 3:
-            raise ValueError(f"inputs must be time-major [T, B, I], got shape {x.shape}")
+            layout = "batch-major [B, T, I]" if batch_major else "time-major [T, B, I]"
+            raise ValueError(f"inputs must be {layout}, got shape {x.shape}")
         dtype = x.dtype
         if dtype not in _FLOATS:
             raise TypeError(f"inputs must be float32 or float64, got dtype {dtype}")
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
-        T, B, I = x.shape
+        T, B, I = (x.shape[1], x.shape[0], x.shape[2]) if batch_major else x.shape
         shapes = spec.param_shapes(I)
         p = {}
         for name, shape in shapes.items():
@@ -177,14 +183,18 @@ class NumbaBackend(NumpyArrayOps, Backend):
 
     # ------------------------------------------------------------ recurrent ops
     def layer_forward(self, spec, params, inputs, initial_state, sequence_length=None, reverse=False,
-                      state_mask=None, need_grad=False):
+                      state_mask=None, need_grad=False, batch_major=False):
+        """The contract's ``layer_forward``; with ``batch_major`` the inputs are ``[B, T, I]``
+        and the outputs ``[B, T, P]`` (``state_mask`` stays ``[T or 1, B, n]``), and the
+        backward of this run takes and gives ``[B, T, ...]`` too."""
         k = self._kernels()
+        bm = bool(batch_major)
         x, p, states, lengths, masks = self._prepare(spec, params, inputs, initial_state, sequence_length,
-                                                     state_mask)
+                                                     state_mask, bm)
         code = ACTIVATIONS.index(spec.activation)
         reverse = bool(reverse)
         need_grad = bool(need_grad)
-        T, B, I = x.shape
+        T, B, I = (x.shape[1], x.shape[0], x.shape[2]) if bm else x.shape
         E1, E2, _ = self._empty[x.dtype]
         nt = get_num_threads()
         steps = int(lengths.max()) if B else 0
@@ -198,7 +208,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 kp = self._packed(p["kernel"], steps, I * H4, H4, P, H4, False)
                 y, cT, hT, ws = k["lstm"].lstm_forward_split(x, p["kernel"], p["bias"], states[0], states[1],
                                                              lengths, reverse, float(spec.forget_bias),
-                                                             need_grad, nt, kp)
+                                                             need_grad, nt, kp, bm)
             else:
                 # the input projection inside each step's product where that pays (lstm.fuse_applies)
                 fuse = k["lstm"].fuse_applies(B, I, P, spec.num_units, x.dtype.itemsize)
@@ -210,7 +220,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
                     p["projection/kernel"] if spec.num_proj else E2,
                     states[0], states[1], lengths, reverse, masks[0], masks[1], code,
                     float(spec.forget_bias), self._clip(spec.cell_clip),
-                    self._clip(spec.proj_clip if spec.num_proj else None), need_grad, nt, kp, fuse)
+                    self._clip(spec.proj_clip if spec.num_proj else None), need_grad, nt, kp, fuse, bm)
             final = (cT, hT)
         elif spec.kind == "gru":
             H = spec.num_units
@@ -220,19 +230,19 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 # the time loop on two threads sharing the columns of each step (fastseq_kernels/gru.py)
                 y, hT, ws = k["gru"].gru_forward_split(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
                                                        p["candidate/bias"], states[0], lengths, reverse, need_grad,
-                                                       kg, kc)
+                                                       kg, kc, bm)
             else:
                 y, hT, ws = k["gru"].gru_forward(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
                                                  p["candidate/bias"], states[0], lengths, reverse, masks[0], code,
-                                                 need_grad, nt, kg, kc)
+                                                 need_grad, nt, kg, kc, bm)
             final = (hT,)
         else:
             H = spec.num_units
             kp = self._packed(p["kernel"], steps, I * H, H, H, H, False)
             y, hT, ws = k["rnn"].rnn_forward(x, p["kernel"], p["bias"], states[0], lengths, reverse, masks[0],
-                                             code, need_grad, nt, kp)
+                                             code, need_grad, nt, kp, bm)
             final = (hT,)
-        workspace = _Workspace(ws, T, B, I, reverse, masks, x.dtype, steps) if need_grad else None
+        workspace = _Workspace(ws, T, B, I, reverse, masks, x.dtype, steps, bm) if need_grad else None
         return y, final, workspace
 
     def layer_backward(self, spec, params, workspace, d_outputs, d_final_state):
@@ -244,9 +254,11 @@ class NumbaBackend(NumpyArrayOps, Backend):
         T, B, I = w.T, w.B, w.I
         code = ACTIVATIONS.index(spec.activation)
         P = spec.output_size
+        bm = w.batch_major
         dy = _contig(d_outputs, dtype, "d_outputs")
-        if dy.shape != (T, B, P):
-            raise ValueError(f"d_outputs must have shape {(T, B, P)}, got {dy.shape}")
+        want = (B, T, P) if bm else (T, B, P)
+        if dy.shape != want:
+            raise ValueError(f"d_outputs must have shape {want}, got {dy.shape}")
         sizes = spec.state_sizes
         if len(d_final_state) != len(sizes):
             raise ValueError(f"d_final_state must have {len(sizes)} entries, got {len(d_final_state)}")
@@ -269,7 +281,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
             if k["lstm"].split_applies(B, spec.num_units, P, steps, plain, nt, dtype.itemsize):
                 # the time loop on two threads sharing the units of each step (fastseq_kernels/lstm.py)
                 dx, dc0, dh0, dk, db, _ = k["lstm"].lstm_backward_split(w.ws, p["kernel"], dy, ds[0], ds[1], T,
-                                                                        w.reverse, nt, kpt)
+                                                                        w.reverse, nt, kpt, bm)
                 return dx, (dc0, dh0), {"kernel": dk, "bias": db}
             dx, dc0, dh0, dk, db, dwi, dwf, dwo, dproj = k["lstm"].lstm_backward(
                 w.ws, p["kernel"], p["bias"],
@@ -277,7 +289,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 p["projection/kernel"] if spec.num_proj else E2,
                 dy, ds[0], ds[1], T, w.reverse, w.masks[0], w.masks[1], code,
                 float(spec.forget_bias), self._clip(spec.cell_clip),
-                self._clip(spec.proj_clip if spec.num_proj else None), nt, kpt)
+                self._clip(spec.proj_clip if spec.num_proj else None), nt, kpt, bm)
             grads = {"kernel": dk, "bias": db}
             if peep:
                 grads.update({"w_f_diag": dwf, "w_i_diag": dwi, "w_o_diag": dwo})
@@ -291,16 +303,16 @@ class NumbaBackend(NumpyArrayOps, Backend):
             if k["gru"].split_applies(B, H, steps, spec.activation == "tanh" and w.masks[0].shape[0] == 0, nt):
                 # the time loop on two threads sharing the units of each step (fastseq_kernels/gru.py)
                 dx, dh0, dgk, dgb, dck, dcb = k["gru"].gru_backward_split(
-                    w.ws, p["gates/kernel"], p["candidate/kernel"], dy, ds[0], T, w.reverse, nt, kct, kgt)
+                    w.ws, p["gates/kernel"], p["candidate/kernel"], dy, ds[0], T, w.reverse, nt, kct, kgt, bm)
             else:
                 dx, dh0, dgk, dgb, dck, dcb = k["gru"].gru_backward(
                     w.ws, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"], p["candidate/bias"], dy,
-                    ds[0], T, w.reverse, w.masks[0], code, nt, kct, kgt)
+                    ds[0], T, w.reverse, w.masks[0], code, nt, kct, kgt, bm)
             return dx, (dh0,), {"gates/kernel": dgk, "gates/bias": dgb, "candidate/kernel": dck,
                                 "candidate/bias": dcb}
         kpt = self._packed(p["kernel"], steps, I * H, H, H, H, True)
         dx, dh0, dk, db = k["rnn"].rnn_backward(w.ws, p["kernel"], p["bias"], dy, ds[0], T, w.reverse,
-                                                w.masks[0], code, nt, kpt)
+                                                w.masks[0], code, nt, kpt, bm)
         return dx, (dh0,), {"kernel": dk, "bias": db}
 
     def cell_step(self, spec, params, inputs, state):

@@ -344,8 +344,8 @@ def _leaf_state_masks(leaf, state_keeps, ctx):
 
 # ============================================================================ shared set-up
 def _setup(cell, x, dt, sequence_length, initial_state, dtype, time_major, backend, record, argprefix=""):
-    """Validate and prepare one direction's run. ``x`` is time-major already."""
-    T, B = backend.dim(x, 0), backend.dim(x, 1)
+    """Validate and prepare one direction's run (``x`` in the caller's layout)."""
+    B = backend.dim(x, 1 if time_major else 0)
     ddt = _resolve_dtype(dtype)
     if ddt is not None and ddt != dt:
         raise ValueError(f"dtype={ddt} does not match the inputs' dtype {dt}: mixed dtypes are not allowed")
@@ -388,8 +388,54 @@ def _prepare_inputs(backend, inputs, time_major, argname="inputs"):
         raise ValueError(f"{argname} must have rank 3 {layout}, got shape {list(shape)}")
     if shape[2] == 0:
         raise ValueError(f"{argname} must have a non-zero feature depth, got shape {list(shape)}")
-    xt = x if time_major else backend.swap_batch_time(x)
-    return xt, dt, native
+    return x, dt, native
+
+
+def _steps_batch(backend, x, time_major):
+    """``(T, B)`` of a sequence in the caller's layout."""
+    if time_major:
+        return backend.dim(x, 0), backend.dim(x, 1)
+    return backend.dim(x, 1), backend.dim(x, 0)
+
+
+def _run_batch_major(cell, x, state, ctx, reverse):
+    """:func:`_run` on a batch-major sequence ``x [B, T, I]``: outputs ``[B, T, O]``, and the
+    backward takes and gives batch-major arrays. A plain cell on a backend with
+    ``batch_major_layers`` (numba) runs in that layout, reading and writing the caller's
+    arrays directly (the kernels gather and scatter rows anyway); anything else runs
+    time-major between transposed copies."""
+    b = ctx.backend
+    if isinstance(cell, _LeafCell) and getattr(b, "batch_major_layers", False):
+        params = cell._params(b, ctx.dtype)
+        try:
+            y, final, ws = b.layer_forward(cell.spec, params, x, state, ctx.lengths, reverse, None, ctx.record,
+                                           batch_major=True)
+        except NotImplementedError:
+            pass  # the time-major path below has the reference fallback
+        else:
+            def backward(dy, dfinal, acc):
+                dx, ds0, dp = b.layer_backward(cell.spec, params, ws, dy, tuple(dfinal))
+                acc.add(cell, dp)
+                return dx, tuple(ds0)
+
+            return y, tuple(final), backward if ctx.record else None
+    y, final, bw = _run(cell, b.swap_batch_time(x), state, ctx, reverse)
+    if bw is None:
+        return b.swap_batch_time(y), final, None
+
+    def backward_tm(dy, dfinal, acc):
+        dx, d0 = bw(b.swap_batch_time(dy), dfinal, acc)
+        return b.swap_batch_time(dx), d0
+
+    return b.swap_batch_time(y), final, backward_tm
+
+
+def _run_layout(cell, x, state, ctx, reverse, time_major):
+    """:func:`_run` (time-major) or :func:`_run_batch_major`: outputs and gradients in the
+    layout of ``x``."""
+    if time_major:
+        return _run(cell, x, state, ctx, reverse=reverse)
+    return _run_batch_major(cell, x, state, ctx, reverse)
 
 
 def _out(backend, value, native):
@@ -444,12 +490,11 @@ def _dynamic_rnn(cell, inputs, sequence_length, initial_state, dtype, time_major
     _check_bool(time_major, "time_major")
     backend = _registry.current()
     x, dt, native = _prepare_inputs(backend, inputs, time_major)
-    T, B = backend.dim(x, 0), backend.dim(x, 1)
+    T, B = _steps_batch(backend, x, time_major)
     lengths = _check_lengths(backend, sequence_length, B, T)
     state0 = _native_state(backend, _setup(cell, x, dt, lengths, initial_state, dtype, time_major, backend, record))
     ctx = _Ctx(backend, dt, lengths, T, B, record)
-    y, final, bw = _run(cell, x, state0, ctx, reverse=False)
-    outputs = y if time_major else backend.swap_batch_time(y)
+    outputs, final, bw = _run_layout(cell, x, state0, ctx, False, time_major)
     result = (_out(backend, outputs, native), _out(backend, cell._to_public(final), native))
     if not record:
         return result, None
@@ -457,13 +502,9 @@ def _dynamic_rnn(cell, inputs, sequence_length, initial_state, dtype, time_major
     def pullback(d_outputs=None, d_state=None):
         out_shape = (T, B, cell.output_size) if time_major else (B, T, cell.output_size)
         dy = _cotangent(backend, d_outputs, out_shape, dt, "d_outputs")
-        if not time_major:
-            dy = backend.swap_batch_time(dy)
         dfinal = _state_cotangent(cell, backend, d_state, final, B, dt, "d_state")
         acc = _Acc(backend)
-        dx, d0 = bw(dy, dfinal, acc)
-        if not time_major:
-            dx = backend.swap_batch_time(dx)
+        dx, d0 = bw(dy, dfinal, acc)  # both in the caller's layout
         return SimpleNamespace(
             inputs=_out(backend, dx, native),
             initial_state=_out(backend, cell._to_public(d0), native),
@@ -507,7 +548,7 @@ def _bidirectional(cell_fw, cell_bw, inputs, sequence_length, initial_state_fw, 
     _check_bool(time_major, "time_major")
     backend = _registry.current()
     x, dt, native = _prepare_inputs(backend, inputs, time_major)
-    T, B = backend.dim(x, 0), backend.dim(x, 1)
+    T, B = _steps_batch(backend, x, time_major)
     lengths = _check_lengths(backend, sequence_length, B, T)
     s_fw = _native_state(backend, _setup(cell_fw, x, dt, lengths, initial_state_fw, dtype, time_major, backend, record, "fw "))
     s_bw = _native_state(backend, _setup(cell_bw, x, dt, lengths, initial_state_bw, dtype, time_major, backend, record, "bw "))
@@ -518,20 +559,17 @@ def _bidirectional(cell_fw, cell_bw, inputs, sequence_length, initial_state_fw, 
     # the masks drawn for a seed do not depend on thread timing.
     together = _concurrent(backend, cell_fw, cell_bw)
 
-    def direction(cell, state, reverse):
-        # each direction's outputs go back to batch-major in its own thread (the copies
-        # of the two directions run side by side)
-        y, final, bw = _run(cell, x, state, ctx, reverse=reverse)
-        return (y if time_major else backend.swap_batch_time(y)), final, bw
-
+    # Each direction works in the caller's layout (_run_layout): where it needs transposed
+    # copies, they are made in its own thread, side by side with the other direction's.
     if together:
         if lengths is not None:
             ctx.seq_mask()  # shared, computed once before the threads start
         (y_fw, f_fw, bw_fw), (y_bw, f_bw, bw_bw) = _threads.run_concurrently(
-            lambda: direction(cell_fw, s_fw, False), lambda: direction(cell_bw, s_bw, True))
+            lambda: _run_layout(cell_fw, x, s_fw, ctx, False, time_major),
+            lambda: _run_layout(cell_bw, x, s_bw, ctx, True, time_major))
     else:
-        y_fw, f_fw, bw_fw = direction(cell_fw, s_fw, False)
-        y_bw, f_bw, bw_bw = direction(cell_bw, s_bw, True)
+        y_fw, f_fw, bw_fw = _run_layout(cell_fw, x, s_fw, ctx, False, time_major)
+        y_bw, f_bw, bw_bw = _run_layout(cell_bw, x, s_bw, ctx, True, time_major)
     outs = (y_fw, y_bw)
     result = (
         (_out(backend, outs[0], native), _out(backend, outs[1], native)),
@@ -549,24 +587,16 @@ def _bidirectional(cell_fw, cell_bw, inputs, sequence_length, initial_state_fw, 
             shape = (T, B, c.output_size) if time_major else (B, T, c.output_size)
             dy = _cotangent(backend, d_out, shape, dt, "d_outputs")
             jobs.append((c, bw, dy, _state_cotangent(c, backend, d_st, final, B, dt, "d_state"), _Acc(backend)))
-
-        def back(job):
-            # the cotangent to time-major in the direction's own thread (side by side)
-            _, bw, dy, dst, part = job
-            return bw(dy if time_major else backend.swap_batch_time(dy), dst, part)
-
         if together:
-            res = _threads.run_concurrently(*[(lambda j=j: back(j)) for j in jobs])
+            res = _threads.run_concurrently(*[(lambda j=j: j[1](j[2], j[3], j[4])) for j in jobs])
         else:
-            res = [back(j) for j in jobs]
+            res = [j[1](j[2], j[3], j[4]) for j in jobs]
         dxs, d0s = [], []
         for (c, _, _, _, part), (dx, d0) in zip(jobs, res):
             acc.merge(part)  # each direction accumulated on its own (a shared cell sums here)
             dxs.append(dx)
             d0s.append(c._to_public(d0))
-        dx = backend.add(dxs[0], dxs[1])
-        if not time_major:
-            dx = backend.swap_batch_time(dx)
+        dx = backend.add(dxs[0], dxs[1])  # the caller's layout
         w_fw = _out_dict(backend, acc.weights_of(cell_fw, dt), native)
         w_bw = w_fw if cell_bw is cell_fw else _out_dict(backend, acc.weights_of(cell_bw, dt), native)
         return SimpleNamespace(

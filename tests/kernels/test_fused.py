@@ -57,7 +57,7 @@ def _forward(args, reverse, need_grad, fuse):
     dt = x.dtype
     e1, e2, e3 = np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt)
     return lstm.lstm_forward(x, k, b, e1, e1, e1, e2, c0, h0, L, reverse, e3, e3, 0, 1.0, -1.0, -1.0, need_grad, 1,
-                             e1, fuse)
+                             e1, fuse, False)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -95,8 +95,10 @@ def test_fused_matches_unfused_kernel(dtype, lengths, reverse, need_grad):
     dcT = rng.normal(size=c0.shape).astype(dtype)
     dhT = rng.normal(size=h0.shape).astype(dtype)
     e1, e2, e3 = np.zeros(0, dtype), np.zeros((0, 0), dtype), np.zeros((0, 1, 1), dtype)
-    gf = lstm.lstm_backward(wsf, k, b, e1, e1, e1, e2, dy, dcT, dhT, T, reverse, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1)
-    gu = lstm.lstm_backward(wsu, k, b, e1, e1, e1, e2, dy, dcT, dhT, T, reverse, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1)
+    gf = lstm.lstm_backward(wsf, k, b, e1, e1, e1, e2, dy, dcT, dhT, T, reverse, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1,
+                            False)
+    gu = lstm.lstm_backward(wsu, k, b, e1, e1, e1, e2, dy, dcT, dhT, T, reverse, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1,
+                            False)
     for name, a, w in zip(("dx", "dc0", "dh0", "dkernel", "dbias"), gf, gu):
         assert_close(a, w, tol, name)
 
@@ -118,7 +120,7 @@ def test_fused_takes_a_packed_kernel_and_ignores_a_wrong_one():
 
         e1, e2, e3 = np.zeros(0, np.float32), np.zeros((0, 0), np.float32), np.zeros((0, 1, 1), np.float32)
         got = lstm.lstm_forward(x, k, args[2], e1, e1, e1, e2, args[3], args[4], args[5], False, e3, e3, 0, 1.0,
-                                -1.0, -1.0, False, 1, packed, True)
+                                -1.0, -1.0, False, 1, packed, True, False)
         assert_close(got[0], want[0], TOL[np.float32], "y")
 
 

@@ -174,16 +174,16 @@ def test_kernel_ignores_a_packed_array_of_the_wrong_size(dtype, numba_backend, r
     L = np.full(B, T, np.int64)
     e3 = np.zeros((0, 1, 1), dtype)
     right = pack_if_worth(T, k, I * H, H, H, H, False)
-    base = rnn.rnn_forward(x, k, b, h0, L, False, e3, 0, False, 1, np.zeros(0, dtype))[0]
-    np.testing.assert_array_equal(rnn.rnn_forward(x, k, b, h0, L, False, e3, 0, False, 1, right)[0], base)
+    base = rnn.rnn_forward(x, k, b, h0, L, False, e3, 0, False, 1, np.zeros(0, dtype), False)[0]
+    np.testing.assert_array_equal(rnn.rnn_forward(x, k, b, h0, L, False, e3, 0, False, 1, right, False)[0], base)
     short = np.full(right.size - 1, 1e6, dtype)  # wrong size: ignored, the kernel packs itself
-    np.testing.assert_array_equal(rnn.rnn_forward(x, k, b, h0, L, False, e3, 0, False, 1, short)[0], base)
+    np.testing.assert_array_equal(rnn.rnn_forward(x, k, b, h0, L, False, e3, 0, False, 1, short, False)[0], base)
     # the given array is what the kernel multiplies by when its size is right
     doubled = (right * 2).astype(dtype)
     k2 = k.copy()
     k2[I:] *= 2
-    want = rnn.rnn_forward(x, k2, b, h0, L, False, e3, 0, False, 1, np.zeros(0, dtype))[0]
-    assert_close(rnn.rnn_forward(x, k, b, h0, L, False, e3, 0, False, 1, doubled)[0], want, 1e-6)
+    want = rnn.rnn_forward(x, k2, b, h0, L, False, e3, 0, False, 1, np.zeros(0, dtype), False)[0]
+    assert_close(rnn.rnn_forward(x, k, b, h0, L, False, e3, 0, False, 1, doubled, False)[0], want, 1e-6)
 
 
 def test_backend_hands_the_kernels_read_only_weights_without_touching_the_callers():

@@ -27,7 +27,7 @@ def _one_thread(x, k, b, c0, h0, L, reverse, need_grad):
     dt = x.dtype
     e1, e2, e3 = np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt)
     return lstm.lstm_forward(x, k, b, e1, e1, e1, e2, c0, h0, L, reverse, e3, e3, 0, 1.0, -1.0, -1.0, need_grad, 1,
-                             e1, False)
+                             e1, False, False)
 
 
 def _compare(got, want, dtype, what):
@@ -97,7 +97,7 @@ def _backward_pair(dtype, T, B, I, H, lengths, reverse, seed=0):
     dcT = rng.normal(size=cT.shape).astype(dtype)
     dhT = rng.normal(size=hT.shape).astype(dtype)
     e1, e2, e3 = np.zeros(0, dtype), np.zeros((0, 0), dtype), np.zeros((0, 1, 1), dtype)
-    want = lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, dcT, dhT, T, reverse, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1)
+    want = lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, dcT, dhT, T, reverse, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1, False)
     got = lstm.lstm_backward_split(ws, k, dy, dcT, dhT, T, reverse, 1, e1)
     return got, want[:5]
 

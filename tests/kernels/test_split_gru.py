@@ -47,7 +47,7 @@ def _one_thread(x, gk, gb, ck, cb, h0, L, reverse, need_grad):
 
     dt = x.dtype
     e1, e3 = np.zeros(0, dt), np.zeros((0, 1, 1), dt)
-    return gru.gru_forward(x, gk, gb, ck, cb, h0, L, reverse, e3, 0, need_grad, 1, e1, e1)
+    return gru.gru_forward(x, gk, gb, ck, cb, h0, L, reverse, e3, 0, need_grad, 1, e1, e1, False)
 
 
 def _split(x, gk, gb, ck, cb, h0, L, reverse, need_grad):
@@ -89,7 +89,7 @@ def _backward_pair(dtype, T, B, I, H, lengths, reverse, seed=0):
     dy = rng.normal(size=y.shape).astype(dtype)
     dhT = rng.normal(size=hT.shape).astype(dtype)
     e1, e3 = np.zeros(0, dtype), np.zeros((0, 1, 1), dtype)
-    want = gru.gru_backward(ws, gk, gb, ck, cb, dy, dhT, T, reverse, e3, 0, 1, e1, e1)
+    want = gru.gru_backward(ws, gk, gb, ck, cb, dy, dhT, T, reverse, e3, 0, 1, e1, e1, False)
     got = gru.gru_backward_split(ws, gk, ck, dy, dhT, T, reverse, 1, e1, e1)
     return got, want
 

@@ -1,0 +1,160 @@
+"""Batch-major layers on the numba backend (``layer_forward(..., batch_major=True)``): the
+kernels read ``[B, T, I]`` inputs and ``[B, T, P]`` cotangents and write outputs and
+input gradients in that layout. Every cell configuration, with and without
+sequence_length (lengths 0 and T), both directions, with state masks, float32 and
+float64, against the NumPy reference run time-major on the transposed arrays; the
+two-thread and fused loops against the same backend's time-major run; and the drivers
+take this path for ``time_major=False``."""
+
+import numpy as np
+import pytest
+
+import fastseq
+from fastseq import backend as registry
+from fastseq import nn
+
+from _kernel_helpers import RTOL, SPECS, assert_close, lengths_for, make_masks, make_params, make_state
+from fastseq.contract import CellSpec
+
+
+def _bt(a):
+    return np.ascontiguousarray(np.swapaxes(a, 0, 1))
+
+
+def _run(be, spec, params, x, s0, lengths, reverse, masks, bm, rng_dy, ds):
+    kw = {"batch_major": True} if bm else {}
+    y, s, ws = be.layer_forward(spec, params, x, s0, lengths, reverse, masks, True, **kw)
+    dy = rng_dy if not bm else _bt(rng_dy)
+    dx, d0, dp = be.layer_backward(spec, params, ws, dy, ds)
+    if bm:
+        y, dx = _bt(y), _bt(dx)
+    return y, s, dx, d0, dp
+
+
+def _compare(got, want, rtol):
+    y, s, dx, d0, dp = got
+    yr, sr, dxr, d0r, dpr = want
+    assert_close(y, yr, rtol, "outputs")
+    for i, (a, b) in enumerate(zip(s, sr)):
+        assert_close(a, b, rtol, f"final state {i}")
+    assert_close(dx, dxr, rtol, "d_inputs")
+    for i, (a, b) in enumerate(zip(d0, d0r)):
+        assert_close(a, b, rtol, f"d_initial_state {i}")
+    assert set(dp) == set(dpr)
+    for name in dpr:
+        assert_close(dp[name], dpr[name], rtol, f"d_params[{name!r}]")
+
+
+def _case(spec, T, B, I, dtype, seed, lengths_pattern, masks_kind, scale=0.6):
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    params = make_params(spec, I, dtype, rng, scale)
+    s0 = make_state(spec, B, dtype, rng)
+    lengths = lengths_for(lengths_pattern, T, B, rng)
+    masks = make_masks(spec, T, B, dtype, rng, masks_kind)
+    dy = rng.standard_normal((T, B, spec.output_size)).astype(dtype)
+    ds = tuple(rng.standard_normal((B, n)).astype(dtype) for n in spec.state_sizes)
+    return x, params, s0, lengths, masks, dy, ds
+
+
+@pytest.mark.parametrize("B", [5, 1])  # one row: both layouts are the same memory, no copies
+@pytest.mark.parametrize("masks_kind", [None, "step"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths_pattern", [None, "mixed"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_batch_major_layer_against_reference(name, dtype, lengths_pattern, reverse, masks_kind, B):
+    spec = SPECS[name]
+    T, I = 6, 3
+    x, params, s0, lengths, masks, dy, ds = _case(spec, T, B, I, dtype, 7, lengths_pattern, masks_kind)
+    fast, ref = registry.load("numba"), registry.load("numpy")
+    got = _run(fast, spec, params, _bt(x), s0, lengths, reverse, masks, True, dy, ds)
+    want = _run(ref, spec, params, x, s0, lengths, reverse, masks, False, dy, ds)
+    _compare(got, want, RTOL[np.dtype(dtype)])
+
+
+#: shapes that take the other loops: the fused LSTM input projection (>= 8 rows), the
+#: two-thread LSTM loop (units a whole number of panels, a large step product), the
+#: two-thread GRU loop split by rows (<= 512 KB of weights) and by columns
+BIG = {
+    "lstm fused": (CellSpec("lstm", 8), 5, 9, 4),
+    "lstm two threads": (CellSpec("lstm", 128), 4, 64, 8),
+    "gru rows": (CellSpec("gru", 128), 4, 32, 8),
+    "gru columns": (CellSpec("gru", 256), 4, 32, 8),
+}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths_pattern", [None, "mixed"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", sorted(BIG))
+def test_batch_major_other_loops(case, dtype, lengths_pattern, reverse):
+    spec, T, B, I = BIG[case]
+    x, params, s0, lengths, masks, dy, ds = _case(spec, T, B, I, dtype, 11, lengths_pattern, None, 0.1)
+    params = {k: v for k, v in params.items()}
+    for v in params.values():
+        v.flags.writeable = False  # as a cell stores them (the packed-weight cache applies)
+    fast, ref = registry.load("numba"), registry.load("numpy")
+    rtol = RTOL[np.dtype(dtype)]
+    with fastseq.threads.limit(2):
+        got = _run(fast, spec, params, _bt(x), s0, lengths, reverse, None, True, dy, ds)
+        same = _run(fast, spec, params, x, s0, lengths, reverse, None, False, dy, ds)
+    _compare(got, same, rtol)  # the same loops in the other layout
+    _compare(got, _run(ref, spec, params, x, s0, lengths, reverse, None, False, dy, ds), rtol)
+
+
+def test_batch_major_shape_errors_name_the_layout():
+    spec = SPECS["lstm"]
+    x, params, s0, lengths, masks, dy, ds = _case(spec, 4, 3, 2, np.float64, 1, None, None)
+    be = registry.load("numba")
+    with pytest.raises(ValueError, match=r"batch-major \[B, T, I\]"):
+        be.layer_forward(spec, params, x[0], s0, None, False, None, True, batch_major=True)
+    # x [B=3, T=4, I] batch-major: a [3, 4, P] time-major cotangent is refused by shape
+    _, _, ws = be.layer_forward(spec, params, _bt(x), s0, None, False, None, True, batch_major=True)
+    with pytest.raises(ValueError, match=r"d_outputs must have shape \(3, 4, 5\)"):
+        be.layer_backward(spec, params, ws, dy, ds)
+    # and a state of the time-major batch size is refused: B is the first axis here
+    with pytest.raises(ValueError, match=r"initial_state\[0\] must have shape \(4, 5\)"):
+        be.layer_forward(spec, params, x, s0, None, False, None, True, batch_major=True)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_drivers_use_batch_major_layers(monkeypatch, bidirectional):
+    """``time_major=False`` on the numba backend: the plain cell runs batch-major (no
+    transposed copies), ``time_major=True`` time-major; same numbers as the reference."""
+    be = registry.load("numba")
+    calls = []
+    real = type(be).layer_forward
+
+    def spy(self, *a, **k):
+        calls.append(k.get("batch_major", False))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(be), "layer_forward", spy)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 7, 3))  # [B, T, I]
+    lens = np.array([7, 0, 3, 5])
+    cot = rng.standard_normal((4, 7, 10 if bidirectional else 5))
+    out = {}
+    for backend in ("numpy", "numba"):
+        with fastseq.use_backend(backend):
+            fastseq.set_seed(0)
+            if bidirectional:
+                cf, cb = nn.rnn_cell.GRUCell(5), nn.rnn_cell.GRUCell(5)
+                (ys, _), pull = fastseq.vjp(nn.bidirectional_dynamic_rnn, cf, cb, x, sequence_length=lens,
+                                            dtype=np.float64)
+                y = np.concatenate(ys, axis=2)
+                g = pull((cot[..., :5], cot[..., 5:]), None)
+            else:
+                cell = nn.rnn_cell.LSTMCell(5)
+                (y, _), pull = fastseq.vjp(nn.dynamic_rnn, cell, x, sequence_length=lens, dtype=np.float64)
+                g = pull(cot, None)
+            out[backend] = (y, g.inputs)
+    assert calls and all(calls), calls
+    for a, b in zip(out["numba"], out["numpy"]):
+        assert_close(a, b, 1e-10)
+    calls.clear()
+    with fastseq.use_backend("numba"):
+        nn.dynamic_rnn(nn.rnn_cell.GRUCell(5), _bt(x), sequence_length=lens, dtype=np.float64, time_major=True)
+    assert calls == [False]
