@@ -279,9 +279,11 @@ def gather_rows(x, order, lens_s, nb, base, R, reverse, bm):
 @kernel
 def scatter_rows(packed, T, B, order, lens_s, nb, base, reverse, bm):
     """Inverse of :func:`gather_rows`: ``[R, D]`` -> ``[T, B, D]`` (``[B, T, D]`` when
-    ``bm``), zeros elsewhere."""
+    ``bm``), zeros past each row's length."""
     D = packed.shape[1]
-    out = np.zeros((B, T, D) if bm else (T, B, D), packed.dtype)
+    shape = (B, T, D) if bm else (T, B, D)
+    # every row written when the rows cover all (t, b) (a uniform batch): no zero fill
+    out = np.empty(shape, packed.dtype) if packed.shape[0] == T * B else np.zeros(shape, packed.dtype)
     for k in range(nb.shape[0] - 1):
         for r in range(nb[k]):
             dst = row3(out, time_index(k, r, lens_s, reverse), order[r], bm)
