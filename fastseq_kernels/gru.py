@@ -417,15 +417,88 @@ def _weight_grads(X, Hh, RH, dXG, dXC, dH, gates_kernel, cand_kernel, order, len
     GEMMs over all rows (``[X; h]^T dXG``, ``[X; r*h]^T dXC``), the bias gradients, ``dx``
     in the caller's layout and ``dh0`` in batch order."""
     R, I = X.shape
+    H = dH.shape[1]
+    dt = dXG.dtype
+    dgk = np.empty((I + H, 2 * H), dt)
+    dck = np.empty((I + H, H), dt)
+    dXp = np.empty((R, I), dt)
+    for task in range(TAIL_TASKS):
+        _tail_task(task, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp, True, nthreads)
+    return _tail_rest(dXp, dXG, dXC, dH, dgk, dck, order, lens_s, nb, base, T, reverse, uniform, bm)
+
+
+#: The GEMMs of the backward tail (:func:`_tail_task`).
+TAIL_TASKS = 6
+
+
+@kernel(inline="always")
+def _tail_task(task, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp2, acc, nthreads):
+    """GEMM ``task`` of the backward tail: the weight gradients ``[X; h]^T dXG`` (tasks 0,
+    1) and ``[X; r*h]^T dXC`` (3, 4), the input gradient ``dXG @ gates_kernel[:I]^T`` into
+    ``dXp`` (2) and ``dXC @ cand_kernel[:I]^T`` added to it after task 2 (5, ``acc``) or
+    written into ``dXp2`` (5, not ``acc``: the tasks in any order, see
+    :func:`gru_backward_tail_worker`)."""
+    R, I = X.shape
+    H = Hh.shape[1]
+    H2 = 2 * H
+    if task == 0:
+        gemm(1, 0, I, H2, R, 1.0, X, 0, I, dXG, 0, H2, 0.0, dgk, 0, H2, nthreads)
+    elif task == 1:
+        gemm(1, 0, H, H2, R, 1.0, Hh, 0, H, dXG, 0, H2, 0.0, dgk, I * H2, H2, nthreads)
+    elif task == 2:
+        gemm(0, 1, R, I, H2, 1.0, dXG, 0, H2, gates_kernel, 0, H2, 0.0, dXp, 0, I, nthreads)
+    elif task == 3:
+        gemm(1, 0, I, H, R, 1.0, X, 0, I, dXC, 0, H, 0.0, dck, 0, H, nthreads)
+    elif task == 4:
+        gemm(1, 0, H, H, R, 1.0, RH, 0, H, dXC, 0, H, 0.0, dck, I * H, H, nthreads)
+    elif acc:
+        gemm(0, 1, R, I, H, 1.0, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I, nthreads)
+    else:
+        gemm(0, 1, R, I, H, 1.0, dXC, 0, H, cand_kernel, 0, H, 0.0, dXp2, 0, I, nthreads)
+
+
+#: :func:`gru_backward_split` runs the tail's GEMMs on the two threads of the pair
+#: (:func:`gru_backward_tail_worker`) rather than each on two BLAS threads.
+TAIL_ON_PAIR = True
+
+#: The order in which the two threads claim the tail's GEMMs (larger ones first where
+#: H >= I, the common case).
+TAIL_ORDER = (1, 0, 2, 4, 3, 5)
+
+
+@kernel
+def gru_backward_tail_worker(w, counter, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp2):
+    """Worker ``w`` of the two-thread backward tail: claims the GEMMs of :func:`_tail_task`
+    one by one (``counter``) and runs each on one BLAS thread. No OpenBLAS worker thread
+    is woken, so none is left spinning on the second core when the next layer's
+    two-thread loop starts (see :func:`gru_backward_split`)."""
+    order = TAIL_ORDER
+    while True:
+        i = atomic_add(counter, 0, 1)
+        if i >= TAIL_TASKS:
+            return
+        _tail_task(order[i], X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp2, False, 1)
+
+
+@kernel
+def gru_backward_tail_end(ws, dXG, dXC, dH, dgk, dck, dXp, dXp2, T, reverse, uniform, bm):
+    """After :func:`gru_backward_tail_worker`: ``dXp += dXp2``, then :func:`_tail_rest`."""
+    X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
+    a = dXp.reshape(dXp.size)
+    b = dXp2.reshape(dXp2.size)
+    for i in range(a.size):
+        a[i] += b[i]
+    return _tail_rest(dXp, dXG, dXC, dH, dgk, dck, order, lens_s, nb, base, T, reverse, uniform, bm)
+
+
+@kernel(inline="always")
+def _tail_rest(dXp, dXG, dXC, dH, dgk, dck, order, lens_s, nb, base, T, reverse, uniform, bm):
+    """The backward tail after its GEMMs: the bias gradients, ``dx`` in the caller's
+    layout, ``dh0`` in batch order."""
+    R, I = dXp.shape
     B, H = dH.shape
     H2 = 2 * H
     dt = dXG.dtype
-    dgk = np.empty((I + H, H2), dt)
-    gemm(1, 0, I, H2, R, 1.0, X, 0, I, dXG, 0, H2, 0.0, dgk, 0, H2, nthreads)
-    gemm(1, 0, H, H2, R, 1.0, Hh, 0, H, dXG, 0, H2, 0.0, dgk, I * H2, H2, nthreads)
-    dck = np.empty((I + H, H), dt)
-    gemm(1, 0, I, H, R, 1.0, X, 0, I, dXC, 0, H, 0.0, dck, 0, H, nthreads)
-    gemm(1, 0, H, H, R, 1.0, RH, 0, H, dXC, 0, H, 0.0, dck, I * H, H, nthreads)
     dgb = np.zeros(H2, dt)
     dcb = np.zeros(H, dt)
     for i in range(R):
@@ -433,9 +506,6 @@ def _weight_grads(X, Hh, RH, dXG, dXC, dH, gates_kernel, cand_kernel, order, len
             dgb[j] += dXG[i, j]
         for j in range(H):
             dcb[j] += dXC[i, j]
-    dXp = np.empty((R, I), dt)
-    gemm(0, 1, R, I, H2, 1.0, dXG, 0, H2, gates_kernel, 0, H2, 0.0, dXp, 0, I, nthreads)
-    gemm(0, 1, R, I, H, 1.0, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I, nthreads)
     if direct_rows(uniform, bm, B):
         dx = dXp.reshape((B, T, I) if bm else (T, B, I))
     else:
@@ -666,4 +736,16 @@ def gru_backward_split(ws, gates_kernel, cand_kernel, dy, dhT, T, reverse, nthre
         worker, parts = gru_backward_split_worker, CHUNKS
     run_pair(worker, (claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy, dH, dRH, dXG, dXC,
                       scratch, parts, bm))
+    if nthreads >= 2 and TAIL_ON_PAIR:
+        # The tail's GEMMs shared whole between the two threads, one BLAS thread each: as
+        # fast as each GEMM on two BLAS threads, and it leaves no OpenBLAS thread spinning
+        # into the next layer's loop (see TAIL_ON_PAIR).
+        R, I = X.shape
+        H = dhT.shape[1]
+        dt = XG.dtype
+        dgk, dck = np.empty((I + H, 2 * H), dt), np.empty((I + H, H), dt)
+        dXp, dXp2 = np.empty((R, I), dt), np.empty((R, I), dt)
+        run_pair(gru_backward_tail_worker, (np.zeros(1, np.int64), X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel,
+                                            dgk, dck, dXp, dXp2))
+        return gru_backward_tail_end(ws, dXG, dXC, dH, dgk, dck, dXp, dXp2, T, reverse, uniform, bm)
     return gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, reverse, uniform, nthreads, bm)

@@ -80,7 +80,7 @@ def test_split_matches_one_thread(dtype, lengths, reverse, need_grad, scheme):
     _compare(got, want, dtype, "split", need_grad)
 
 
-def _backward_pair(dtype, T, B, I, H, lengths, reverse, seed=0):
+def _backward_pair(dtype, T, B, I, H, lengths, reverse, seed=0, nthreads=1):
     from fastseq_kernels import gru
 
     x, gk, gb, ck, cb, h0, L = _args(dtype, T, B, I, H, lengths, seed)
@@ -90,36 +90,43 @@ def _backward_pair(dtype, T, B, I, H, lengths, reverse, seed=0):
     dhT = rng.normal(size=hT.shape).astype(dtype)
     e1, e3 = np.zeros(0, dtype), np.zeros((0, 1, 1), dtype)
     want = gru.gru_backward(ws, gk, gb, ck, cb, dy, dhT, T, reverse, e3, 0, 1, e1, e1, False)
-    got = gru.gru_backward_split(ws, gk, ck, dy, dhT, T, reverse, 1, e1, e1)
+    got = gru.gru_backward_split(ws, gk, ck, dy, dhT, T, reverse, nthreads, e1, e1)
     return got, want
 
 
 GRADS = ("dx", "dh0", "d gates kernel", "d gates bias", "d candidate kernel", "d candidate bias")
 
+#: The backward tail's GEMMs: one after the other (``nthreads`` 1) or claimed by the two
+#: threads of the pair, one BLAS thread each (``nthreads`` 2, ``gru.TAIL_ON_PAIR``).
+TAIL = pytest.mark.parametrize("tail_threads", [1, 2], ids=["tail1", "tail-pair"])
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("lengths", sorted(LENGTHS))
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_backward_split_matches_one_thread(dtype, lengths, reverse, scheme):
+@TAIL
+def test_backward_split_matches_one_thread(dtype, lengths, reverse, scheme, tail_threads):
     T, B = 9, 8
-    got, want = _backward_pair(dtype, T, B, 5, 64, LENGTHS[lengths](T, B), reverse)
+    got, want = _backward_pair(dtype, T, B, 5, 64, LENGTHS[lengths](T, B), reverse, nthreads=tail_threads)
     for g, w_, name in zip(got, want, GRADS):
         assert_close(g, w_, TOL[dtype], name)
 
 
 @pytest.mark.parametrize("H", [32, 40, 200])
-def test_backward_split_unit_counts(H, scheme):
-    got, want = _backward_pair(np.float32, 7, 5, 4, H, [7, 2, 0, 7, 6], False, seed=H)
+@TAIL
+def test_backward_split_unit_counts(H, scheme, tail_threads):
+    got, want = _backward_pair(np.float32, 7, 5, 4, H, [7, 2, 0, 7, 6], False, seed=H, nthreads=tail_threads)
     for g, w_, name in zip(got, want, GRADS):
         assert_close(g, w_, TOL[np.float32], f"H={H}: {name}")
 
 
-def test_backward_split_with_the_helper_busy_runs_alone(scheme):
+@TAIL
+def test_backward_split_with_the_helper_busy_runs_alone(scheme, tail_threads):
     from fastseq_kernels import _team
 
     assert _team._HELPER.busy.acquire(timeout=10)
     try:
-        got, want = _backward_pair(np.float64, 6, 4, 3, 48, [6, 1, 0, 4], True)
+        got, want = _backward_pair(np.float64, 6, 4, 3, 48, [6, 1, 0, 4], True, nthreads=tail_threads)
     finally:
         _team._HELPER.busy.release()
     for g, w_, name in zip(got, want, GRADS):
