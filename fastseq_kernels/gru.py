@@ -395,7 +395,7 @@ def gru_forward_split(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, l
     micro-kernel blocks, so float32 sums may round differently). ``bm`` as in
     :func:`gru_forward`."""
     bm = bool(bm)
-    T, B = (x.shape[1], x.shape[0]) if bm else (x.shape[0], x.shape[1])
+    T, B, _ = dims(x, bm)
     (order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, Hh, RH, y, Yp, hT, claims, done,
      scratch) = gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g,
                                         packed_c, bm)

@@ -479,7 +479,7 @@ def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, n
     :func:`lstm_backward` reads); the arithmetic of each element is the one-thread loop's
     with the packed micro-kernel. ``nthreads`` is not used (two threads)."""
     bm = bool(bm)
-    T, B = (x.shape[1], x.shape[0]) if bm else (x.shape[0], x.shape[1])
+    T, B, _ = dims(x, bm)
     H = c0.shape[1]
     nr = panel_cols(x.dtype.itemsize)
     if H % nr or h0.shape[1] != H or kernel.shape[1] != 4 * H:

@@ -169,7 +169,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
             if m.shape[1] != B:
                 m = np.ascontiguousarray(np.broadcast_to(m, (m.shape[0], B, n)))
             masks.append(m)
-        return x, p, states, lengths, masks
+        return x, (T, B, I), p, states, lengths, masks
 
     def _packed(self, a, steps, boff, ldb, k, n, transposed):
         """``a``'s recurrent rows packed for the kernels, from the cache when ``a`` is read-only
@@ -189,12 +189,11 @@ class NumbaBackend(NumpyArrayOps, Backend):
         backward of this run takes and gives ``[B, T, ...]`` too."""
         k = self._kernels()
         bm = bool(batch_major)
-        x, p, states, lengths, masks = self._prepare(spec, params, inputs, initial_state, sequence_length,
-                                                     state_mask, bm)
+        x, (T, B, I), p, states, lengths, masks = self._prepare(spec, params, inputs, initial_state,
+                                                                sequence_length, state_mask, bm)
         code = ACTIVATIONS.index(spec.activation)
         reverse = bool(reverse)
         need_grad = bool(need_grad)
-        T, B, I = (x.shape[1], x.shape[0], x.shape[2]) if bm else x.shape
         E1, E2, _ = self._empty[x.dtype]
         nt = get_num_threads()
         steps = int(lengths.max()) if B else 0
