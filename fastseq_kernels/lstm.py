@@ -30,7 +30,7 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, outpu
     plan_and_inputs, row3, scatter_rows, sigmoid, time_index
 from ._jit import kernel
 from ._atomic import atomic_add, chunk_cols, take_chunk, wait_at_least
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, given_or_pack, panel_cols, panel_width, \
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_tn, given_or_pack, panel_cols, panel_width, \
     scratch_for, step_product
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
@@ -527,17 +527,17 @@ def _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb,
     dt = dG.dtype
     dkernel = np.empty((I + P, G4), dt)
     if X.shape[1] == I + P:  # a fused forward's [R, I+P] buffer (X and Hh are one): one GEMM
-        gemm(1, 0, I + P, G4, R, 1.0, X, 0, I + P, dG, 0, G4, 0.0, dkernel, 0, G4, nthreads)
+        gemm_tn(I + P, G4, R, X, 0, I + P, dG, 0, G4, dkernel, 0, G4, nthreads)
     else:
-        gemm(1, 0, I, G4, R, 1.0, X, 0, I, dG, 0, G4, 0.0, dkernel, 0, G4, nthreads)
-        gemm(1, 0, P, G4, R, 1.0, Hh, 0, P, dG, 0, G4, 0.0, dkernel, I * G4, G4, nthreads)
+        gemm_tn(I, G4, R, X, 0, I, dG, 0, G4, dkernel, 0, G4, nthreads)
+        gemm_tn(P, G4, R, Hh, 0, P, dG, 0, G4, dkernel, I * G4, G4, nthreads)
     dbias = np.zeros(G4, dt)
     for i in range(R):
         for j in range(G4):
             dbias[j] += dG[i, j]
     dproj = np.empty(proj.shape, dt)
     if proj.shape[0] > 0:
-        gemm(1, 0, H, P, R, 1.0, Mp, 0, H, dMraw, 0, P, 0.0, dproj, 0, P, nthreads)
+        gemm_tn(H, P, R, Mp, 0, H, dMraw, 0, P, dproj, 0, P, nthreads)
     if direct_rows(uniform, bm, B):
         dx = np.empty((B, T, I) if bm else (T, B, I), dt)
         gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dx, 0, I, nthreads)

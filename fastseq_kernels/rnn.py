@@ -15,7 +15,7 @@ from ._blas import gemm
 from ._common import act, dact, dims, direct_rows, output_activation_stored, plan_and_inputs, row3, scatter_rows, \
     time_index
 from ._jit import kernel
-from ._packed import given_or_pack, scratch_for, step_product
+from ._packed import gemm_tn, given_or_pack, scratch_for, step_product
 
 
 @kernel
@@ -122,8 +122,8 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads, 
                     dG[g, j] = d * dact(z, act(z, code), code)
         step_product(n, H, H, dG, gb * H, H, KPt, kernel, I * H, H, 1, dH, 0, H, 0, nthreads, scr)
     dk = np.empty((I + H, H), dt)
-    gemm(1, 0, I, H, R, 1.0, X, 0, I, dG, 0, H, 0.0, dk, 0, H, nthreads)
-    gemm(1, 0, H, H, R, 1.0, Hh, 0, H, dG, 0, H, 0.0, dk, I * H, H, nthreads)
+    gemm_tn(I, H, R, X, 0, I, dG, 0, H, dk, 0, H, nthreads)
+    gemm_tn(H, H, R, Hh, 0, H, dG, 0, H, dk, I * H, H, nthreads)
     db = np.zeros(H, dt)
     for i in range(R):
         for j in range(H):

@@ -104,3 +104,91 @@ def test_scipy_blas_is_loaded_with_a_short_thread_timeout_and_the_environment_le
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "26")
     _blas._load_blas("libopenblas.so")
     assert seen[-1] == "26" and os.environ["OPENBLAS_THREAD_TIMEOUT"] == "26"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_gemm_tn_acc_against_numpy(dtype):
+    """``C += A^T B`` read in place: every micro-kernel height, whole panels, wide and
+    narrow right edges (two vectors and one), depth 0, 1 and across depth blocks
+    (``TN_KC``), offsets and leading dimensions into larger buffers."""
+    from fastseq_kernels._packed import TN_KC, gemm_tn_acc, panel_cols
+
+    rng = np.random.default_rng(2)
+    nr = panel_cols(np.dtype(dtype).itemsize)
+    for m in (0, 1, 2, 3, 5, 8, 12, 13, 27, 40):
+        for n in (1, nr // 2 - 1, nr // 2, nr // 2 + 1, nr - 1, nr, nr + 3, 2 * nr + nr // 2):
+            for k in (0, 1, 9, TN_KC + 7):
+                a = rng.normal(size=(k + 1, m + 3)).astype(dtype)  # A at row 1, column 2
+                b = rng.normal(size=(k + 2, n + 1)).astype(dtype)  # B at row 2, column 1
+                c = rng.normal(size=(m + 2, n + 3)).astype(dtype)  # C at row 1, column 1
+                want = c.astype(np.float64)
+                want[1:m + 1, 1:n + 1] += a[1:, 2:m + 2].T.astype(np.float64) @ b[2:, 1:].astype(np.float64)
+                gemm_tn_acc(m, n, k, a, (m + 3) + 2, m + 3, b, 2 * (n + 1) + 1, n + 1, c, (n + 3) + 1, n + 3)
+                assert _rel_err(c, want) <= TOL[dtype], f"m={m} n={n} k={k}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("m", [7, 200, 300])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_gemm_tn_paths(dtype, m, nthreads):
+    """gemm_tn overwrites ``C`` (stale values, NaN included, do not leak in) by the strided
+    kernel (one thread, at most TN_MAX_M rows) or BLAS (otherwise): same product."""
+    from fastseq_kernels._packed import TN_MAX_M, gemm_tn
+
+    assert 7 <= TN_MAX_M < 300
+    rng = np.random.default_rng(3)
+    k, n = 45, 70
+    a = rng.normal(size=(k, m)).astype(dtype)
+    b = rng.normal(size=(k, n)).astype(dtype)
+    c = np.full((m + 1, n), np.nan, dtype)
+    gemm_tn(m, n, k, a, 0, m, b, 0, n, c, n, n, nthreads)
+    assert np.isnan(c[0]).all()
+    assert _rel_err(c[1:], a.T.astype(np.float64) @ b) <= TOL[dtype]
+    c2 = np.full((m, n), np.nan, dtype)
+    gemm_tn(m, n, 0, a, 0, m, b, 0, n, c2, 0, n, nthreads)  # no rows to sum: zeros
+    assert not c2.any()
+
+
+_GUARD_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np
+from fastseq_kernels._packed import gemm_tn_acc, panel_cols
+
+dtype = np.dtype(sys.argv[1])
+page = mmap.PAGESIZE
+buf = mmap.mmap(-1, 64 * page)
+libc = ctypes.CDLL(None)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+assert libc.mprotect(ctypes.c_void_p(addr + 63 * page), page, 0) == 0  # PROT_NONE
+mem = np.frombuffer(buf, dtype=dtype, count=63 * page // dtype.itemsize)
+nr = panel_cols(dtype.itemsize)
+checked = 0
+for n in (1, nr // 2, nr - 1, nr + 1, 2 * nr - 3):
+    for k in (1, 5, 33):
+        # B [k, n] and A [k, m] end exactly at the protected page
+        m = 13
+        b = mem[mem.size - k * n:].reshape(k, n)
+        a = mem[mem.size - k * n - k * m: mem.size - k * n].reshape(k, m)
+        rng = np.random.default_rng(k * 100 + n)
+        a[:] = rng.normal(size=a.shape)
+        b[:] = rng.normal(size=b.shape)
+        c = np.zeros((m, n), dtype)
+        gemm_tn_acc(m, n, k, mem, mem.size - k * n - k * m, m, mem, mem.size - k * n, n, c, 0, n)
+        want = a.T.astype(np.float64) @ b.astype(np.float64)
+        assert np.abs(c - want).max() <= 1e-4 * max(np.abs(want).max(), 1), (n, k)
+        checked += 1
+print("ok", checked)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gemm_tn_acc_reads_nothing_past_b(dtype):
+    """Operands that end right before a page with no access: a read past ``B`` (a narrow
+    right edge loaded as whole vectors) would kill the process. Run in a subprocess so that
+    such a crash fails this test only."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT, dtype], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["ok", "15"]
