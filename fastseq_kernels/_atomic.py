@@ -74,6 +74,21 @@ def atomic_load(typingctx, arr, idx):
 
 
 @intrinsic
+def atomic_store(typingctx, arr, idx, val):
+    """``arr[idx] = val``, stored atomically (sequentially consistent)."""
+    if not _check(arr):
+        return None
+
+    def codegen(context, builder, sig, args):
+        va, vi, vv = args
+        ptr = _element_ptr(context, builder, sig.args[0], va, vi, sig.args[1])
+        builder.store_atomic(context.cast(builder, vv, sig.args[2], types.int64), ptr, "seq_cst", 8)
+        return context.get_dummy_value()
+
+    return types.void(arr, idx, val), codegen
+
+
+@intrinsic
 def spin_pause(typingctx):
     """The CPU's spin-wait hint (``pause`` on x86; nothing elsewhere)."""
 
@@ -152,3 +167,50 @@ def chunk_cols(c, nch, ncols, NR):
     ``NR`` columns, spread evenly over the chunks."""
     npan = (ncols + NR - 1) // NR
     return (npan * c) // nch * NR, min((npan * (c + 1)) // nch * NR, ncols)
+
+
+@kernel(inline="always")
+def _spin(arr, idx, value, spins):
+    for _ in range(spins):
+        if atomic_load(arr, idx) >= value:
+            return True
+        spin_pause()
+    return atomic_load(arr, idx) >= value
+
+
+@kernel
+def spin_until(arr, idx, value, spins):
+    """Spin (``pause``) until ``arr[idx] >= value``, at most ``spins`` rounds; returns
+    whether the value was reached. Releases the GIL (``nogil``) while it spins."""
+    return _spin(arr, idx, value, spins)
+
+
+#: The hand-off array of :mod:`._team` (``int64``, see ``_team._Helper``): the job number
+#: worker 0 has posted and the one the helper has finished (on cache lines of their own),
+#: the current job's number (0: worker 0 runs alone), and the spin budgets, in rounds.
+HAND_POSTED, HAND_FINISHED, HAND_JOB, HAND_CALLER_SPINS, HAND_HELPER_SPINS, HAND_READY = 0, 8, 16, 17, 18, 24
+HAND_SIZE = 32
+
+
+@kernel(inline="always")
+def team_begin(w, hand):
+    """First thing in a two-thread worker: worker 0 posts the job, with the GIL already
+    released, so that a spinning helper that sees it takes the GIL without a wait."""
+    job = hand[HAND_JOB]
+    if w == 0 and job > 0:
+        atomic_store(hand, HAND_POSTED, job)
+
+
+@kernel(inline="always")
+def team_end(w, hand):
+    """Last thing in a two-thread worker. Worker 0 spins until the helper has finished the
+    job (at most its budget; returns whether it did). The helper marks the job finished
+    and spins until the next job is posted (at most its budget; returns whether it was),
+    so a layer's next call finds it awake."""
+    job = hand[HAND_JOB]
+    if job <= 0:
+        return True
+    if w == 0:
+        return _spin(hand, HAND_FINISHED, job, hand[HAND_CALLER_SPINS])
+    atomic_store(hand, HAND_FINISHED, job)
+    return _spin(hand, HAND_POSTED, job + 1, hand[HAND_HELPER_SPINS])

@@ -20,7 +20,7 @@ from ._blas import gemm
 from ._common import TANH, act, dact, dims, direct_rows, ftanh, output_activation_stored, plan_and_inputs, row3, \
     scatter_rows, \
     sigmoid, time_index
-from ._atomic import atomic_add, chunk_cols, take_chunk, wait_at_least
+from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._jit import kernel
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_tn, given_or_pack, panel_width, scratch_for, \
     step_product
@@ -273,7 +273,7 @@ CHUNKS = 2
 
 
 @kernel
-def gru_forward_split_worker(w, claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC,
+def gru_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC,
                              gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, need_grad, scratch, nchunks):
     """Worker ``w`` (0 or 1) of the time loop. First the two input projections in
     ``PROJ_CHUNKS`` row chunks each, one BLAS thread per worker (see
@@ -283,6 +283,7 @@ def gru_forward_split_worker(w, claims, done, nb, base, hbase, order, X, gates_k
     once every chunk of the previous step is done (``h`` of all units); task ``2k + 1``,
     columns of the candidate product ``(r * h) @ cand_kernel[I:]`` with the new state of
     those units, once every gate chunk of the step is done (``r * h`` of all units)."""
+    team_begin(w, hand)
     L = nb.shape[0] - 1
     H = Hh.shape[1]
     H2 = 2 * H
@@ -322,6 +323,7 @@ def gru_forward_split_worker(w, claims, done, nb, base, hbase, order, X, gates_k
                 hout = Hh[nhb + r] if r < nn else hT[order[r]]
                 _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H, u0, u1)
             atomic_add(done, 2 * k + 1, 1)
+    return team_end(w, hand)
 
 
 #: Fewest batch rows for which the two-thread loops split the rows of the batch instead of
@@ -343,7 +345,7 @@ def _split_by_rows(B, H, itemsize):
 
 
 @kernel
-def gru_forward_rows_worker(w, claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC,
+def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC,
                             gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, need_grad, scratch, nparts):
     """Worker ``w`` (0 or 1) of the time loop split by batch rows: the input projections as
     in :func:`gru_forward_split_worker`, then the whole time loop of every row part it
@@ -353,6 +355,7 @@ def gru_forward_rows_worker(w, claims, done, nb, base, hbase, order, X, gates_ke
     with no wait on the other worker: no barrier per step (the column split has two), at
     the cost of each worker reading all of the packed weights every step. A worker that is
     late or absent leaves its part to the other one, which claims it when done with its own."""
+    team_begin(w, hand)
     L = nb.shape[0] - 1
     H = Hh.shape[1]
     H2 = 2 * H
@@ -382,6 +385,7 @@ def gru_forward_rows_worker(w, claims, done, nb, base, hbase, order, X, gates_ke
                 g = gb + r
                 hout = Hh[nhb + r] if r < nn else hT[order[r]]
                 _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H, 0, H)
+    return team_end(w, hand)
 
 
 def gru_forward_split(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, need_grad,
@@ -467,16 +471,17 @@ TAIL_ORDER = (1, 0, 2, 4, 3, 5)
 
 
 @kernel
-def gru_backward_tail_worker(w, counter, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp2):
+def gru_backward_tail_worker(w, hand, counter, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp2):
     """Worker ``w`` of the two-thread backward tail: claims the GEMMs of :func:`_tail_task`
     one by one (``counter``) and runs each on one BLAS thread. No OpenBLAS worker thread
     is woken, so none is left spinning on the second core when the next layer's
     two-thread loop starts (see :func:`gru_backward_split`)."""
+    team_begin(w, hand)
     order = TAIL_ORDER
     while True:
         i = atomic_add(counter, 0, 1)
         if i >= TAIL_TASKS:
-            return
+            return team_end(w, hand)
         _tail_task(order[i], X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp2, False, 1)
 
 
@@ -615,8 +620,8 @@ def gru_backward_split_begin(ws, gates_kernel, cand_kernel, dhT, T, packed_ct, p
 
 
 @kernel
-def gru_backward_split_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy, dH, dRH,
-                              dXG, dXC, scratch, nchunks, bm):
+def gru_backward_split_worker(w, hand, claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy, dH,
+                              dRH, dXG, dXC, scratch, nchunks, bm):
     """Worker ``w`` (0 or 1) of the backward time loop, in chunks of units (whole panels)
     claimed per task; every task waits for all chunks of the one before. Round ``i``
     handles step ``k = L - 1 - i``: task ``2i`` adds step ``k + 1``'s
@@ -625,6 +630,7 @@ def gru_backward_split_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, ba
     update-gate gradients); task ``2i + 1`` multiplies the candidate gradients by
     ``cand_kernel[I:]^T`` for its units and forms their reset-gate gradients. Task ``2L``
     finishes ``d h_0``."""
+    team_begin(w, hand)
     L = nb.shape[0] - 1
     H = dH.shape[1]
     H2 = 2 * H
@@ -670,15 +676,17 @@ def gru_backward_split_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, ba
                 g = gb + r
                 _grad_reset_units(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, u0, u1)
             atomic_add(done, 2 * i + 1, 1)
+    return team_end(w, hand)
 
 
 @kernel
-def gru_backward_rows_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy, dH, dRH,
-                             dXG, dXC, scratch, nparts, bm):
+def gru_backward_rows_worker(w, hand, claims, done, XG, XC, Hh, order, lens_s, nb, base, reverse, KPct, KPgt, dy, dH,
+                             dRH, dXG, dXC, scratch, nparts, bm):
     """Worker ``w`` of the backward time loop split by batch rows (see
     :func:`gru_forward_rows_worker`): every row part it claims (task ``2L + 1``) goes
     through all steps, last to first, as in :func:`gru_backward`, with no wait on the
     other worker."""
+    team_begin(w, hand)
     L = nb.shape[0] - 1
     H = dH.shape[1]
     H2 = 2 * H
@@ -707,6 +715,7 @@ def gru_backward_rows_worker(w, claims, done, XG, XC, Hh, order, lens_s, nb, bas
                 g = gb + r
                 _grad_reset_units(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, 0, H)
             gemm_acc_packed(m, H, H2, dXG, (gb + p) * H2, S * H2, KPgt, dH, p * H, S * H, scr)
+    return team_end(w, hand)
 
 
 @kernel

@@ -29,7 +29,7 @@ from ._blas import gemm
 from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, output_activation_stored, \
     plan_and_inputs, row3, scatter_rows, sigmoid, time_index
 from ._jit import kernel
-from ._atomic import atomic_add, chunk_cols, take_chunk, wait_at_least
+from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_tn, given_or_pack, panel_cols, panel_width, \
     scratch_for, step_product
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
@@ -409,7 +409,7 @@ def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, pac
 
 
 @kernel
-def lstm_forward_split_worker(w, claims, done, nb, base, hbase, order, X, kernel, G, bias, fb, KP, Hh, Ch, Yp,
+def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, kernel, G, bias, fb, KP, Hh, Ch, Yp,
                               cT, hT, scratch, nchunks):
     """Worker ``w`` (0 or 1) of the time loop. First the input projection in
     ``PROJ_CHUNKS`` row chunks, on one BLAS thread per worker (a two-thread OpenBLAS call
@@ -421,6 +421,7 @@ def lstm_forward_split_worker(w, claims, done, nb, base, hbase, order, X, kernel
     that gets less CPU (another process, a spinning BLAS thread) takes fewer chunks instead
     of holding the other one up; a chunk of step ``k`` waits until every chunk of step ``k - 1`` is done (``done``):
     ``h`` of all units. Index ``L`` of both counters is the projection."""
+    team_begin(w, hand)
     L = nb.shape[0] - 1
     H = Ch.shape[1]
     G4 = 4 * H
@@ -470,6 +471,7 @@ def lstm_forward_split_worker(w, claims, done, nb, base, hbase, order, X, kernel
                 for j in range(u1 - u0):
                     hs[j] = ys[j]
             atomic_add(done, k, 1)
+    return team_end(w, hand)
 
 
 def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, nthreads, packed, bm=False):
@@ -701,7 +703,7 @@ def lstm_backward_split_begin(ws, kernel, dcT, dhT, packed_t):
 
 
 @kernel
-def lstm_backward_split_worker(w, claims, done, G, Ch, order, lens_s, nb, base, reverse, KPt, dy, dH, dC, dG,
+def lstm_backward_split_worker(w, hand, claims, done, G, Ch, order, lens_s, nb, base, reverse, KPt, dy, dH, dC, dG,
                                scratch, nchunks, bm):
     """Worker ``w`` (0 or 1) of the backward time loop, in chunks of units (whole panels)
     claimed per round (:func:`._atomic.take_chunk`); every round waits for all chunks of
@@ -711,6 +713,7 @@ def lstm_backward_split_worker(w, claims, done, G, Ch, order, lens_s, nb, base, 
     cell gradient of those units follow (:func:`_grad_tanh_units`). Round ``L`` only
     forms ``d h_0``. Rows that have not started yet at step ``k + 1`` (shorter sequences)
     keep the ``d h`` they came with."""
+    team_begin(w, hand)
     L = nb.shape[0] - 1
     H = dH.shape[1]
     G4 = 4 * H
@@ -742,6 +745,7 @@ def lstm_backward_split_worker(w, claims, done, G, Ch, order, lens_s, nb, base, 
                     _grad_tanh_units(G[g], Ch[g], dH[r], row3(dy, time_index(k, r, lens_s, reverse), order[r], bm),
                                      dC[r], dG[g], one, H, u0, u1)
             atomic_add(done, i, 1)
+    return team_end(w, hand)
 
 
 @kernel
