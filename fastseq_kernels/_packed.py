@@ -448,29 +448,60 @@ def gemm_tn_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
                 i += h
 
 
-#: Most rows of ``C`` for which :func:`gemm_tn` runs :func:`gemm_tn_acc` rather than
-#: BLAS. Measured on the Zen 4 machine, one thread (GFLOP/s, gemm_tn_acc against
-#: OpenBLAS): float32 [28-200, 896] x [896, 200-400] (P2's weight gradients) 93-112
-#: against 56-92, float64 51-55 against 38-50; with more rows the strided reads of ``A``
-#: stop paying: [320, 13120] x [13120, 1024] 87-94 against 87-88 in float32, 41 against
-#: 49-50 in float64, [1024, 3200] x [3200, 2048] 90 against 96-100.
-TN_MAX_M = 256
+#: Widest rows of ``C`` (``m`` elements, in bytes) for which :func:`gemm_tn` runs
+#: :func:`gemm_tn_acc` rather than BLAS. Measured on the Zen 4 machine, one thread
+#: (GFLOP/s, gemm_tn_acc against OpenBLAS): float32 [28-200, 896] x [896, 200-400] (P2's
+#: weight gradients) 93-112 against 56-92, [320, 13120] x [13120, 1024] (P4's) 93-98
+#: against 84-88; wider, the strided reads of ``A`` stop paying: [512, k] 88-99 against
+#: 86-95, [1024, 3200] x [3200, 2048] 90 against 96-100; float64 [200, 896] 51-55
+#: against 38-50, [200-320, 3000-4000] 45-50 against 49-50.
+TN_MAX_ROW_BYTES = 1280
 
 
 @kernel
 def gemm_tn(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, nthreads):
     """Row-major ``C[m, n] = A^T @ B`` for ``A [k, m]``, ``B [k, n]`` (element offsets and
-    leading dimensions as :func:`fastseq_kernels._blas.gemm`): on one thread and with at
-    most :data:`TN_MAX_M` rows, :func:`gemm_tn_acc`; else BLAS on ``nthreads`` threads."""
-    if nthreads <= 1 and m <= TN_MAX_M and k > 0:
-        cf = c.reshape(c.size)
-        for i in range(m):
-            base = coff + i * ldc
-            for j in range(n):
-                cf[base + j] = 0
+    leading dimensions as :func:`fastseq_kernels._blas.gemm`): on one thread and for rows
+    of ``C`` up to :data:`TN_MAX_ROW_BYTES`, :func:`gemm_tn_acc`; else BLAS on
+    ``nthreads`` threads."""
+    if nthreads <= 1 and m * c.itemsize <= TN_MAX_ROW_BYTES and k > 0:
+        _zero_block(c, coff, ldc, m, n)
         gemm_tn_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc)
     else:
         gemm(1, 0, m, n, k, 1.0, a, aoff, lda, b, boff, ldb, 0.0, c, coff, ldc, nthreads)
+
+
+@kernel(inline="always")
+def _zero_block(c, coff, ldc, m, n):
+    cf = c.reshape(c.size)
+    for i in range(m):
+        base = coff + i * ldc
+        for j in range(n):
+            cf[base + j] = 0
+
+
+#: Most columns of ``C`` for which :func:`gemm_nt` packs ``B^T`` and runs the packed
+#: micro-kernel rather than BLAS: two panels. Measured on the Zen 4 machine, one thread,
+#: float32 (GFLOP/s, packed against OpenBLAS): [13120, 1024] x [1024, 64] (P4's input
+#: gradient) 97 against 80, [3277, 1024] x [1024, 64] 102 against 90, [896, 400] x [400,
+#: 28] 80 against 69; with more columns BLAS is level or ahead ([896, 400] x [400, 200]:
+#: 97 against 102).
+NT_MAX_PANELS = 2
+
+
+@kernel
+def gemm_nt(m, n, k, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, nthreads):
+    """Row-major ``C[m, n] = A @ B^T + beta * C`` (``beta`` 0 or 1) for ``A [m, k]`` and
+    ``B [n, k]`` (the input gradients ``dG @ W^T``): on one thread and with at most
+    :data:`NT_MAX_PANELS` panels of columns, ``B^T`` packed once (:func:`pack_panels_t`,
+    ``n * k`` elements) and :func:`gemm_acc_packed`; else BLAS on ``nthreads`` threads."""
+    if nthreads <= 1 and 0 < n <= NT_MAX_PANELS * panel_width(c) and k > 0 and m > 0:
+        if beta == 0:
+            _zero_block(c, coff, ldc, m, n)
+        bp = pack_panels_t(b, boff, ldb, k, n)
+        gemm_acc_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, np.empty(MAX_HEIGHT * panel_width(c), c.dtype))
+    else:
+        gemm(0, 1, m, n, k, 1.0, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, nthreads)
 
 
 @kernel

@@ -22,7 +22,7 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, output_activatio
     sigmoid, time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._jit import kernel
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_tn, given_or_pack, panel_width, scratch_for, \
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_tn, given_or_pack, panel_width, scratch_for, \
     step_product
 from ._team import PROJ_CHUNKS, run_pair
 
@@ -450,15 +450,15 @@ def _tail_task(task, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, d
     elif task == 1:
         gemm_tn(H, H2, R, Hh, 0, H, dXG, 0, H2, dgk, I * H2, H2, nthreads)
     elif task == 2:
-        gemm(0, 1, R, I, H2, 1.0, dXG, 0, H2, gates_kernel, 0, H2, 0.0, dXp, 0, I, nthreads)
+        gemm_nt(R, I, H2, dXG, 0, H2, gates_kernel, 0, H2, 0.0, dXp, 0, I, nthreads)
     elif task == 3:
         gemm_tn(I, H, R, X, 0, I, dXC, 0, H, dck, 0, H, nthreads)
     elif task == 4:
         gemm_tn(H, H, R, RH, 0, H, dXC, 0, H, dck, I * H, H, nthreads)
     elif acc:
-        gemm(0, 1, R, I, H, 1.0, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I, nthreads)
+        gemm_nt(R, I, H, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I, nthreads)
     else:
-        gemm(0, 1, R, I, H, 1.0, dXC, 0, H, cand_kernel, 0, H, 0.0, dXp2, 0, I, nthreads)
+        gemm_nt(R, I, H, dXC, 0, H, cand_kernel, 0, H, 0.0, dXp2, 0, I, nthreads)
 
 
 #: :func:`gru_backward_split` runs the tail's GEMMs on the two threads of the pair

@@ -30,7 +30,7 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, outpu
     plan_and_inputs, row3, scatter_rows, sigmoid, time_index
 from ._jit import kernel
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_tn, given_or_pack, panel_cols, panel_width, \
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_tn, given_or_pack, panel_cols, panel_width, \
     scratch_for, step_product
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
@@ -542,10 +542,10 @@ def _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb,
         gemm_tn(H, P, R, Mp, 0, H, dMraw, 0, P, dproj, 0, P, nthreads)
     if direct_rows(uniform, bm, B):
         dx = np.empty((B, T, I) if bm else (T, B, I), dt)
-        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dx, 0, I, nthreads)
+        gemm_nt(R, I, G4, dG, 0, G4, kernel, 0, G4, 0.0, dx, 0, I, nthreads)
     else:
         dXp = np.empty((R, I), dt)
-        gemm(0, 1, R, I, G4, 1.0, dG, 0, G4, kernel, 0, G4, 0.0, dXp, 0, I, nthreads)
+        gemm_nt(R, I, G4, dG, 0, G4, kernel, 0, G4, 0.0, dXp, 0, I, nthreads)
         dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
     dc0 = np.empty((B, H), dt)
     dh0 = np.empty((B, P), dt)

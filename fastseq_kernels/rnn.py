@@ -15,7 +15,7 @@ from ._blas import gemm
 from ._common import act, dact, dims, direct_rows, output_activation_stored, plan_and_inputs, row3, scatter_rows, \
     time_index
 from ._jit import kernel
-from ._packed import gemm_tn, given_or_pack, scratch_for, step_product
+from ._packed import gemm_nt, gemm_tn, given_or_pack, scratch_for, step_product
 
 
 @kernel
@@ -129,7 +129,7 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads, 
         for j in range(H):
             db[j] += dG[i, j]
     dXp = np.empty((R, I), dt)
-    gemm(0, 1, R, I, H, 1.0, dG, 0, H, kernel, 0, H, 0.0, dXp, 0, I, nthreads)
+    gemm_nt(R, I, H, dG, 0, H, kernel, 0, H, 0.0, dXp, 0, I, nthreads)
     if direct_rows(uniform, bm, B):
         dx = dXp.reshape((B, T, I) if bm else (T, B, I))
     else:

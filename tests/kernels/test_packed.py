@@ -128,14 +128,16 @@ def test_gemm_tn_acc_against_numpy(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("m", [7, 200, 300])
+@pytest.mark.parametrize("m", [7, 200, 400])
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_gemm_tn_paths(dtype, m, nthreads):
     """gemm_tn overwrites ``C`` (stale values, NaN included, do not leak in) by the strided
-    kernel (one thread, at most TN_MAX_M rows) or BLAS (otherwise): same product."""
-    from fastseq_kernels._packed import TN_MAX_M, gemm_tn
+    kernel (one thread, rows of C up to TN_MAX_ROW_BYTES) or BLAS (otherwise): same
+    product. The parameters cover both paths in both dtypes."""
+    from fastseq_kernels._packed import TN_MAX_ROW_BYTES, gemm_tn
 
-    assert 7 <= TN_MAX_M < 300
+    itemsize = np.dtype(dtype).itemsize
+    assert 7 * itemsize <= TN_MAX_ROW_BYTES < 400 * itemsize
     rng = np.random.default_rng(3)
     k, n = 45, 70
     a = rng.normal(size=(k, m)).astype(dtype)
@@ -147,6 +149,36 @@ def test_gemm_tn_paths(dtype, m, nthreads):
     c2 = np.full((m, n), np.nan, dtype)
     gemm_tn(m, n, 0, a, 0, m, b, 0, n, c2, 0, n, nthreads)  # no rows to sum: zeros
     assert not c2.any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("beta", [0, 1])
+def test_gemm_nt_paths(dtype, nthreads, beta):
+    """gemm_nt: ``C = A @ B^T + beta * C`` with ``B`` given as rows (a kernel's input rows,
+    leading dimension wider than ``k``), narrow (packed micro-kernel on one thread) and
+    wide (BLAS) ``C``, every micro-kernel height and edge width; ``beta`` 0 ignores stale
+    values (NaN)."""
+    from fastseq_kernels._packed import NT_MAX_PANELS, gemm_nt, panel_cols
+
+    nr = panel_cols(np.dtype(dtype).itemsize)
+    rng = np.random.default_rng(4)
+    k = 37
+    for m in (1, 2, 5, 12, 13, 29):
+        for n in (1, nr - 3, nr, nr + 5, NT_MAX_PANELS * nr, NT_MAX_PANELS * nr + 1, 5 * nr):
+            a = rng.normal(size=(m, k + 2)).astype(dtype)  # A at column 2
+            b = rng.normal(size=(n + 1, k + 4)).astype(dtype)  # B at row 1, column 1
+            c0 = rng.normal(size=(m, n + 3)).astype(dtype)
+            if beta == 0:
+                c0[:, 1:n + 1] = np.nan
+            c = c0.copy()
+            gemm_nt(m, n, k, a, 2, k + 2, b, (k + 4) + 1, k + 4, float(beta), c, 1, n + 3, nthreads)
+            want = a[:, 2:].astype(np.float64) @ b[1:, 1:k + 1].T.astype(np.float64)
+            if beta:
+                want += c0[:, 1:n + 1]
+            assert _rel_err(c[:, 1:n + 1], want) <= TOL[dtype], f"m={m} n={n}"
+            np.testing.assert_array_equal(c[:, 0], c0[:, 0])
+            np.testing.assert_array_equal(c[:, n + 1:], c0[:, n + 1:])
 
 
 _GUARD_SCRIPT = r"""
