@@ -171,10 +171,16 @@ def chunk_cols(c, nch, ncols, NR):
 
 @kernel(inline="always")
 def _spin(arr, idx, value, spins):
-    for _ in range(spins):
+    """At most ``spins`` rounds of :func:`spin_until`; past ``SPINS_BEFORE_YIELD`` rounds
+    every 64th yields the CPU (as :func:`wait_at_least`), so that a thread waiting for this
+    CPU (an OpenBLAS worker, another process) gets it at once."""
+    for i in range(spins):
         if atomic_load(arr, idx) >= value:
             return True
-        spin_pause()
+        if i >= SPINS_BEFORE_YIELD and (i & 63) == 63:
+            yield_cpu()
+        else:
+            spin_pause()
     return atomic_load(arr, idx) >= value
 
 

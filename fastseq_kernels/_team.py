@@ -45,7 +45,7 @@ MAX_CHUNKS = 8
 
 #: How long the helper spins after a job for the next one before it blocks, and the most
 #: the caller spins while the helper finishes its last piece, in microseconds; turned into
-#: ``pause`` rounds by :func:`_rounds_per_us` (~26 ns a round on the Zen 4 VM).
+#: spin rounds by :func:`_rounds_per_us` (~30 ns a round on the Zen 4 VM).
 HELPER_SPIN_US = 300
 CALLER_SPIN_US = 2000
 
@@ -54,13 +54,14 @@ _SOLO = np.zeros(HAND_SIZE, np.int64)
 
 
 def _rounds_per_us():
-    """``pause`` rounds of :func:`._atomic.spin_until` per microsecond on this CPU, timed
-    once (about 0.1 ms)."""
+    """Rounds of :func:`._atomic.spin_until` per microsecond on this CPU, timed once over
+    ~0.5 ms of rounds (its ``pause`` rounds and the later ones that also yield, as the
+    long spins run them)."""
     import time
 
     probe = np.zeros(1, np.int64)
     spin_until(probe, 0, 1, 10)  # compiled or loaded from the cache before the clock starts
-    n = 4000
+    n = 20000
     t = time.perf_counter()
     spin_until(probe, 0, 1, n)
     dt = time.perf_counter() - t
