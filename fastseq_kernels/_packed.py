@@ -259,6 +259,9 @@ _micro_a, _micro_b, _micro_c, _micro2, _micro1 = (_make_micro(h) for h in HEIGHT
 WAYS_1, WAYS_2 = 4, 2
 _micro2w = _make_micro(2, WAYS_2)
 _micro1w = _make_micro(1, WAYS_1)
+#: One vector per row, for a right-edge panel at most half full (e.g. H = 200: 8 of 32
+#: columns): half the multiply-adds of the whole panel, all of them on valid columns.
+_nmicro_a, _nmicro_b, _nmicro_c = (_make_micro(h, 1, False, 1) for h in HEIGHTS[:3])
 
 
 #: The strided variants (:func:`gemm_tn_acc`): whole panels, and one vector for a narrow
@@ -326,13 +329,24 @@ def gemm_acc_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, scratch):
         j0 = q * NR
         w = min(NR, n - j0)
         full = 1 if w == NR else 0
+        narrow = 2 * w <= NR
         pbo = q * k * NR
         i = 0
         while i < m:
             left = m - i
             ao = aoff + i * lda
             co = coff + i * ldc + j0
-            if left >= _HA:
+            if narrow and left >= _HC:
+                if left >= _HA:
+                    h = _HA
+                    _nmicro_a(k, af, ao, lda, bp, pbo, cf, co, ldc, 0, scratch)
+                elif left >= _HB:
+                    h = _HB
+                    _nmicro_b(k, af, ao, lda, bp, pbo, cf, co, ldc, 0, scratch)
+                else:
+                    h = _HC
+                    _nmicro_c(k, af, ao, lda, bp, pbo, cf, co, ldc, 0, scratch)
+            elif left >= _HA:
                 h = _HA
                 _micro_a(k, af, ao, lda, bp, pbo, cf, co, ldc, full, scratch)
             elif left >= _HB:
