@@ -192,31 +192,56 @@ def spin_until(arr, idx, value, spins):
 
 
 #: The hand-off array of :mod:`._team` (``int64``, see ``_team._Helper``): the job number
-#: worker 0 has posted and the one the helper has finished (on cache lines of their own),
-#: the current job's number (0: worker 0 runs alone), and the spin budgets, in rounds.
-HAND_POSTED, HAND_FINISHED, HAND_JOB, HAND_CALLER_SPINS, HAND_HELPER_SPINS, HAND_READY = 0, 8, 16, 17, 18, 24
-HAND_SIZE = 32
+#: worker 0 has posted, the one the helper has finished and the one it joined (negative:
+#: closed by the caller without it), each on a cache line of its own; the current job's
+#: number (0: worker 0 runs alone) and the spin budgets, in rounds; the job number for a
+#: blocked helper.
+HAND_POSTED, HAND_FINISHED, HAND_JOINED, HAND_JOB, HAND_CALLER_SPINS, HAND_HELPER_SPINS, HAND_READY = \
+    0, 8, 16, 24, 25, 26, 32
+HAND_SIZE = 40
 
 
 @kernel(inline="always")
 def team_begin(w, hand):
-    """First thing in a two-thread worker: worker 0 posts the job, with the GIL already
-    released, so that a spinning helper that sees it takes the GIL without a wait."""
+    """First thing in a two-thread worker ``fn(w, hand, ...)``; returns the ``jb`` to pass
+    to :func:`team_end`. Worker 0 posts the job (its GIL is released by now, so a spinning
+    helper that sees the post takes the GIL without a wait) and gets the job number (0:
+    alone). The helper joins the current job and gets its number, unless the caller has
+    closed it (finished without the helper): then it gets the number negated and must
+    skip the work. Joining and closing are one compare-and-swap each on ``HAND_JOINED``,
+    so exactly one of them happens."""
     job = hand[HAND_JOB]
-    if w == 0 and job > 0:
-        atomic_store(hand, HAND_POSTED, job)
+    if w == 0:
+        if job > 0:
+            atomic_store(hand, HAND_POSTED, job)
+        return job
+    while True:
+        v = atomic_load(hand, HAND_JOINED)
+        if v == -job:
+            return -job
+        if atomic_cas(hand, HAND_JOINED, v, job) == v:
+            return job
 
 
 @kernel(inline="always")
-def team_end(w, hand):
-    """Last thing in a two-thread worker. Worker 0 spins until the helper has finished the
-    job (at most its budget; returns whether it did). The helper marks the job finished
-    and spins until the next job is posted (at most its budget; returns whether it was),
-    so a layer's next call finds it awake."""
-    job = hand[HAND_JOB]
-    if job <= 0:
-        return True
+def team_end(w, hand, jb):
+    """Last thing in a two-thread worker, with :func:`team_begin`'s ``jb``. Worker 0 closes
+    the job if the helper has not joined it (the helper, blocked or not scheduled, may
+    take milliseconds to come, e.g. behind an OpenBLAS thread spinning on its CPU, and
+    worker 0 has done all the work by now); else it spins until the helper has finished
+    (at most its budget). Returns whether the job is over for the caller. The helper marks
+    a job it joined finished, then spins until a newer job is posted (at most its budget;
+    returns whether one was), so a layer's next call finds it awake."""
     if w == 0:
-        return _spin(hand, HAND_FINISHED, job, hand[HAND_CALLER_SPINS])
-    atomic_store(hand, HAND_FINISHED, job)
+        if jb <= 0:
+            return True
+        while True:
+            v = atomic_load(hand, HAND_JOINED)
+            if v == jb:
+                return _spin(hand, HAND_FINISHED, jb, hand[HAND_CALLER_SPINS])
+            if atomic_cas(hand, HAND_JOINED, v, -jb) == v:
+                return True
+    job = jb if jb > 0 else -jb
+    if jb > 0:
+        atomic_store(hand, HAND_FINISHED, job)
     return _spin(hand, HAND_POSTED, job + 1, hand[HAND_HELPER_SPINS])

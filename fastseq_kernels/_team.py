@@ -19,11 +19,13 @@ a small layer's whole time loop, and the GIL is such a lock too: a thread that f
 held sleeps until it is released. So the two sides meet in compiled code, through the
 ``hand`` array every worker takes after ``w`` (:func:`._atomic.team_begin`,
 :func:`._atomic.team_end`): worker 0 posts the job number once it runs (the GIL is then
-free for the helper to take), and spins until the helper has finished; the helper,
-after its part, marks the job finished and spins for :data:`HELPER_SPIN_US` until the
-next one is posted, so a layer's next call finds it awake. Only when a spin runs out
-does a side block on its event (the fallback, and the helper's state between bursts of
-calls); a late helper costs time, never correctness.
+free for the helper to take); at the end it closes the job if the helper has not joined
+it by then (worker 0 has done all the work: a helper kept off its CPU, e.g. by an
+OpenBLAS thread spinning there, must not hold the caller up), else spins until the
+helper has finished. The helper, after its part, marks the job finished and spins for
+:data:`HELPER_SPIN_US` until the next one is posted, so a layer's next call finds it
+awake. Only when a spin runs out does a side block on its event (the fallback, and the
+helper's state between bursts of calls); a late helper costs time, never correctness.
 """
 
 import os
@@ -87,11 +89,13 @@ class _Helper:
         posted = False
         while True:
             if not posted:
-                while hand[HAND_READY] < seen + 1:
+                while hand[HAND_READY] <= seen:
                     self.go.wait()
                     self.go.clear()
-            seen += 1
+            # the latest job: the caller sets HAND_JOB before the job, so this job's number
+            # is at most HAND_JOB (an older job's worker finds all its tasks taken)
             fn, args = self.job
+            seen = int(hand[HAND_JOB])
             try:
                 posted = bool(fn(1, hand, *args))
             except BaseException as exc:  # pragma: no cover - compiled workers do not raise
@@ -115,8 +119,8 @@ class _Helper:
                 self.thread.start()
             job = int(hand[HAND_JOB]) + 1
             self.error = None
-            self.job = (fn, args)
             hand[HAND_JOB] = job
+            self.job = (fn, args)
             hand[HAND_READY] = job  # for a helper blocked on ``go``; a spinning one waits for the post
             self.go.set()
             if not fn(0, hand, *args):
@@ -137,7 +141,8 @@ if hasattr(os, "register_at_fork"):
 
 def run_pair(fn, args):
     """Run ``fn(0, hand, *args)`` here and ``fn(1, hand, *args)`` on the helper thread
-    (``fn`` a worker that calls :func:`._atomic.team_begin` first and returns
-    :func:`._atomic.team_end`); returns the number of threads offered (2, or 1 when the
-    helper was busy)."""
+    (``fn`` a worker that starts with ``jb = team_begin(w, hand)``, returns
+    ``team_end(w, hand, jb)`` at once when ``jb < 0`` and after its work otherwise, see
+    :mod:`._atomic`); returns the number of threads offered (2, or 1 when the helper was
+    busy). The helper may skip a job that worker 0 finished alone."""
     return _HELPER.run_pair(fn, tuple(args))

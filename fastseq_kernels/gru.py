@@ -22,8 +22,8 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, output_activatio
     sigmoid, time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._jit import kernel
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_tn, given_or_pack, panel_width, scratch_for, \
-    step_product
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_tn, given_or_pack, panel_width, \
+    scratch_for, step_product
 from ._team import PROJ_CHUNKS, run_pair
 
 
@@ -283,7 +283,9 @@ def gru_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, g
     once every chunk of the previous step is done (``h`` of all units); task ``2k + 1``,
     columns of the candidate product ``(r * h) @ cand_kernel[I:]`` with the new state of
     those units, once every gate chunk of the step is done (``r * h`` of all units)."""
-    team_begin(w, hand)
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
     L = nb.shape[0] - 1
     H = Hh.shape[1]
     H2 = 2 * H
@@ -323,7 +325,7 @@ def gru_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, g
                 hout = Hh[nhb + r] if r < nn else hT[order[r]]
                 _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H, u0, u1)
             atomic_add(done, 2 * k + 1, 1)
-    return team_end(w, hand)
+    return team_end(w, hand, jb)
 
 
 #: Fewest batch rows for which the two-thread loops split the rows of the batch instead of
@@ -355,7 +357,9 @@ def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, ga
     with no wait on the other worker: no barrier per step (the column split has two), at
     the cost of each worker reading all of the packed weights every step. A worker that is
     late or absent leaves its part to the other one, which claims it when done with its own."""
-    team_begin(w, hand)
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
     L = nb.shape[0] - 1
     H = Hh.shape[1]
     H2 = 2 * H
@@ -385,7 +389,7 @@ def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, ga
                 g = gb + r
                 hout = Hh[nhb + r] if r < nn else hT[order[r]]
                 _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H, 0, H)
-    return team_end(w, hand)
+    return team_end(w, hand, jb)
 
 
 def gru_forward_split(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, need_grad,
@@ -476,12 +480,14 @@ def gru_backward_tail_worker(w, hand, counter, X, Hh, RH, dXG, dXC, gates_kernel
     one by one (``counter``) and runs each on one BLAS thread. No OpenBLAS worker thread
     is woken, so none is left spinning on the second core when the next layer's
     two-thread loop starts (see :func:`gru_backward_split`)."""
-    team_begin(w, hand)
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
     order = TAIL_ORDER
     while True:
         i = atomic_add(counter, 0, 1)
         if i >= TAIL_TASKS:
-            return team_end(w, hand)
+            return team_end(w, hand, jb)
         _tail_task(order[i], X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp2, False, 1)
 
 
@@ -551,7 +557,6 @@ def gru_backward(ws, gates_kernel, gates_bias, cand_kernel, cand_bias, dy, dhT, 
     B, H = dhT.shape
     H2 = 2 * H
     I = X.shape[1]
-    R = XG.shape[0]
     dt = XG.dtype
     one = dt.type(1.0)
     store_out = output_activation_stored(code)
@@ -630,7 +635,9 @@ def gru_backward_split_worker(w, hand, claims, done, XG, XC, Hh, order, lens_s, 
     update-gate gradients); task ``2i + 1`` multiplies the candidate gradients by
     ``cand_kernel[I:]^T`` for its units and forms their reset-gate gradients. Task ``2L``
     finishes ``d h_0``."""
-    team_begin(w, hand)
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
     L = nb.shape[0] - 1
     H = dH.shape[1]
     H2 = 2 * H
@@ -676,7 +683,7 @@ def gru_backward_split_worker(w, hand, claims, done, XG, XC, Hh, order, lens_s, 
                 g = gb + r
                 _grad_reset_units(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, u0, u1)
             atomic_add(done, 2 * i + 1, 1)
-    return team_end(w, hand)
+    return team_end(w, hand, jb)
 
 
 @kernel
@@ -686,7 +693,9 @@ def gru_backward_rows_worker(w, hand, claims, done, XG, XC, Hh, order, lens_s, n
     :func:`gru_forward_rows_worker`): every row part it claims (task ``2L + 1``) goes
     through all steps, last to first, as in :func:`gru_backward`, with no wait on the
     other worker."""
-    team_begin(w, hand)
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
     L = nb.shape[0] - 1
     H = dH.shape[1]
     H2 = 2 * H
@@ -715,7 +724,7 @@ def gru_backward_rows_worker(w, hand, claims, done, XG, XC, Hh, order, lens_s, n
                 g = gb + r
                 _grad_reset_units(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, 0, H)
             gemm_acc_packed(m, H, H2, dXG, (gb + p) * H2, S * H2, KPgt, dH, p * H, S * H, scr)
-    return team_end(w, hand)
+    return team_end(w, hand, jb)
 
 
 @kernel

@@ -30,8 +30,8 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, outpu
     plan_and_inputs, row3, scatter_rows, sigmoid, time_index
 from ._jit import kernel
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_tn, given_or_pack, panel_cols, panel_width, \
-    scratch_for, step_product
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_tn, given_or_pack, panel_cols, \
+    panel_width, scratch_for, step_product
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
 
@@ -421,7 +421,9 @@ def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, 
     that gets less CPU (another process, a spinning BLAS thread) takes fewer chunks instead
     of holding the other one up; a chunk of step ``k`` waits until every chunk of step ``k - 1`` is done (``done``):
     ``h`` of all units. Index ``L`` of both counters is the projection."""
-    team_begin(w, hand)
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
     L = nb.shape[0] - 1
     H = Ch.shape[1]
     G4 = 4 * H
@@ -471,7 +473,7 @@ def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, 
                 for j in range(u1 - u0):
                     hs[j] = ys[j]
             atomic_add(done, k, 1)
-    return team_end(w, hand)
+    return team_end(w, hand, jb)
 
 
 def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, nthreads, packed, bm=False):
@@ -713,7 +715,9 @@ def lstm_backward_split_worker(w, hand, claims, done, G, Ch, order, lens_s, nb, 
     cell gradient of those units follow (:func:`_grad_tanh_units`). Round ``L`` only
     forms ``d h_0``. Rows that have not started yet at step ``k + 1`` (shorter sequences)
     keep the ``d h`` they came with."""
-    team_begin(w, hand)
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
     L = nb.shape[0] - 1
     H = dH.shape[1]
     G4 = 4 * H
@@ -745,7 +749,7 @@ def lstm_backward_split_worker(w, hand, claims, done, G, Ch, order, lens_s, nb, 
                     _grad_tanh_units(G[g], Ch[g], dH[r], row3(dy, time_index(k, r, lens_s, reverse), order[r], bm),
                                      dC[r], dG[g], one, H, u0, u1)
             atomic_add(done, i, 1)
-    return team_end(w, hand)
+    return team_end(w, hand, jb)
 
 
 @kernel
