@@ -29,7 +29,8 @@ from ._blas import gemm
 from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, output_activation_stored, \
     plan_and_inputs, row3, scatter_rows, sigmoid, time_index
 from ._jit import kernel
-from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
+from ._atomic import atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, team_end, \
+    wait_at_least
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_tn, given_or_pack, panel_cols, \
     panel_width, scratch_for, step_product
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
@@ -368,6 +369,142 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
     if not direct_rows(uniform, bm, B):
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)
     ws = (X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base)
+    return y, cT, hT, ws
+
+
+# ------------------------------------------------- the input projection on the helper
+#: Steps per chunk of the streamed input projection (:func:`lstm_forward_stream`), and the
+#: fewest steps for which it runs.
+STREAM_STEPS = 8
+STREAM_MIN_STEPS = 16
+
+
+def stream_applies(B, steps, plain, nthreads, fuse, split, need_grad):
+    """Whether :func:`lstm_forward_stream` should run this layer: inference in the common
+    configuration (``plain``, see :func:`split_applies`) where neither the fused loop nor
+    the two-thread loop applies (``fuse``, ``split``: few rows), with two threads allowed
+    and enough steps that the projection is worth handing over. Measured through the API
+    on P1 (B=1, T=100, H=128), against :func:`lstm_forward`: forward 0.37-0.42 vs
+    0.42-0.44 ms; a training step 1.00-1.11 vs 0.98-1.05 ms, since there the backward's
+    two-thread BLAS products leave an OpenBLAS thread spinning on the helper's CPU when
+    the next forward starts, the helper seldom joins, and the chunked projection costs
+    more than one GEMM: hence not with ``need_grad``."""
+    return (plain and not need_grad and nthreads >= 2 and not fuse and not split and steps >= STREAM_MIN_STEPS
+            and B > 0)
+
+
+@kernel
+def lstm_forward_stream_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed, bm):
+    """Everything before the loop of :func:`lstm_forward_stream` (the input projection is
+    the workers' job): the row plan, the packed recurrent rows, the buffers, the chunk
+    counters."""
+    T, B, I = dims(x, bm)
+    H = c0.shape[1]
+    P = h0.shape[1]
+    G4 = 4 * H
+    dt = x.dtype
+    order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
+                                                                                         reverse, need_grad, bm)
+    L = nb.shape[0] - 1
+    G = np.empty((R, G4), dt)
+    KP = given_or_pack(packed, max(L, PACK_MIN_STEPS), kernel, I * G4, G4, P, G4, False)
+    nch = (L + STREAM_STEPS - 1) // STREAM_STEPS
+    claims = np.zeros(1, np.int64)  # chunks claimed, in order
+    done = np.zeros(max(nch, 1), np.int64)  # 1 once a chunk's rows of G are written
+    scratch = np.empty(MAX_HEIGHT * panel_width(G), dt)
+    return order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done, scratch
+
+
+@kernel(inline="always")
+def _project_chunk(c, nb, base, X, kernel, G):
+    """Rows of steps ``c*STREAM_STEPS ..`` of ``G = X @ kernel[:I]``, on one BLAS thread.
+    A chunk's rows are contiguous, ascending with the steps, or descending for a reversed
+    uniform batch (whose rows stay in time order)."""
+    L = nb.shape[0] - 1
+    I = X.shape[1]
+    G4 = G.shape[1]
+    k0 = c * STREAM_STEPS
+    k1 = min(L, k0 + STREAM_STEPS) - 1
+    r0 = min(base[k0], base[k1])
+    r1 = max(base[k0] + nb[k0], base[k1] + nb[k1])
+    gemm(0, 0, r1 - r0, G4, I, 1.0, X, r0 * I, I, kernel, 0, G4, 0.0, G, r0 * G4, G4, 1)
+
+
+@kernel
+def lstm_forward_stream_worker(w, hand, claims, done, order, nb, base, hbase, X, kernel, G, bias, fb, KP, Hh, Ch,
+                               Yp, cT, hT, scratch):
+    """Worker ``w`` of :func:`lstm_forward_stream`. The helper (1) computes the input
+    projection chunk by chunk, claimed in step order. The caller (0) runs the one-thread
+    loop of :func:`lstm_forward` (its common configuration); before the first step of a
+    chunk it makes sure the chunk is there, computing the next unclaimed chunks itself
+    while it is not (so it never waits for a helper that has not started), and waiting
+    only for a chunk the helper is computing."""
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
+    L = nb.shape[0] - 1
+    nch = done.shape[0] if L > 0 else 0
+    H = Ch.shape[1]
+    P = Hh.shape[1]
+    I = X.shape[1]
+    G4 = 4 * H
+    if w == 1:
+        while True:
+            c = atomic_add(claims, 0, 1)
+            if c >= nch:
+                break
+            _project_chunk(c, nb, base, X, kernel, G)
+            atomic_store(done, c, 1)
+        return team_end(w, hand, jb)
+    for k in range(L):
+        if k % STREAM_STEPS == 0:
+            c = k // STREAM_STEPS
+            while atomic_load(done, c) == 0:
+                c2 = atomic_add(claims, 0, 1)
+                if c2 >= nch:
+                    wait_at_least(done, c, 1)  # the helper has it
+                    break
+                _project_chunk(c2, nb, base, X, kernel, G)
+                atomic_store(done, c2, 1)
+        n = nb[k]
+        nn = nb[k + 1]
+        gb = base[k]
+        hb = hbase[k]
+        nhb = hbase[k + 1]
+        step_product(n, G4, P, Hh, hb * P, P, KP, kernel, I * G4, G4, 0, G, gb * G4, G4, 1, 1, scratch)
+        for r in range(n):
+            cout = Ch[nhb + r] if r < nn else cT[order[r]]
+            _gates_tanh_row(G[gb + r], bias, fb, Ch[hb + r], cout, Yp[gb + r], H)
+        for r in range(n):
+            _copy_row(Yp[gb + r], Hh[nhb + r] if r < nn else hT[order[r]], P)
+    return team_end(w, hand, jb)
+
+
+@kernel
+def lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, reverse, uniform, bm, y):
+    """After :func:`lstm_forward_stream_worker`: the outputs in the caller's layout."""
+    T, B, _ = dims(x, bm)
+    if not direct_rows(uniform, bm, B):
+        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)
+    return y
+
+
+def lstm_forward_stream(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, packed, bm=False):
+    """:func:`lstm_forward` for the configurations of :func:`stream_applies` (tanh, no
+    peepholes, clipping, projection or state masks; not fused), with the input projection
+    handed to :mod:`._team`'s helper in chunks of :data:`STREAM_STEPS` steps while the
+    caller runs the loop: a one-row layer (P1) spends a sixth of its time on that
+    projection. Same results and workspace as :func:`lstm_forward` (each chunk is its own
+    GEMM, so float32 sums may round differently from one GEMM over all rows)."""
+    bm = bool(bm)
+    (order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done,
+     scratch) = lstm_forward_stream_begin(x, kernel, c0, h0, lengths, bool(reverse), bool(need_grad), packed, bm)
+    fb = x.dtype.type(forget_bias)
+    run_pair(lstm_forward_stream_worker, (claims, done, order, nb, base, hbase, X, kernel, G, bias, fb, KP, Hh, Ch,
+                                          Yp, cT, hT, scratch))
+    y = lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, bool(reverse), uniform, bm, y)
+    P = h0.shape[1]
+    ws = (X, G, Hh, Ch, np.empty((0, c0.shape[1]), x.dtype), np.empty((0, P), x.dtype), order, lens_s, nb, base)
     return y, cT, hT, ws
 
 

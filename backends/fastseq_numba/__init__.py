@@ -202,7 +202,9 @@ class NumbaBackend(NumpyArrayOps, Backend):
             H4 = 4 * spec.num_units
             P = spec.output_size
             plain = _lstm_plain(spec, masks)
-            if k["lstm"].split_applies(B, spec.num_units, P, steps, plain, nt, x.dtype.itemsize):
+            split = k["lstm"].split_applies(B, spec.num_units, P, steps, plain, nt, x.dtype.itemsize)
+            fuse = False
+            if split:
                 # the time loop on two threads sharing the units (fastseq_kernels/lstm.py)
                 kp = self._packed(p["kernel"], steps, I * H4, H4, P, H4, False)
                 y, cT, hT, ws = k["lstm"].lstm_forward_split(x, p["kernel"], p["bias"], states[0], states[1],
@@ -213,6 +215,12 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 fuse = k["lstm"].fuse_applies(B, I, P, spec.num_units, x.dtype.itemsize)
                 kp = (self._packed(p["kernel"], steps, 0, H4, I + P, H4, False) if fuse
                       else self._packed(p["kernel"], steps, I * H4, H4, P, H4, False))
+            if k["lstm"].stream_applies(B, steps, plain, nt, fuse, split, need_grad):
+                # few rows: the input projection on the helper thread while this one runs the loop
+                y, cT, hT, ws = k["lstm"].lstm_forward_stream(x, p["kernel"], p["bias"], states[0], states[1],
+                                                              lengths, reverse, float(spec.forget_bias), need_grad,
+                                                              kp, bm)
+            elif not split:
                 y, cT, hT, ws = k["lstm"].lstm_forward(
                     x, p["kernel"], p["bias"],
                     p["w_i_diag"] if peep else E1, p["w_f_diag"] if peep else E1, p["w_o_diag"] if peep else E1,
