@@ -45,18 +45,26 @@ def atomic_cas(typingctx, arr, idx, expected, new):
     return types.int64(arr, idx, expected, new), codegen
 
 
-@intrinsic
-def atomic_add(typingctx, arr, idx, val):
-    """``arr[idx] += val`` atomically; returns the old value."""
-    if not _check(arr):
-        return None
+def _make_rmw(op):
+    @intrinsic
+    def rmw(typingctx, arr, idx, val):
+        if not _check(arr):
+            return None
 
-    def codegen(context, builder, sig, args):
-        va, vi, vv = args
-        ptr = _element_ptr(context, builder, sig.args[0], va, vi, sig.args[1])
-        return builder.atomic_rmw("add", ptr, context.cast(builder, vv, sig.args[2], types.int64), "seq_cst")
+        def codegen(context, builder, sig, args):
+            va, vi, vv = args
+            ptr = _element_ptr(context, builder, sig.args[0], va, vi, sig.args[1])
+            return builder.atomic_rmw(op, ptr, context.cast(builder, vv, sig.args[2], types.int64), "seq_cst")
 
-    return types.int64(arr, idx, val), codegen
+        return types.int64(arr, idx, val), codegen
+
+    return rmw
+
+
+#: ``atomic_add(arr, idx, val)``: ``arr[idx] += val`` atomically; returns the old value.
+atomic_add = _make_rmw("add")
+#: ``atomic_exchange(arr, idx, val)``: ``arr[idx] = val`` atomically; returns the old value.
+atomic_exchange = _make_rmw("xchg")
 
 
 @intrinsic
@@ -73,19 +81,10 @@ def atomic_load(typingctx, arr, idx):
     return types.int64(arr, idx), codegen
 
 
-@intrinsic
-def atomic_store(typingctx, arr, idx, val):
-    """``arr[idx] = val``, stored atomically (sequentially consistent)."""
-    if not _check(arr):
-        return None
-
-    def codegen(context, builder, sig, args):
-        va, vi, vv = args
-        ptr = _element_ptr(context, builder, sig.args[0], va, vi, sig.args[1])
-        builder.store_atomic(context.cast(builder, vv, sig.args[2], types.int64), ptr, "seq_cst", 8)
-        return context.get_dummy_value()
-
-    return types.void(arr, idx, val), codegen
+@kernel(inline="always")
+def atomic_store(arr, idx, val):
+    """``arr[idx] = val``, stored atomically (sequentially consistent: an exchange)."""
+    atomic_exchange(arr, idx, val)
 
 
 @intrinsic

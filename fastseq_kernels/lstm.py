@@ -393,28 +393,6 @@ def stream_applies(B, steps, plain, nthreads, fuse, split, need_grad):
             and B > 0)
 
 
-@kernel
-def lstm_forward_stream_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed, bm):
-    """Everything before the loop of :func:`lstm_forward_stream` (the input projection is
-    the workers' job): the row plan, the packed recurrent rows, the buffers, the chunk
-    counters."""
-    T, B, I = dims(x, bm)
-    H = c0.shape[1]
-    P = h0.shape[1]
-    G4 = 4 * H
-    dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
-                                                                                         reverse, need_grad, bm)
-    L = nb.shape[0] - 1
-    G = np.empty((R, G4), dt)
-    KP = given_or_pack(packed, max(L, PACK_MIN_STEPS), kernel, I * G4, G4, P, G4, False)
-    nch = (L + STREAM_STEPS - 1) // STREAM_STEPS
-    claims = np.zeros(1, np.int64)  # chunks claimed, in order
-    done = np.zeros(max(nch, 1), np.int64)  # 1 once a chunk's rows of G are written
-    scratch = np.empty(MAX_HEIGHT * panel_width(G), dt)
-    return order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done, scratch
-
-
 @kernel(inline="always")
 def _project_chunk(c, nb, base, X, kernel, G):
     """Rows of steps ``c*STREAM_STEPS ..`` of ``G = X @ kernel[:I]``, on one BLAS thread.
@@ -497,11 +475,16 @@ def lstm_forward_stream(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, 
     projection. Same results and workspace as :func:`lstm_forward` (each chunk is its own
     GEMM, so float32 sums may round differently from one GEMM over all rows)."""
     bm = bool(bm)
-    (order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done,
-     scratch) = lstm_forward_stream_begin(x, kernel, c0, h0, lengths, bool(reverse), bool(need_grad), packed, bm)
+    # the set-up of the two-thread loop (plan, buffers, packed recurrent rows), with the
+    # chunk counters of this one
+    (order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, _, _,
+     scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, bool(reverse), bool(need_grad), packed, bm)
+    nch = (nb.shape[0] - 1 + STREAM_STEPS - 1) // STREAM_STEPS
+    claims = np.zeros(1, np.int64)  # chunks claimed, in order
+    done = np.zeros(max(nch, 1), np.int64)  # 1 once a chunk's rows of G are written
     fb = x.dtype.type(forget_bias)
     run_pair(lstm_forward_stream_worker, (claims, done, order, nb, base, hbase, X, kernel, G, bias, fb, KP, Hh, Ch,
-                                          Yp, cT, hT, scratch))
+                                          Yp, cT, hT, scratch[0]))
     y = lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, bool(reverse), uniform, bm, y)
     P = h0.shape[1]
     ws = (X, G, Hh, Ch, np.empty((0, c0.shape[1]), x.dtype), np.empty((0, P), x.dtype), order, lens_s, nb, base)

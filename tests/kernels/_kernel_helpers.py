@@ -147,3 +147,37 @@ def compare_masked_layer(fast, ref, spec, mask_kind, reverse, seed):
     lens = np.array([6, 0, 3, 5], np.int64)
     masks = make_masks(spec, T, B, np.dtype(np.float64), rng, mask_kind)
     compare_layer(fast, ref, spec, T, B, I, np.float64, rng, lens, reverse, masks)
+
+
+def run_in_threads(work, n, timeout=120):
+    """``work(i)`` for ``i < n``, each in a thread of its own, all at once; fails if one
+    of them is still running after ``timeout`` seconds."""
+    import threading
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads)
+
+
+def count_calls(monkeypatch, module, name):
+    """Replace ``module.name`` by a wrapper that records each call; returns the record."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def forward_on_backends(cell, x, lengths, dtype, time_major, threads=2):
+    """``dynamic_rnn`` on the numpy and numba backends with ``threads`` allowed:
+    ``{backend: (outputs, state)}``."""
+    import fastseq
+    from fastseq import nn
+
+    out = {}
+    for backend in ("numpy", "numba"):
+        with fastseq.use_backend(backend), fastseq.threads.limit(threads):
+            out[backend] = nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=dtype, time_major=time_major)
+    return out

@@ -5,15 +5,13 @@ forward and reversed, float32 and float64; the same when the helper thread is bu
 (worker 0 alone does every task); correct from several Python threads at once; and the
 backend takes them (with gradients against the reference)."""
 
-import threading
-
 import numpy as np
 import pytest
 
-import fastseq
 from fastseq import nn
 
-from _kernel_helpers import assert_close, LENGTHS, lstm_kernel_args, training_against_reference
+from _kernel_helpers import assert_close, count_calls, forward_on_backends, LENGTHS, run_in_threads, lstm_kernel_args, \
+    training_against_reference
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
@@ -172,12 +170,7 @@ def test_split_from_several_threads_at_once():
         for _ in range(5):
             results[i] = lstm.lstm_forward_split(*cases[i][:6], False, 1.0, False, 2, np.zeros(0, np.float32))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads)
+    run_in_threads(work, len(cases))
     for got, want in zip(results, wants):
         _compare(got, want[:3] + (None,), np.float32, "threads")
 
@@ -201,12 +194,8 @@ def test_split_applies_only_where_it_can():
 def test_backend_takes_the_split_loop_and_agrees_with_the_reference(dtype, time_major, with_lengths, monkeypatch):
     from fastseq_kernels import lstm
 
-    calls = []
-    real = lstm.lstm_forward_split
-    monkeypatch.setattr(lstm, "lstm_forward_split", lambda *a: calls.append(1) or real(*a))
-    back_calls = []
-    real_back = lstm.lstm_backward_split
-    monkeypatch.setattr(lstm, "lstm_backward_split", lambda *a: back_calls.append(1) or real_back(*a))
+    calls = count_calls(monkeypatch, lstm, "lstm_forward_split")
+    back_calls = count_calls(monkeypatch, lstm, "lstm_backward_split")
     T, B, I, H = 6, 16, 7, 256  # 16 x 1024 x 256 multiply-adds per step: above SPLIT_MIN_MACS
     rng = np.random.default_rng(1)
     x = rng.normal(size=(T, B, I) if time_major else (B, T, I)).astype(dtype)
@@ -215,10 +204,7 @@ def test_backend_takes_the_split_loop_and_agrees_with_the_reference(dtype, time_
         lengths[:2] = (0, T)
     cot = rng.normal(size=(T, B, H) if time_major else (B, T, H)).astype(dtype)
     cell = nn.rnn_cell.LSTMCell(H)
-    out = {}
-    for backend in ("numpy", "numba"):
-        with fastseq.use_backend(backend), fastseq.threads.limit(2):
-            out[backend] = nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=dtype, time_major=time_major)
+    out = forward_on_backends(cell, x, lengths, dtype, time_major)
     assert calls, "the numba backend did not take the two-thread loop"
     (y0, s0), (y1, s1) = out["numpy"], out["numba"]
     tol = TOL[dtype]

@@ -7,15 +7,13 @@ counts on and off the packed panels; the same when the helper thread is busy; co
 from several Python threads at once; and the backend takes it for inference (against the
 reference), for inference and for training."""
 
-import threading
-
 import numpy as np
 import pytest
 
 import fastseq
 from fastseq import nn
 
-from _kernel_helpers import assert_close, LENGTHS, training_against_reference
+from _kernel_helpers import assert_close, LENGTHS, run_in_threads, training_against_reference
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
@@ -185,12 +183,7 @@ def test_split_from_several_threads_at_once(scheme):
         for _ in range(5):
             results[i] = _split(*cases[i], False, False)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads)
+    run_in_threads(work, len(cases))
     for got, want in zip(results, wants):
         _compare(got, want, np.float32, "threads", False)
 

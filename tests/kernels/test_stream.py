@@ -6,15 +6,14 @@ time-major, float32 and float64, chunk edges; worker 0 alone when the helper is 
 from several Python threads at once; and the backend takes it for few-row inference and
 agrees with the reference."""
 
-import threading
-
 import numpy as np
 import pytest
 
 import fastseq
 from fastseq import nn
 
-from _kernel_helpers import assert_close, LENGTHS, lstm_kernel_args
+from _kernel_helpers import assert_close, count_calls, forward_on_backends, LENGTHS, lstm_kernel_args, \
+    run_in_threads
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
@@ -107,12 +106,7 @@ def test_stream_from_several_threads_at_once():
         for _ in range(20):
             results[i] = lstm.lstm_forward_stream(*cases[i], False, 1.0, False, np.zeros(0, np.float32), False)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads)
+    run_in_threads(work, len(cases))
     for got, want in zip(results, wants):
         _compare(got, want, np.float32, "threads", False)
 
@@ -137,18 +131,13 @@ def test_stream_applies_only_where_it_should():
 def test_backend_takes_the_stream_for_inference(dtype, time_major, with_lengths, monkeypatch):
     from fastseq_kernels import lstm
 
-    calls = []
-    real = lstm.lstm_forward_stream
-    monkeypatch.setattr(lstm, "lstm_forward_stream", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, lstm, "lstm_forward_stream")
     T, B, I, H = 24, 2, 7, 32
     rng = np.random.default_rng(2)
     x = rng.normal(size=(T, B, I) if time_major else (B, T, I)).astype(dtype)
     lengths = np.array([T, 0]) if with_lengths else None
     cell = nn.rnn_cell.LSTMCell(H)
-    out = {}
-    for backend in ("numpy", "numba"):
-        with fastseq.use_backend(backend), fastseq.threads.limit(2):
-            out[backend] = nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=dtype, time_major=time_major)
+    out = forward_on_backends(cell, x, lengths, dtype, time_major)
     assert calls, "the numba backend did not take the streamed projection"
     (y0, s0), (y1, s1) = out["numpy"], out["numba"]
     assert_close(y1, y0, TOL[dtype], "outputs")
