@@ -92,16 +92,23 @@ class _Helper:
                 while hand[HAND_READY] <= seen:
                     self.go.wait()
                     self.go.clear()
-            # the latest job: the caller sets HAND_JOB before the job, so this job's number
-            # is at most HAND_JOB (an older job's worker finds all its tasks taken)
-            fn, args = self.job
+            # the latest job; the caller sets HAND_JOB before the job, so a job read after
+            # it is that one or a newer one (whose worker joins by the newer number), and
+            # clears the job once it is over (a job it closed without the helper: none)
             seen = int(hand[HAND_JOB])
+            job = self.job
+            if job is None:
+                posted = False
+                continue
+            fn, args = job
+            job = None
             try:
                 posted = bool(fn(1, hand, *args))
             except BaseException as exc:  # pragma: no cover - compiled workers do not raise
                 self.error = exc
                 posted = False
                 hand[HAND_FINISHED] = seen
+            fn = args = None  # hold no buffers of a finished job
             self.done.set()
 
     def run_pair(self, fn, args):
@@ -127,6 +134,7 @@ class _Helper:
                 while hand[HAND_FINISHED] < job:
                     self.done.wait()
                     self.done.clear()
+            self.job = None  # over: the helper skips it if it comes now, and holds no buffers
             if self.error is not None:  # pragma: no cover
                 raise self.error
             return 2

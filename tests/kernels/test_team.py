@@ -130,3 +130,20 @@ def test_idle_helper_stops_spinning():
     c0 = time.process_time()
     time.sleep(0.25)
     assert time.process_time() - c0 < 0.05
+
+
+def test_no_buffers_held_after_the_call():
+    """Once run_pair returns, neither the helper nor the hand-off keeps the job's arrays
+    (a two-thread layer's buffers are tens of MB)."""
+    import gc
+    import weakref
+
+    from fastseq_kernels._team import run_pair
+
+    seen, args = _job()
+    ref = weakref.ref(args[0])
+    run_pair(_count, args)
+    del seen, args
+    time.sleep(0.01)  # the helper past its call
+    gc.collect()
+    assert ref() is None
