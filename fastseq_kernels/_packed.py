@@ -104,7 +104,7 @@ def _make_micro(MR, WAYS=1, strided=False, NV=2):
     """The micro-kernel intrinsic for ``MR`` rows (``WAYS`` accumulator sets). ``strided``:
     the variant of :func:`gemm_tn_acc`, which also takes the depth stride of ``A`` and the
     row stride of ``B`` (unpacked rows), see there; ``NV``: vectors per row of ``C`` (2,
-    a whole panel, or 1 for a narrow right edge in the strided variant)."""
+    a whole panel, or 1 for a right edge at most half a panel wide)."""
 
     def _typed(k, a, aoff, lda, bp, bpoff, c, coff, ldc, full, scratch, sap=None, ldb=None):
         arrs = (a, bp, c, scratch)
@@ -398,7 +398,7 @@ def gemm_tn_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
     cf = c.reshape(c.size)
     af = a.reshape(a.size)
     bf = b.reshape(b.size)
-    scratch = np.empty(MAX_HEIGHT * NR, c.dtype)
+    scratch = scratch_for(c)
     npan = (n + NR - 1) // NR
     wl = n - (npan - 1) * NR  # width of the last panel
     narrow = wl <= VW
@@ -513,7 +513,7 @@ def gemm_nt(m, n, k, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, nthreads):
         if beta == 0:
             _zero_block(c, coff, ldc, m, n)
         bp = pack_panels_t(b, boff, ldb, k, n)
-        gemm_acc_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, np.empty(MAX_HEIGHT * panel_width(c), c.dtype))
+        gemm_acc_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, scratch_for(c))
     else:
         gemm(0, 1, m, n, k, 1.0, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, nthreads)
 
@@ -573,11 +573,7 @@ def step_product(m, n, k, a, aoff, lda, bp, b, boff, ldb, transb, c, coff, ldc, 
     use_packed = bp.shape[0] > 0 and not (nthreads >= 2 and m > max_m and m * n * k >= PARALLEL_MIN_MACS)
     if use_packed:
         if beta == 0:
-            cf = c.reshape(c.size)
-            for i in range(m):
-                base = coff + i * ldc
-                for j in range(n):
-                    cf[base + j] = 0
+            _zero_block(c, coff, ldc, m, n)
         gemm_acc_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, scratch)
     elif transb == 0 and beta != 0:
         step_gemm_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, nthreads)
