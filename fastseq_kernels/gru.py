@@ -22,8 +22,8 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, output_activatio
     sigmoid, time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._jit import kernel
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_tn, given_or_pack, panel_width, \
-    scratch_for, step_product
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, given_or_pack, \
+    panel_width, scratch_for, step_product
 from ._team import PROJ_CHUNKS, run_pair
 
 
@@ -674,11 +674,7 @@ def gru_backward_split_worker(w, hand, claims, done, XG, XC, Hh, order, lens_s, 
                 break
             wait_at_least(done, 2 * i, nch)
             u0, u1 = chunk_cols(c, nch, H, NR)
-            for r in range(n):
-                dr = dRH[r, u0:u1]
-                for j in range(u1 - u0):
-                    dr[j] = 0
-            gemm_acc_packed(n, u1 - u0, H, dXC, gb * H, H, KPct[(u0 // NR) * H * NR:], dRH, u0, H, scr)
+            gemm_packed(n, u1 - u0, H, dXC, gb * H, H, KPct[(u0 // NR) * H * NR:], dRH, u0, H, scr, 0)
             for r in range(n):
                 g = gb + r
                 _grad_reset_units(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, u0, u1)
@@ -716,10 +712,7 @@ def gru_backward_rows_worker(w, hand, claims, done, XG, XC, Hh, order, lens_s, n
                 g = gb + r
                 _grad_out_tanh_units(dH[r], row3(dy, time_index(k, r, lens_s, reverse), order[r], bm), XG[g], XC[g],
                                      Hh[g], dXC[g], dXG[g], one, H, 0, H)
-                dr = dRH[r]
-                for j in range(H):
-                    dr[j] = 0
-            gemm_acc_packed(m, H, H, dXC, (gb + p) * H, S * H, KPct, dRH, p * H, S * H, scr)
+            gemm_packed(m, H, H, dXC, (gb + p) * H, S * H, KPct, dRH, p * H, S * H, scr, 0)
             for r in range(p, n, S):
                 g = gb + r
                 _grad_reset_units(dRH[r], XG[g], Hh[g], dXG[g], dH[r], one, 0, H)

@@ -31,8 +31,8 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, outpu
 from ._jit import kernel
 from ._atomic import atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, team_end, \
     wait_at_least
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_tn, given_or_pack, panel_cols, \
-    panel_width, scratch_for, step_product
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, given_or_pack, \
+    panel_cols, panel_width, scratch_for, step_product
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
 
@@ -855,13 +855,8 @@ def lstm_backward_split_worker(w, hand, claims, done, G, Ch, order, lens_s, nb, 
                 wait_at_least(done, i - 1, nch)
             u0, u1 = chunk_cols(c, nch, H, NR)
             if k + 1 < L:
-                n1 = nb[k + 1]
-                for r in range(n1):
-                    dr = dH[r, u0:u1]
-                    for j in range(u1 - u0):
-                        dr[j] = 0
-                gemm_acc_packed(n1, u1 - u0, G4, dG, base[k + 1] * G4, G4, KPt[(u0 // NR) * G4 * NR:], dH, u0, H,
-                                scr)
+                gemm_packed(nb[k + 1], u1 - u0, G4, dG, base[k + 1] * G4, G4, KPt[(u0 // NR) * G4 * NR:], dH, u0, H,
+                            scr, 0)
             if k >= 0:
                 gb = base[k]
                 for r in range(nb[k]):

@@ -37,13 +37,19 @@ def test_pack_panels_layout(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_gemm_acc_packed_against_numpy(dtype):
-    from fastseq_kernels._packed import gemm_acc_packed, pack_panels, panel_cols, scratch_for
+@pytest.mark.parametrize("beta", [1, 0])
+def test_gemm_packed_against_numpy(dtype, beta):
+    """Every row count up to three passes of the tallest micro-kernel (the rows are cut
+    into passes of nearly equal height), whole panels, a right edge wider and narrower
+    than half a panel, depths that leave remainders for the multi-set heights. ``beta =
+    0`` must not read ``C`` (its block starts as NaN) nor write outside the block."""
+    from fastseq_kernels._packed import MAX_HEIGHT, gemm_acc_packed, gemm_packed, pack_panels, panel_cols, \
+        scratch_for
 
     rng = np.random.default_rng(1)
     nr = panel_cols(np.dtype(dtype).itemsize)
-    ms = (0, 1, 2, 3, 4, 5, 7, 8, 11, 12, 13, 19, 24, 27, 31, 64)
-    ns = (1, nr - 1, nr, nr + 1, 2 * nr + 5)
+    ms = tuple(range(3 * MAX_HEIGHT + 2)) + (64,)
+    ns = (1, nr // 2, nr - 1, nr, nr + 1, 2 * nr + 5)
     for m in ms:
         for n in ns:
             for k in (0, 1, 6, 33):
@@ -51,9 +57,18 @@ def test_gemm_acc_packed_against_numpy(dtype):
                 b = rng.normal(size=(max(k, 1), n)).astype(dtype)
                 c = rng.normal(size=(m + 2, n + 3)).astype(dtype)  # C at row 1, column 1
                 want = c.astype(np.float64)
-                want[1:m + 1, 1:n + 1] += a[1:, 2:k + 2].astype(np.float64) @ b[:k].astype(np.float64)
+                prod = a[1:, 2:k + 2].astype(np.float64) @ b[:k].astype(np.float64)
+                if beta:
+                    want[1:m + 1, 1:n + 1] += prod
+                else:
+                    want[1:m + 1, 1:n + 1] = prod
+                    c[1:m + 1, 1:n + 1] = np.nan
                 bp = pack_panels(b, 0, n, k, n)
-                gemm_acc_packed(m, n, k, a, (k + 3) + 2, k + 3, bp, c, (n + 3) + 1, n + 3, scratch_for(c))
+                args = (m, n, k, a, (k + 3) + 2, k + 3, bp, c, (n + 3) + 1, n + 3, scratch_for(c))
+                if beta:
+                    gemm_acc_packed(*args)
+                else:
+                    gemm_packed(*args, 0)
                 assert _rel_err(c, want) <= TOL[dtype], f"m={m} n={n} k={k}"
 
 
