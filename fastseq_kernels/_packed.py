@@ -654,6 +654,12 @@ def packed_size(b, k, n):
     return ((n + NR - 1) // NR) * k * NR
 
 
+def packed_or_empty(packed, dtype):
+    """``packed``, or for None an empty array of ``dtype`` (which :func:`given_or_pack`
+    ignores): the Python drivers' optional packed-weights arguments."""
+    return np.empty(0, dtype) if packed is None else packed
+
+
 @kernel(inline="always")
 def given_or_pack(given, steps, b, boff, ldb, k, n, transposed):
     """``given`` when it has the size of ``op(B)`` packed (the caller packed these weights

@@ -23,7 +23,7 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, output_activatio
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._jit import kernel
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, given_or_pack, \
-    panel_width, scratch_for, step_product
+    packed_or_empty, panel_width, scratch_for, step_product
 from ._team import PROJ_CHUNKS, run_pair
 
 
@@ -219,10 +219,12 @@ def split_applies(B, H, steps, plain, nthreads):
 
 
 @kernel
-def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g, packed_c, bm):
+def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g, packed_c,
+                            packed_gi, packed_ci, bm):
     """Everything before the time loop of :func:`gru_forward_split` but the input
-    projections (the workers do those): the row plan, the packed recurrent rows, the
-    buffers, the initial state in place, the task counters."""
+    projections (the workers do those): the row plan, the packed recurrent rows and input
+    rows of both kernels (given, or packed here), the buffers, the initial state in
+    place, the task counters."""
     I = x.shape[2]
     H = h0.shape[1]
     H2 = 2 * H
@@ -235,18 +237,23 @@ def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, 
     # packed even for loops under PACK_MIN_STEPS: the workers have no unpacked path
     KPg = given_or_pack(packed_g, max(L, PACK_MIN_STEPS), gates_kernel, I * H2, H2, H, H2, False)
     KPc = given_or_pack(packed_c, max(L, PACK_MIN_STEPS), cand_kernel, I * H, H, H, H, False)
+    KPgi = given_or_pack(packed_gi, max(L, PACK_MIN_STEPS), gates_kernel, 0, H2, I, H2, False)
+    KPci = given_or_pack(packed_ci, max(L, PACK_MIN_STEPS), cand_kernel, 0, H, I, H, False)
     # chunks taken per task: 2k gates, 2k+1 candidate; [2L] projections; [2L+1] row parts
     claims = np.zeros(2 * L + 2, np.int64)
     done = np.zeros(2 * L + 2, np.int64)  # chunks done per task
     scratch = np.empty((2, MAX_HEIGHT * panel_width(XG)), dt)
-    return order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, Hh, RH, y, Yp, hT, claims, done, scratch
+    return (order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, KPgi, KPci, Hh, RH, y, Yp, hT, claims, done,
+            scratch)
 
 
 @kernel(inline="always")
-def _project_chunks(w, claims, done, P, X, gates_kernel, cand_kernel, XG, XC):
-    """The two input projections in ``PROJ_CHUNKS`` row chunks each (task ``P``), one BLAS
-    thread per worker (see :func:`.lstm.lstm_forward_split_worker`); returns when every
-    chunk is done, by either worker."""
+def _project_chunks(w, claims, done, P, X, KPgi, KPci, XG, XC, scr):
+    """The two input projections in ``PROJ_CHUNKS`` row chunks each (task ``P``), on the
+    packed micro-kernel over the packed input rows (see
+    :func:`.lstm.lstm_forward_split_worker`; one OpenBLAS thread ran P2's chunks [224,
+    200] x [200, 400] at 99 GFLOP/s, the micro-kernel at 113); returns when every chunk is
+    done, by either worker."""
     R, I = X.shape
     H2 = XG.shape[1]
     H = XC.shape[1]
@@ -258,9 +265,9 @@ def _project_chunks(w, claims, done, P, X, gates_kernel, cand_kernel, XG, XC):
         r0 = R * q // PROJ_CHUNKS
         r1 = R * (q + 1) // PROJ_CHUNKS
         if c < PROJ_CHUNKS:
-            gemm(0, 0, r1 - r0, H2, I, 1.0, X, r0 * I, I, gates_kernel, 0, H2, 0.0, XG, r0 * H2, H2, 1)
+            gemm_packed(r1 - r0, H2, I, X, r0 * I, I, KPgi, XG, r0 * H2, H2, scr, 0)
         else:
-            gemm(0, 0, r1 - r0, H, I, 1.0, X, r0 * I, I, cand_kernel, 0, H, 0.0, XC, r0 * H, H, 1)
+            gemm_packed(r1 - r0, H, I, X, r0 * I, I, KPci, XC, r0 * H, H, scr, 0)
         atomic_add(done, P, 1)
     wait_at_least(done, P, 2 * PROJ_CHUNKS)
 
@@ -273,11 +280,10 @@ CHUNKS = 2
 
 
 @kernel
-def gru_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC,
+def gru_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, KPgi, KPci, XG, XC,
                              gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, need_grad, scratch, nchunks):
     """Worker ``w`` (0 or 1) of the time loop. First the two input projections in
-    ``PROJ_CHUNKS`` row chunks each, one BLAS thread per worker (see
-    :func:`.lstm.lstm_forward_split_worker`). Then two tasks per step ``k``, each in chunks
+    ``PROJ_CHUNKS`` row chunks each (:func:`_project_chunks`). Then two tasks per step ``k``, each in chunks
     of whole panels claimed by :func:`._atomic.take_chunk`: task ``2k``, columns of the gate
     product ``h @ gates_kernel[I:]`` with their gates (and ``r * h`` for reset columns),
     once every chunk of the previous step is done (``h`` of all units); task ``2k + 1``,
@@ -294,7 +300,7 @@ def gru_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, g
     ncc = min((H + NR - 1) // NR, nchunks)
     scr = scratch[w]
     one = XG.dtype.type(1.0)
-    _project_chunks(w, claims, done, 2 * L, X, gates_kernel, cand_kernel, XG, XC)
+    _project_chunks(w, claims, done, 2 * L, X, KPgi, KPci, XG, XC, scr)
     for k in range(L):
         n = nb[k]
         nn = nb[k + 1]
@@ -347,7 +353,7 @@ def _split_by_rows(B, H, itemsize):
 
 
 @kernel
-def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC,
+def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, KPgi, KPci, XG, XC,
                             gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, need_grad, scratch, nparts):
     """Worker ``w`` (0 or 1) of the time loop split by batch rows: the input projections as
     in :func:`gru_forward_split_worker`, then the whole time loop of every row part it
@@ -365,7 +371,7 @@ def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, ga
     H2 = 2 * H
     scr = scratch[w]
     one = XG.dtype.type(1.0)
-    _project_chunks(w, claims, done, 2 * L, X, gates_kernel, cand_kernel, XG, XC)
+    _project_chunks(w, claims, done, 2 * L, X, KPgi, KPci, XG, XC, scr)
     S = nparts
     while True:
         p = take_chunk(claims, 2 * L + 1, S, w)
@@ -393,7 +399,7 @@ def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, ga
 
 
 def gru_forward_split(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, need_grad,
-                      packed_g, packed_c, bm=False):
+                      packed_g, packed_c, bm=False, packed_gi=None, packed_ci=None):
     """:func:`gru_forward` for the configurations of :func:`split_applies` (tanh, no state
     mask), with the time loop on two threads (the caller and :mod:`._team`'s helper) that
     share every step: by rows of the batch where :func:`_split_by_rows` says so (no
@@ -404,14 +410,15 @@ def gru_forward_split(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, l
     :func:`gru_forward`."""
     bm = bool(bm)
     T, B, _ = dims(x, bm)
-    (order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, Hh, RH, y, Yp, hT, claims, done,
+    dt = x.dtype
+    (order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, KPgi, KPci, Hh, RH, y, Yp, hT, claims, done,
      scratch) = gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g,
-                                        packed_c, bm)
+                                        packed_c, packed_or_empty(packed_gi, dt), packed_or_empty(packed_ci, dt), bm)
     if _split_by_rows(B, h0.shape[1], x.dtype.itemsize):
         worker, parts = gru_forward_rows_worker, ROW_PARTS
     else:
         worker, parts = gru_forward_split_worker, CHUNKS
-    run_pair(worker, (claims, done, nb, base, hbase, order, X, gates_kernel, cand_kernel, XG, XC, gates_bias, cand_bias,
+    run_pair(worker, (claims, done, nb, base, hbase, order, X, KPgi, KPci, XG, XC, gates_bias, cand_bias,
                       KPg, KPc, Hh, RH, Yp, hT, bool(need_grad), scratch, parts))
     if not direct_rows(uniform, bm, B):
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)

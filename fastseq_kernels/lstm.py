@@ -32,7 +32,7 @@ from ._jit import kernel
 from ._atomic import atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, team_end, \
     wait_at_least
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, given_or_pack, \
-    panel_cols, panel_width, scratch_for, step_product
+    packed_or_empty, panel_cols, panel_width, scratch_for, step_product
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
 
@@ -394,8 +394,9 @@ def stream_applies(B, steps, plain, nthreads, fuse, split, need_grad):
 
 
 @kernel(inline="always")
-def _project_chunk(c, nb, base, X, kernel, G):
-    """Rows of steps ``c*STREAM_STEPS ..`` of ``G = X @ kernel[:I]``, on one BLAS thread.
+def _project_chunk(c, nb, base, X, KPI, G, scratch):
+    """Rows of steps ``c*STREAM_STEPS ..`` of ``G = X @ kernel[:I]`` (``KPI`` those rows
+    packed), on the packed micro-kernel.
     A chunk's rows are contiguous, ascending with the steps, or descending for a reversed
     uniform batch (whose rows stay in time order)."""
     L = nb.shape[0] - 1
@@ -405,11 +406,11 @@ def _project_chunk(c, nb, base, X, kernel, G):
     k1 = min(L, k0 + STREAM_STEPS) - 1
     r0 = min(base[k0], base[k1])
     r1 = max(base[k0] + nb[k0], base[k1] + nb[k1])
-    gemm(0, 0, r1 - r0, G4, I, 1.0, X, r0 * I, I, kernel, 0, G4, 0.0, G, r0 * G4, G4, 1)
+    gemm_packed(r1 - r0, G4, I, X, r0 * I, I, KPI, G, r0 * G4, G4, scratch, 0)
 
 
 @kernel
-def lstm_forward_stream_worker(w, hand, claims, done, order, nb, base, hbase, X, kernel, G, bias, fb, KP, Hh, Ch,
+def lstm_forward_stream_worker(w, hand, claims, done, order, nb, base, hbase, X, kernel, KPI, G, bias, fb, KP, Hh, Ch,
                                Yp, cT, hT, scratch):
     """Worker ``w`` of :func:`lstm_forward_stream`. The helper (1) computes the input
     projection chunk by chunk, claimed in step order. The caller (0) runs the one-thread
@@ -431,7 +432,7 @@ def lstm_forward_stream_worker(w, hand, claims, done, order, nb, base, hbase, X,
             c = atomic_add(claims, 0, 1)
             if c >= nch:
                 break
-            _project_chunk(c, nb, base, X, kernel, G)
+            _project_chunk(c, nb, base, X, KPI, G, scratch[1])
             atomic_store(done, c, 1)
         return team_end(w, hand, jb)
     for k in range(L):
@@ -442,14 +443,14 @@ def lstm_forward_stream_worker(w, hand, claims, done, order, nb, base, hbase, X,
                 if c2 >= nch:
                     wait_at_least(done, c, 1)  # the helper has it
                     break
-                _project_chunk(c2, nb, base, X, kernel, G)
+                _project_chunk(c2, nb, base, X, KPI, G, scratch[0])
                 atomic_store(done, c2, 1)
         n = nb[k]
         nn = nb[k + 1]
         gb = base[k]
         hb = hbase[k]
         nhb = hbase[k + 1]
-        step_product(n, G4, P, Hh, hb * P, P, KP, kernel, I * G4, G4, 0, G, gb * G4, G4, 1, 1, scratch)
+        step_product(n, G4, P, Hh, hb * P, P, KP, kernel, I * G4, G4, 0, G, gb * G4, G4, 1, 1, scratch[0])
         for r in range(n):
             cout = Ch[nhb + r] if r < nn else cT[order[r]]
             _gates_tanh_row(G[gb + r], bias, fb, Ch[hb + r], cout, Yp[gb + r], H)
@@ -467,24 +468,27 @@ def lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, reverse, uniform, bm
     return y
 
 
-def lstm_forward_stream(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, packed, bm=False):
+def lstm_forward_stream(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, packed, bm=False,
+                        packed_in=None):
     """:func:`lstm_forward` for the configurations of :func:`stream_applies` (tanh, no
     peepholes, clipping, projection or state masks; not fused), with the input projection
     handed to :mod:`._team`'s helper in chunks of :data:`STREAM_STEPS` steps while the
     caller runs the loop: a one-row layer (P1) spends a sixth of its time on that
     projection. Same results and workspace as :func:`lstm_forward` (each chunk is its own
-    GEMM, so float32 sums may round differently from one GEMM over all rows)."""
+    product on the packed micro-kernel, so float32 sums may round differently from one
+    GEMM over all rows). ``packed_in`` as in :func:`lstm_forward_split`."""
     bm = bool(bm)
     # the set-up of the two-thread loop (plan, buffers, packed recurrent rows), with the
     # chunk counters of this one
-    (order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, _, _,
-     scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, bool(reverse), bool(need_grad), packed, bm)
+    (order, lens_s, nb, base, hbase, uniform, X, G, KP, KPI, Hh, Ch, y, Yp, cT, hT, _, _,
+     scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, bool(reverse), bool(need_grad), packed,
+                                         packed_or_empty(packed_in, x.dtype), bm)
     nch = (nb.shape[0] - 1 + STREAM_STEPS - 1) // STREAM_STEPS
     claims = np.zeros(1, np.int64)  # chunks claimed, in order
     done = np.zeros(max(nch, 1), np.int64)  # 1 once a chunk's rows of G are written
     fb = x.dtype.type(forget_bias)
-    run_pair(lstm_forward_stream_worker, (claims, done, order, nb, base, hbase, X, kernel, G, bias, fb, KP, Hh, Ch,
-                                          Yp, cT, hT, scratch[0]))
+    run_pair(lstm_forward_stream_worker, (claims, done, order, nb, base, hbase, X, kernel, KPI, G, bias, fb, KP, Hh,
+                                          Ch, Yp, cT, hT, scratch))
     y = lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, bool(reverse), uniform, bm, y)
     P = h0.shape[1]
     ws = (X, G, Hh, Ch, np.empty((0, c0.shape[1]), x.dtype), np.empty((0, P), x.dtype), order, lens_s, nb, base)
@@ -508,10 +512,11 @@ def split_applies(B, H, P, steps, plain, nthreads, itemsize):
 
 
 @kernel
-def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed, bm):
+def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed, packed_in, bm):
     """Everything before the time loop of :func:`lstm_forward_split` but the input
-    projection (the workers do that): the row plan, the packed recurrent rows, the
-    buffers, the initial state in place."""
+    projection (the workers do that): the row plan, the packed recurrent rows and input
+    rows (``packed``, ``packed_in``: given, or packed here), the buffers, the initial state
+    in place."""
     I = x.shape[2]
     H = c0.shape[1]
     G4 = 4 * H
@@ -522,19 +527,21 @@ def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, pac
     G = np.empty((R, G4), dt)
     # packed even for loops under PACK_MIN_STEPS: the workers have no unpacked path
     KP = given_or_pack(packed, max(L, PACK_MIN_STEPS), kernel, I * G4, G4, H, G4, False)
+    KPI = given_or_pack(packed_in, max(L, PACK_MIN_STEPS), kernel, 0, G4, I, G4, False)
     claims = np.zeros(L + 1, np.int64)  # chunks taken per step; [L]: the projection
     done = np.zeros(L + 1, np.int64)  # chunks done per step
     scratch = np.empty((2, MAX_HEIGHT * panel_width(G)), dt)
-    return order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done, scratch
+    return order, lens_s, nb, base, hbase, uniform, X, G, KP, KPI, Hh, Ch, y, Yp, cT, hT, claims, done, scratch
 
 
 @kernel
-def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, kernel, G, bias, fb, KP, Hh, Ch, Yp,
+def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, KPI, G, bias, fb, KP, Hh, Ch, Yp,
                               cT, hT, scratch, nchunks):
     """Worker ``w`` (0 or 1) of the time loop. First the input projection in
-    ``PROJ_CHUNKS`` row chunks, on one BLAS thread per worker (a two-thread OpenBLAS call
-    leaves a thread spinning for tens of milliseconds, measured to slow the loop that
-    follows 2.4x). Then each step ``k`` in up to ``MAX_CHUNKS`` chunks of units (whole
+    ``PROJ_CHUNKS`` row chunks, each on the packed micro-kernel over the packed input rows
+    ``KPI`` (no BLAS: a two-thread OpenBLAS call leaves a thread spinning for tens of
+    milliseconds, measured to slow the loop that follows 2.4x; one OpenBLAS thread ran
+    P3's chunks [800, 512] x [512, 2048] at 100 GFLOP/s, the micro-kernel at 112). Then each step ``k`` in up to ``MAX_CHUNKS`` chunks of units (whole
     panels), all four gates of each: the recurrent product for those gate columns, the
     gate update, the new ``c`` and ``h`` of those units. Chunks are claimed per step
     (:func:`._atomic.take_chunk`: worker 0 from the front, worker 1 from the back), so a thread
@@ -560,7 +567,7 @@ def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, 
             break
         r0 = R * c // PROJ_CHUNKS
         r1 = R * (c + 1) // PROJ_CHUNKS
-        gemm(0, 0, r1 - r0, G4, I, 1.0, X, r0 * I, I, kernel, 0, G4, 0.0, G, r0 * G4, G4, 1)
+        gemm_packed(r1 - r0, G4, I, X, r0 * I, I, KPI, G, r0 * G4, G4, scr, 0)
         atomic_add(done, L, 1)
     wait_at_least(done, L, PROJ_CHUNKS)
     for k in range(L):
@@ -596,12 +603,16 @@ def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, 
     return team_end(w, hand, jb)
 
 
-def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, nthreads, packed, bm=False):
+def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, nthreads, packed, bm=False,
+                       packed_in=None):
     """:func:`lstm_forward` for the configurations of :func:`split_applies`, with the time
     loop on two threads (the caller and :mod:`._team`'s helper) that share the units of
     every step. Same arguments and results (the workspace is the one
     :func:`lstm_backward` reads); the arithmetic of each element is the one-thread loop's
-    with the packed micro-kernel. ``nthreads`` is not used (two threads)."""
+    with the packed micro-kernel (the input projection too, so float32 sums may round
+    differently from its one GEMM). ``nthreads`` is not used (two threads).
+    ``packed_in``: the input rows of ``kernel`` packed by :func:`pack_panels` (as the
+    numba backend keeps them), or None to pack them here."""
     bm = bool(bm)
     T, B, _ = dims(x, bm)
     H = c0.shape[1]
@@ -609,9 +620,10 @@ def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, n
     if H % nr or h0.shape[1] != H or kernel.shape[1] != 4 * H:
         raise ValueError(f"lstm_forward_split: units must be a multiple of {nr} with no projection, "
                          f"got c0 {c0.shape}, h0 {h0.shape}, kernel {kernel.shape}")
-    (order, lens_s, nb, base, hbase, uniform, X, G, KP, Hh, Ch, y, Yp, cT, hT, claims, done,
-     scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed, bm)
-    run_pair(lstm_forward_split_worker, (claims, done, nb, base, hbase, order, X, kernel, G, bias,
+    (order, lens_s, nb, base, hbase, uniform, X, G, KP, KPI, Hh, Ch, y, Yp, cT, hT, claims, done,
+     scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed,
+                                         packed_or_empty(packed_in, x.dtype), bm)
+    run_pair(lstm_forward_split_worker, (claims, done, nb, base, hbase, order, X, KPI, G, bias,
                                          float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch, MAX_CHUNKS))
     if not direct_rows(uniform, bm, B):
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)

@@ -207,9 +207,10 @@ class NumbaBackend(NumpyArrayOps, Backend):
             if split:
                 # the time loop on two threads sharing the units (fastseq_kernels/lstm.py)
                 kp = self._packed(p["kernel"], steps, I * H4, H4, P, H4, False)
+                kpi = self._packed(p["kernel"], steps, 0, H4, I, H4, False)  # input rows, for the projection
                 y, cT, hT, ws = k["lstm"].lstm_forward_split(x, p["kernel"], p["bias"], states[0], states[1],
                                                              lengths, reverse, float(spec.forget_bias),
-                                                             need_grad, nt, kp, bm)
+                                                             need_grad, nt, kp, bm, kpi)
             else:
                 # the input projection inside each step's product where that pays (lstm.fuse_applies)
                 fuse = k["lstm"].fuse_applies(B, I, P, spec.num_units, x.dtype.itemsize)
@@ -219,7 +220,8 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 # few rows: the input projection on the helper thread while this one runs the loop
                 y, cT, hT, ws = k["lstm"].lstm_forward_stream(x, p["kernel"], p["bias"], states[0], states[1],
                                                               lengths, reverse, float(spec.forget_bias), need_grad,
-                                                              kp, bm)
+                                                              kp, bm, self._packed(p["kernel"], steps, 0, H4, I, H4,
+                                                                                   False))
             elif not split:
                 y, cT, hT, ws = k["lstm"].lstm_forward(
                     x, p["kernel"], p["bias"],
@@ -235,9 +237,12 @@ class NumbaBackend(NumpyArrayOps, Backend):
             kc = self._packed(p["candidate/kernel"], steps, I * H, H, H, H, False)
             if k["gru"].split_applies(B, H, steps, spec.activation == "tanh" and masks[0].shape[0] == 0, nt):
                 # the time loop on two threads sharing the columns of each step (fastseq_kernels/gru.py)
+                # the input rows packed too, for the projections
+                kgi = self._packed(p["gates/kernel"], steps, 0, 2 * H, I, 2 * H, False)
+                kci = self._packed(p["candidate/kernel"], steps, 0, H, I, H, False)
                 y, hT, ws = k["gru"].gru_forward_split(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
                                                        p["candidate/bias"], states[0], lengths, reverse, need_grad,
-                                                       kg, kc, bm)
+                                                       kg, kc, bm, kgi, kci)
             else:
                 y, hT, ws = k["gru"].gru_forward(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
                                                  p["candidate/bias"], states[0], lengths, reverse, masks[0], code,
