@@ -541,8 +541,9 @@ def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, 
     ``PROJ_CHUNKS`` row chunks, each on the packed micro-kernel over the packed input rows
     ``KPI`` (no BLAS: a two-thread OpenBLAS call leaves a thread spinning for tens of
     milliseconds, measured to slow the loop that follows 2.4x; one OpenBLAS thread ran
-    P3's chunks [800, 512] x [512, 2048] at 100 GFLOP/s, the micro-kernel at 112). Then each step ``k`` in up to ``MAX_CHUNKS`` chunks of units (whole
-    panels), all four gates of each: the recurrent product for those gate columns, the
+    P3's chunks [800, 512] x [512, 2048] at 100 GFLOP/s, the micro-kernel at 112). Then
+    each step ``k`` in up to ``MAX_CHUNKS`` chunks of units (whole panels), all four gates
+    of each: the recurrent product for those gate columns, the
     gate update, the new ``c`` and ``h`` of those units. Chunks are claimed per step
     (:func:`._atomic.take_chunk`: worker 0 from the front, worker 1 from the back), so a thread
     that gets less CPU (another process, a spinning BLAS thread) takes fewer chunks instead
