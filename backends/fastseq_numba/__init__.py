@@ -10,7 +10,7 @@ compiled code runs; anything the kernels cannot do raises ``NotImplementedError`
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 
