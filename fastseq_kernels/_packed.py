@@ -257,13 +257,13 @@ def _make_micro(MR, WAYS=1, strided=False, NV=2):
     return micro
 
 
-_micro_a, _micro_b, _micro_c, _micro2, _micro1 = (_make_micro(h) for h in HEIGHTS)
 #: One and two rows have 2 and 4 accumulators, too few to cover the latency of a fused
 #: multiply-add (4 cycles, 2 per cycle: 8 in flight): these variants keep 4 and 2 sets.
 WAYS_1, WAYS_2 = 4, 2
 _micro2w = _make_micro(2, WAYS_2)
 _micro1w = _make_micro(1, WAYS_1)
-#: Every height from 1 to 12 for :func:`gemm_packed`, which cuts a block of ``m`` rows
+_micro2, _micro1 = _make_micro(2), _make_micro(1)  # the depth steps those leave over
+#: Every height from 1 to 12 for :func:`gemm_packed` (1 and 2 are the ones above), which cuts a block of ``m`` rows
 #: into ``ceil(m / MAX_HEIGHT)`` passes of (nearly) equal height instead of the largest
 #: heights first: 13 rows as 7 + 6 rather than 12 + 1, 11 as one pass rather than 8 + 2 +
 #: 1. Each pass reads the whole panel again, and a pass of one or two rows is bound by
@@ -272,8 +272,8 @@ _micro1w = _make_micro(1, WAYS_1)
 #: first): m = 3 107 vs 70, 5 114 vs 94, 11 114 vs 91, 13 116 vs 105, 25 115 vs 109; the
 #: products of one direction of P4's forward (400 shrinking steps) 75.3 vs 77.3 ms. Only
 #: heights up to MAX_HEIGHT are called (on AVX2 the taller ones are compiled, never run).
-(_mh1, _mh2, _mh3, _mh4, _mh5, _mh6, _mh7, _mh8, _mh9, _mh10, _mh11,
- _mh12) = (_micro1, _micro2, _make_micro(3, 2)) + tuple(_make_micro(h) for h in range(4, 13))
+_mh3 = _make_micro(3, 2)
+_mh4, _mh5, _mh6, _mh7, _mh8, _mh9, _mh10, _mh11, _mh12 = (_make_micro(h) for h in range(4, 13))
 _mh3r = _make_micro(3)  # the depth steps left over by the two sets of _mh3
 #: One vector per row, for a right-edge panel at most half full (e.g. H = 200: 8 of 32
 #: columns): half the multiply-adds of the whole panel, all of them on valid columns.
@@ -567,7 +567,7 @@ def gemm_nt(m, n, k, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, nthreads):
     """Row-major ``C[m, n] = A @ B^T + beta * C`` (``beta`` 0 or 1) for ``A [m, k]`` and
     ``B [n, k]`` (the input gradients ``dG @ W^T``): on one thread and with at most
     :data:`NT_MAX_PANELS` panels of columns, ``B^T`` packed once (:func:`pack_panels_t`,
-    ``n * k`` elements) and :func:`gemm_acc_packed`; else BLAS on ``nthreads`` threads."""
+    ``n * k`` elements) and :func:`gemm_packed`; else BLAS on ``nthreads`` threads."""
     if nthreads <= 1 and 0 < n <= NT_MAX_PANELS * panel_width(c) and k > 0 and m > 0:
         bp = pack_panels_t(b, boff, ldb, k, n)
         gemm_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, scratch_for(c), beta)
