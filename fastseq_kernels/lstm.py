@@ -31,8 +31,8 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, outpu
 from ._jit import kernel
 from ._atomic import atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, team_end, \
     wait_at_least
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, given_or_pack, \
-    packed_or_empty, panel_cols, panel_width, scratch_for, step_product
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, TN_MAX_ROW_BYTES, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, \
+    gemm_tn_panels, given_or_pack, pack_panels_t, packed_or_empty, panel_cols, panel_width, scratch_for, step_product
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
 
@@ -682,15 +682,24 @@ def _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb,
         dXp = np.empty((R, I), dt)
         gemm_nt(R, I, G4, dG, 0, G4, kernel, 0, G4, 0.0, dXp, 0, I, nthreads)
         dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
-    dc0 = np.empty((B, H), dt)
-    dh0 = np.empty((B, P), dt)
+    dc0, dh0 = _initial_state_grads(dC, dH, order)
+    return dx, dc0, dh0, dkernel, dbias, dproj
+
+
+@kernel(inline="always")
+def _initial_state_grads(dC, dH, order):
+    """``dc0``/``dh0`` in batch order from the sorted rows of the carried gradients."""
+    B, H = dC.shape
+    P = dH.shape[1]
+    dc0 = np.empty((B, H), dC.dtype)
+    dh0 = np.empty((B, P), dC.dtype)
     for r in range(B):
         b = order[r]
         for j in range(H):
             dc0[b, j] = dC[r, j]
         for j in range(P):
             dh0[b, j] = dH[r, j]
-    return dx, dc0, dh0, dkernel, dbias, dproj
+    return dc0, dh0
 
 
 @kernel
@@ -725,13 +734,26 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
     dwo = np.zeros(w_i.shape[0], dt)
     dMraw = np.empty((R, P) if use_proj else (0, P), dt)
     dMpre = np.empty((B, H) if use_proj else (0, H), dt)
-    dG = np.empty((R, G4), dt)
     KPt = given_or_pack(packed_t, L, kernel, I * G4, G4, G4, P, True)  # kernel[I:].T, packed once
-    scr = scratch_for(dG)
+    scr = scratch_for(G)
     mc_on = mask_c.shape[0] > 0
     mh_on = mask_h.shape[0] > 0
     # decided once: the common configuration takes the vectorising _grad_tanh_row
     fast_grad = code == TANH and not use_peep and not use_proj and not (cclip >= 0) and not mc_on and not mh_on
+    # Panel-major gate gradients (a fused forward's one weight-gradient GEMM on this
+    # thread, see gemm_tn): each step's gate gradients go to a small row buffer ``Tk``,
+    # from which the step's ``d h`` product, its rows of ``dx`` and the bias gradient
+    # are taken at once, and are then stored panel by panel for gemm_tn_panels; no
+    # row-major [R, 4H] copy is written.
+    NRp = panel_width(G)
+    panel = (fast_grad and X.shape[1] == I + P and nthreads <= 1 and (I + P) * G.itemsize <= TN_MAX_ROW_BYTES
+             and G4 % NRp == 0 and R > 0)
+    dG = np.empty((0 if panel else R, G4), dt)
+    dGp = np.empty(R * G4 if panel else 0, dt)
+    Tk = np.empty((B if panel else 0, G4), dt)
+    dXp = np.empty((R if panel else 0, I), dt)
+    dbias_p = np.zeros(G4, dt)
+    KPx = pack_panels_t(kernel, 0, G4, G4, I) if panel else np.empty(0, dt)  # kernel[:I].T
 
     for k in range(L - 1, -1, -1):
         n = nb[k]
@@ -756,7 +778,21 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
             for r in range(n):
                 g = gb + r
                 _grad_tanh_row(G[g], Ch[g], dH[r], row3(dy, time_index(k, r, lens_s, reverse), order[r], bm), dC[r],
-                               dG[g], one, H)
+                               Tk[r] if panel else dG[g], one, H)
+        if panel:
+            step_product(n, P, G4, Tk, 0, G4, KPt, kernel, I * G4, G4, 1, dH, 0, P, 0, nthreads, scr)
+            gemm_packed(n, I, G4, Tk, 0, G4, KPx, dXp, gb * I, I, scr, 0)
+            for r in range(n):
+                row = Tk[r]
+                for j in range(G4):
+                    dbias_p[j] += row[j]
+                for q in range(G4 // NRp):
+                    d0 = q * R * NRp + (gb + r) * NRp
+                    dst = dGp[d0:d0 + NRp]
+                    src = row[q * NRp:(q + 1) * NRp]
+                    for j in range(NRp):
+                        dst[j] = src[j]
+            continue
         for r in range(n if not fast_grad else 0):
             b = order[r]
             t = time_index(k, r, lens_s, reverse)
@@ -813,6 +849,15 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
         # d h_prev = dG @ kernel[I:].T
         step_product(n, P, G4, dG, gb * G4, G4, KPt, kernel, I * G4, G4, 1, dH, 0, P, 0, nthreads, scr)
 
+    if panel:
+        dkernel = np.zeros((I + P, G4), dt)
+        gemm_tn_panels(I + P, G4, R, X, 0, I + P, dGp, dkernel, 0, G4)
+        if direct_rows(uniform, bm, B):
+            dx = dXp.reshape((B, T, I) if bm else (T, B, I))
+        else:
+            dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
+        dc0, dh0 = _initial_state_grads(dC, dH, order)
+        return dx, dc0, dh0, dkernel, dbias_p, dwi, dwf, dwo, np.empty(proj.shape, dt)
     dx, dc0, dh0, dkernel, dbias, dproj = _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s,
                                                         nb, base, T, reverse, uniform, nthreads, bm)
     return dx, dc0, dh0, dkernel, dbias, dwi, dwf, dwo, dproj

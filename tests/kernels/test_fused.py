@@ -103,6 +103,34 @@ def test_fused_matches_unfused_kernel(dtype, lengths, reverse, need_grad):
         assert_close(a, w, tol, name)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("lengths", sorted(LENGTHS))
+@pytest.mark.parametrize("B", [1, 9])
+def test_fused_backward_batch_major(dtype, lengths, B):
+    """The backward from a fused workspace (panel-major gate gradients, ``dx`` rows per
+    step: lstm_backward's ``panel`` path) in the batch-major layout, where ``dx`` is
+    scattered (or, for one row, written in place), against the unfused workspace's
+    backward (row-major gate gradients, one ``dx`` product after the loop)."""
+    from fastseq_kernels import lstm
+
+    T, I, H = 7, 3, 16
+    x, k, b, c0, h0, L = lstm_kernel_args(dtype, T, B, I, H, LENGTHS[lengths](T, B), seed=B, scale=0.3)
+    xb = np.ascontiguousarray(x.transpose(1, 0, 2))
+    e1, e2, e3 = np.zeros(0, dtype), np.zeros((0, 0), dtype), np.zeros((0, 1, 1), dtype)
+    rng = np.random.default_rng(9)
+    dy = rng.normal(size=(B, T, H)).astype(dtype)
+    dcT, dhT = rng.normal(size=c0.shape).astype(dtype), rng.normal(size=h0.shape).astype(dtype)
+    grads = []
+    for fuse in (False, True):
+        y, cT, hT, ws = lstm.lstm_forward(xb, k, b, e1, e1, e1, e2, c0, h0, L, False, e3, e3, 0, 1.0, -1.0, -1.0,
+                                          True, 1, e1, fuse, True)
+        grads.append(lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, dcT, dhT, T, False, e3, e3, 0, 1.0, -1.0,
+                                        -1.0, 1, e1, True))
+    for name, a, w in zip(("dx", "dc0", "dh0", "dkernel", "dbias"), grads[1], grads[0]):
+        assert_close(a, w, TOL[dtype], name)
+    assert grads[1][0].shape == xb.shape
+
+
 def test_fused_takes_a_packed_kernel_and_ignores_a_wrong_one():
     """The packed whole kernel the backend hands in gives the same result as packing in
     the kernel; a packed array of the wrong size (e.g. the recurrent rows only) is

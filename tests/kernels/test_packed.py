@@ -143,6 +143,30 @@ def test_gemm_tn_acc_against_numpy(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_gemm_tn_panels_against_numpy(dtype):
+    """``C += A^T B`` with ``B`` stored panel-major (as the one-thread LSTM backward writes
+    its gate gradients): every micro-kernel height, one and several panels, depth 1, 9
+    and across depth blocks (``TN_KC``), offsets and leading dimensions of ``A`` and
+    ``C`` into larger buffers; ``B`` is built from a row-major array by a NumPy
+    transpose, so a mixed-up panel or row shows."""
+    from fastseq_kernels._packed import TN_KC, gemm_tn_panels, panel_cols
+
+    rng = np.random.default_rng(12)
+    nr = panel_cols(np.dtype(dtype).itemsize)
+    for m in (1, 2, 3, 5, 8, 12, 13, 27, 40):
+        for n in (nr, 3 * nr):
+            for k in (1, 9, TN_KC + 7):
+                a = rng.normal(size=(k + 1, m + 3)).astype(dtype)  # A at row 1, column 2
+                b = rng.normal(size=(k, n)).astype(dtype)
+                bp = np.ascontiguousarray(b.reshape(k, n // nr, nr).transpose(1, 0, 2)).reshape(-1)
+                c = rng.normal(size=(m + 2, n + 3)).astype(dtype)  # C at row 1, column 1
+                want = c.astype(np.float64)
+                want[1:m + 1, 1:n + 1] += a[1:, 2:m + 2].T.astype(np.float64) @ b.astype(np.float64)
+                gemm_tn_panels(m, n, k, a, (m + 3) + 2, m + 3, bp, c, (n + 3) + 1, n + 3)
+                assert _rel_err(c, want) <= TOL[dtype], f"m={m} n={n} k={k}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("m", [7, 200, 400])
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_gemm_tn_paths(dtype, m, nthreads):
