@@ -17,9 +17,8 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import TANH, act, dact, dims, direct_rows, ftanh, output_activation_stored, plan_and_inputs, row3, \
-    scatter_rows, \
-    sigmoid, time_index
+from ._common import TANH, act, column_sums, dact, dims, direct_rows, ftanh, output_activation_stored, \
+    plan_and_inputs, row3, scatter_rows, sigmoid, time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._jit import kernel
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, given_or_pack, \
@@ -434,38 +433,45 @@ def _weight_grads(X, Hh, RH, dXG, dXC, dH, gates_kernel, cand_kernel, order, len
     R, I = X.shape
     H = dH.shape[1]
     dt = dXG.dtype
-    dgk = np.empty((I + H, 2 * H), dt)
-    dck = np.empty((I + H, H), dt)
-    dXp = np.empty((R, I), dt)
+    dgk, dck, dgb, dcb, dXp = _tail_buffers(R, I, H, dt)
     for task in range(TAIL_WHOLE):
-        _tail_task(task, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp, True, nthreads)
-    return _tail_rest(dXp, dXG, dXC, dH, dgk, dck, order, lens_s, nb, base, T, reverse, uniform, bm)
+        _tail_task(task, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dgb, dcb, dXp, nthreads)
+    return _tail_rest(dXp, dH, dgk, dck, dgb, dcb, order, lens_s, nb, base, T, reverse, uniform, bm)
 
 
-#: The GEMMs of the backward tail (:func:`_tail_task`): tasks 0 to 5 are the whole
-#: products, 6 to 9 the two input-gradient products (2 and 5) by halves of their rows.
+@kernel(inline="always")
+def _tail_buffers(R, I, H, dt):
+    """The outputs of the backward tail: the kernel and bias gradients and ``dx`` rows."""
+    return (np.empty((I + H, 2 * H), dt), np.empty((I + H, H), dt), np.empty(2 * H, dt), np.empty(H, dt),
+            np.empty((R, I), dt))
+
+
+#: The tasks of the backward tail (:func:`_tail_task`): 0 to 5 as one thread runs them in
+#: order; 6 and 7 the input gradients of one half of the rows each (on the pair instead
+#: of 2 and 5), 8 and 9 the bias gradients.
 TAIL_WHOLE = 6
 
 
 @kernel(inline="always")
-def _tail_task(task, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp2, acc, nthreads):
-    """GEMM ``task`` of the backward tail: the weight gradients ``[X; h]^T dXG`` (tasks 0,
-    1) and ``[X; r*h]^T dXC`` (3, 4), the input gradient ``dXG @ gates_kernel[:I]^T`` into
-    ``dXp`` (2) and ``dXC @ cand_kernel[:I]^T`` added to it after task 2 (5, ``acc``) or
-    written into ``dXp2`` (5, not ``acc``: the tasks in any order, see
-    :func:`gru_backward_tail_worker`). Tasks 6 and 7 are task 2 for the first and the
-    second half of the rows, 8 and 9 task 5 (not ``acc``) likewise."""
+def _tail_task(task, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dgb, dcb, dXp, nthreads):
+    """Task ``task`` of the backward tail: the weight gradients ``[X; h]^T dXG`` (tasks 0,
+    1) and ``[X; r*h]^T dXC`` (3, 4); the input gradient ``dXG @ gates_kernel[:I]^T`` into
+    ``dXp`` (2) with ``dXC @ cand_kernel[:I]^T`` added to it (5, after 2); both products
+    for the first or the second half of the rows (6, 7); the bias gradients, column sums
+    of ``dXG`` (8) and ``dXC`` (9)."""
     R, I = X.shape
     H = Hh.shape[1]
     H2 = 2 * H
-    if task >= TAIL_WHOLE:
+    if task == 6 or task == 7:
         half = R // 2
-        lo = 0 if task % 2 == 0 else half
-        m = half if task % 2 == 0 else R - half
-        if task < 8:
-            gemm_nt(m, I, H2, dXG, lo * H2, H2, gates_kernel, 0, H2, 0.0, dXp, lo * I, I, nthreads)
-        else:
-            gemm_nt(m, I, H, dXC, lo * H, H, cand_kernel, 0, H, 0.0, dXp2, lo * I, I, nthreads)
+        lo = 0 if task == 6 else half
+        m = half if task == 6 else R - half
+        gemm_nt(m, I, H2, dXG, lo * H2, H2, gates_kernel, 0, H2, 0.0, dXp, lo * I, I, nthreads)
+        gemm_nt(m, I, H, dXC, lo * H, H, cand_kernel, 0, H, 1.0, dXp, lo * I, I, nthreads)
+    elif task == 8:
+        column_sums(dXG, R, dgb, 0)
+    elif task == 9:
+        column_sums(dXC, R, dcb, 0)
     elif task == 0:
         gemm_tn(I, H2, R, X, 0, I, dXG, 0, H2, dgk, 0, H2, nthreads)
     elif task == 1:
@@ -476,27 +482,30 @@ def _tail_task(task, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, d
         gemm_tn(I, H, R, X, 0, I, dXC, 0, H, dck, 0, H, nthreads)
     elif task == 4:
         gemm_tn(H, H, R, RH, 0, H, dXC, 0, H, dck, I * H, H, nthreads)
-    elif acc:
-        gemm_nt(R, I, H, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I, nthreads)
     else:
-        gemm_nt(R, I, H, dXC, 0, H, cand_kernel, 0, H, 0.0, dXp2, 0, I, nthreads)
+        gemm_nt(R, I, H, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I, nthreads)
+        column_sums(dXG, R, dgb, 0)
+        column_sums(dXC, R, dcb, 0)
 
 
 #: :func:`gru_backward_split` runs the tail's GEMMs on the two threads of the pair
 #: (:func:`gru_backward_tail_worker`) rather than each on two BLAS threads.
 TAIL_ON_PAIR = True
 
-#: The order in which the two threads claim the tail's GEMMs: larger ones first where H >=
-#: I, the common case, and the input gradients by halves, so that the two threads end
-#: together. With whole products, P2's 200-input layers (sizes 2:2:2:1:1:1) left one
-#: thread idle while the other ran the last one; by halves the two get 4.5 each. P2
-#: training, paired, alternating processes: 19.7-20.9 against 20.5-21.9 ms.
+#: The order in which the two threads claim the tail's tasks: larger ones first where H >=
+#: I, the common case, the input gradients by halves and the bias sums last, so that the
+#: two threads end together. With whole products, P2's 200-input layers (sizes
+#: 2:2:2:1:1:1) left one thread idle while the other ran the last one; by halves the two
+#: get 4.5 each. P2 training, paired, alternating processes: 19.7-20.9 against 20.5-21.9
+#: ms. Each half runs both of its products into the same rows (no second buffer to add
+#: afterwards), and the bias sums are tasks of the pair, not a pass after it.
 TAIL_ORDER = (1, 0, 6, 7, 4, 3, 8, 9)
 
 
 @kernel
-def gru_backward_tail_worker(w, hand, counter, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp2):
-    """Worker ``w`` of the two-thread backward tail: claims the GEMMs of :func:`_tail_task`
+def gru_backward_tail_worker(w, hand, counter, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dgb, dcb,
+                             dXp):
+    """Worker ``w`` of the two-thread backward tail: claims the tasks of :func:`_tail_task`
     one by one (``counter``) and runs each on one BLAS thread. No OpenBLAS worker thread
     is woken, so none is left spinning on the second core when the next layer's
     two-thread loop starts (see :func:`gru_backward_split`)."""
@@ -508,35 +517,23 @@ def gru_backward_tail_worker(w, hand, counter, X, Hh, RH, dXG, dXC, gates_kernel
         i = atomic_add(counter, 0, 1)
         if i >= len(order):
             return team_end(w, hand, jb)
-        _tail_task(order[i], X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dXp, dXp2, False, 1)
+        _tail_task(order[i], X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dgb, dcb, dXp, 1)
 
 
 @kernel
-def gru_backward_tail_end(ws, dXG, dXC, dH, dgk, dck, dXp, dXp2, T, reverse, uniform, bm):
-    """After :func:`gru_backward_tail_worker`: ``dXp += dXp2``, then :func:`_tail_rest`."""
+def gru_backward_tail_end(ws, dH, dgk, dck, dgb, dcb, dXp, T, reverse, uniform, bm):
+    """After :func:`gru_backward_tail_worker`: :func:`_tail_rest`."""
     X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
-    a = dXp.reshape(dXp.size)
-    b = dXp2.reshape(dXp2.size)
-    for i in range(a.size):
-        a[i] += b[i]
-    return _tail_rest(dXp, dXG, dXC, dH, dgk, dck, order, lens_s, nb, base, T, reverse, uniform, bm)
+    return _tail_rest(dXp, dH, dgk, dck, dgb, dcb, order, lens_s, nb, base, T, reverse, uniform, bm)
 
 
 @kernel(inline="always")
-def _tail_rest(dXp, dXG, dXC, dH, dgk, dck, order, lens_s, nb, base, T, reverse, uniform, bm):
-    """The backward tail after its GEMMs: the bias gradients, ``dx`` in the caller's
-    layout, ``dh0`` in batch order."""
+def _tail_rest(dXp, dH, dgk, dck, dgb, dcb, order, lens_s, nb, base, T, reverse, uniform, bm):
+    """The backward tail after its tasks: ``dx`` in the caller's layout, ``dh0`` in batch
+    order."""
     R, I = dXp.shape
     B, H = dH.shape
-    H2 = 2 * H
-    dt = dXG.dtype
-    dgb = np.zeros(H2, dt)
-    dcb = np.zeros(H, dt)
-    for i in range(R):
-        for j in range(H2):
-            dgb[j] += dXG[i, j]
-        for j in range(H):
-            dcb[j] += dXC[i, j]
+    dt = dXp.dtype
     if direct_rows(uniform, bm, B):
         dx = dXp.reshape((B, T, I) if bm else (T, B, I))
     else:
@@ -774,9 +771,9 @@ def gru_backward_split(ws, gates_kernel, cand_kernel, dy, dhT, T, reverse, nthre
         R, I = X.shape
         H = dhT.shape[1]
         dt = XG.dtype
-        dgk, dck = np.empty((I + H, 2 * H), dt), np.empty((I + H, H), dt)
-        dXp, dXp2 = np.empty((R, I), dt), np.empty((R, I), dt)
+        dgk, dck, dXp = np.empty((I + H, 2 * H), dt), np.empty((I + H, H), dt), np.empty((R, I), dt)
+        dgb, dcb = np.empty(2 * H, dt), np.empty(H, dt)
         run_pair(gru_backward_tail_worker, (np.zeros(1, np.int64), X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel,
-                                            dgk, dck, dXp, dXp2))
-        return gru_backward_tail_end(ws, dXG, dXC, dH, dgk, dck, dXp, dXp2, T, reverse, uniform, bm)
+                                            dgk, dck, dgb, dcb, dXp))
+        return gru_backward_tail_end(ws, dH, dgk, dck, dgb, dcb, dXp, T, reverse, uniform, bm)
     return gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, reverse, uniform, nthreads, bm)
