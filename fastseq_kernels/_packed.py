@@ -440,7 +440,7 @@ def gemm_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, scratch, beta):
 TN_KC = 512
 
 
-@kernel
+@kernel(inline="always")
 def gemm_tn_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
     """``C[m, n] += A^T @ B`` for row-major ``A [k, m]`` and ``B [k, n]`` (element offsets,
     leading dimensions): the weight-gradient products (``X^T dG``) of the backward
@@ -450,6 +450,29 @@ def gemm_tn_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
     right edge narrower than a panel is copied (zero-padded) first, so that no load reads
     past ``B``. Measured on the Zen 4 machine, one thread, float32 [200, 896] x [896, 400]
     (P2's gate weight gradient): 104 GFLOP/s against OpenBLAS's 78."""
+    _gemm_tn(m, n, k, a, aoff, lda, b, boff, ldb, panel_width(c), c, coff, ldc)
+
+
+@kernel(inline="always")
+def gemm_tn_panels(m, n, k, a, aoff, lda, bp, c, coff, ldc):
+    """``C[m, n] += A^T @ B`` as :func:`gemm_tn_acc`, for ``B [k, n]`` stored panel-major
+    (``n`` a multiple of ``NR``; panel ``q``, columns ``q*NR:(q+1)*NR``, at ``q * k * NR``,
+    its row ``p`` at ``+ p * NR``), as the one-thread LSTM backward writes its gate
+    gradients for this product (see :func:`.lstm.lstm_backward`). A depth block of a panel
+    is then one contiguous run of memory instead of ``TN_KC`` rows ``ldb`` apart (4 KB for
+    P4's ``4H = 1024``), which the hardware prefetches as a stream. Measured on the Zen 4
+    machine, one thread, float32 [320, 13046] x [13046, 1024] (P4's weight gradient):
+    110 GFLOP/s against 98-102 for the row-major ``B`` of :func:`gemm_tn_acc`."""
+    NR = panel_width(c)
+    _gemm_tn(m, n, k, a, aoff, lda, bp, 0, NR, k * NR, c, coff, ldc)
+
+
+@kernel
+def _gemm_tn(m, n, k, a, aoff, lda, b, boff, ldb, qstride, c, coff, ldc):
+    """The kernel of :func:`gemm_tn_acc` and :func:`gemm_tn_panels`: panel ``q`` of ``B``
+    (columns ``q*NR:(q+1)*NR``) starts ``q * qstride`` elements after ``boff`` and its rows
+    are ``ldb`` apart (row-major ``B``: ``qstride = NR``; panel-major: ``k * NR`` and
+    ``NR``)."""
     if m <= 0 or n <= 0 or k <= 0:
         return
     NR = panel_width(c)
@@ -467,9 +490,9 @@ def gemm_tn_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
         kb = min(kc, k - p0)
         if wl < NR:
             ew = VW if narrow else NR
-            j0 = (npan - 1) * NR
+            q0 = (npan - 1) * qstride
             for p in range(kb):
-                src = boff + (p0 + p) * ldb + j0
+                src = boff + (p0 + p) * ldb + q0
                 for j in range(wl):
                     edge[p * ew + j] = bf[src + j]
         for q in range(npan):
@@ -477,7 +500,7 @@ def gemm_tn_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
             w = min(NR, n - j0)
             full = 1 if w == NR else 0
             if full:
-                bb, bo, lb = bf, boff + p0 * ldb + j0, ldb
+                bb, bo, lb = bf, boff + q * qstride + p0 * ldb, ldb
             else:
                 bb, bo, lb = edge, 0, (VW if narrow else NR)
             i = 0
@@ -518,50 +541,6 @@ def gemm_tn_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
                     _tn1_1(kb, af, ao, 1, lda, bb, bo, lb, cf, co, ldc, 0, scratch)
                 if full == 0:
                     _add_scratch(cf, co, ldc, scratch, NR, h, w)
-                i += h
-
-
-@kernel
-def gemm_tn_panels(m, n, k, a, aoff, lda, bp, c, coff, ldc):
-    """``C[m, n] += A^T @ B`` as :func:`gemm_tn_acc`, for ``B [k, n]`` stored panel-major
-    (``n`` a multiple of ``NR``; panel ``q``, columns ``q*NR:(q+1)*NR``, at ``q * k * NR``,
-    its row ``p`` at ``+ p * NR``), as the one-thread LSTM backward writes its gate
-    gradients for this product (see :func:`.lstm.lstm_backward`). A depth block of a panel
-    is then one contiguous run of memory instead of ``TN_KC`` rows ``ldb`` apart (4 KB for
-    P4's ``4H = 1024``), which the hardware prefetches as a stream. Measured on the Zen 4
-    machine, one thread, float32 [320, 13046] x [13046, 1024] (P4's weight gradient):
-    110 GFLOP/s against 98-102 for the row-major ``B`` of :func:`gemm_tn_acc`."""
-    if m <= 0 or n <= 0 or k <= 0:
-        return
-    NR = panel_width(c)
-    cf = c.reshape(c.size)
-    af = a.reshape(a.size)
-    scratch = scratch_for(c)
-    kc = min(k, TN_KC)
-    for p0 in range(0, k, kc):
-        kb = min(kc, k - p0)
-        for q in range(n // NR):
-            bo = q * k * NR + p0 * NR
-            i = 0
-            while i < m:
-                left = m - i
-                ao = aoff + p0 * lda + i
-                co = coff + i * ldc + q * NR
-                if left >= _HA:
-                    h = _HA
-                    _tn_a(kb, af, ao, 1, lda, bp, bo, NR, cf, co, ldc, 1, scratch)
-                elif left >= _HB:
-                    h = _HB
-                    _tn_b(kb, af, ao, 1, lda, bp, bo, NR, cf, co, ldc, 1, scratch)
-                elif left >= _HC:
-                    h = _HC
-                    _tn_c(kb, af, ao, 1, lda, bp, bo, NR, cf, co, ldc, 1, scratch)
-                elif left >= 2:
-                    h = 2
-                    _tn_2(kb, af, ao, 1, lda, bp, bo, NR, cf, co, ldc, 1, scratch)
-                else:
-                    h = 1
-                    _tn_1(kb, af, ao, 1, lda, bp, bo, NR, cf, co, ldc, 1, scratch)
                 i += h
 
 

@@ -634,19 +634,22 @@ def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, n
 
 
 @kernel(inline="always")
-def _sorted_state_grads(dcT, dhT, order):
-    """The carried state gradients ``dC``, ``dH`` in sorted row order, from ``dcT``/``dhT``."""
-    B, H = dcT.shape
-    P = dhT.shape[1]
-    dH = np.empty((B, P), dhT.dtype)
-    dC = np.empty((B, H), dcT.dtype)
+def _reorder_rows(c, h, order, to_batch):
+    """Copies of ``c [B, H]`` and ``h [B, P]`` with their rows moved from batch order to
+    the plan's sorted order (row ``r`` of the result is batch row ``order[r]``) or, with
+    ``to_batch``, back: the carried state gradients in and out of the backward loop."""
+    B, H = c.shape
+    P = h.shape[1]
+    c2 = np.empty((B, H), c.dtype)
+    h2 = np.empty((B, P), h.dtype)
     for r in range(B):
         b = order[r]
-        for j in range(P):
-            dH[r, j] = dhT[b, j]
+        src, dst = (r, b) if to_batch else (b, r)
         for j in range(H):
-            dC[r, j] = dcT[b, j]
-    return dH, dC
+            c2[dst, j] = c[src, j]
+        for j in range(P):
+            h2[dst, j] = h[src, j]
+    return c2, h2
 
 
 @kernel(inline="always")
@@ -682,24 +685,8 @@ def _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb,
         dXp = np.empty((R, I), dt)
         gemm_nt(R, I, G4, dG, 0, G4, kernel, 0, G4, 0.0, dXp, 0, I, nthreads)
         dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
-    dc0, dh0 = _initial_state_grads(dC, dH, order)
+    dc0, dh0 = _reorder_rows(dC, dH, order, True)
     return dx, dc0, dh0, dkernel, dbias, dproj
-
-
-@kernel(inline="always")
-def _initial_state_grads(dC, dH, order):
-    """``dc0``/``dh0`` in batch order from the sorted rows of the carried gradients."""
-    B, H = dC.shape
-    P = dH.shape[1]
-    dc0 = np.empty((B, H), dC.dtype)
-    dh0 = np.empty((B, P), dC.dtype)
-    for r in range(B):
-        b = order[r]
-        for j in range(H):
-            dc0[b, j] = dC[r, j]
-        for j in range(P):
-            dh0[b, j] = dH[r, j]
-    return dc0, dh0
 
 
 @kernel
@@ -728,7 +715,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
     zero = dt.type(0.0)
     uniform = R == T * B and (B == 0 or lens_s[B - 1] == T)
 
-    dH, dC = _sorted_state_grads(dcT, dhT, order)
+    dC, dH = _reorder_rows(dcT, dhT, order, False)
     dwi = np.zeros(w_i.shape[0], dt)
     dwf = np.zeros(w_i.shape[0], dt)
     dwo = np.zeros(w_i.shape[0], dt)
@@ -856,7 +843,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
             dx = dXp.reshape((B, T, I) if bm else (T, B, I))
         else:
             dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
-        dc0, dh0 = _initial_state_grads(dC, dH, order)
+        dc0, dh0 = _reorder_rows(dC, dH, order, True)
         return dx, dc0, dh0, dkernel, dbias_p, dwi, dwf, dwo, np.empty(proj.shape, dt)
     dx, dc0, dh0, dkernel, dbias, dproj = _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s,
                                                         nb, base, T, reverse, uniform, nthreads, bm)
@@ -873,7 +860,7 @@ def lstm_backward_split_begin(ws, kernel, dcT, dhT, packed_t):
     H = G4 // 4
     I = kernel.shape[0] - H
     L = nb.shape[0] - 1
-    dH, dC = _sorted_state_grads(dcT, dhT, order)
+    dC, dH = _reorder_rows(dcT, dhT, order, False)
     dG = np.empty(G.shape, G.dtype)
     KPt = given_or_pack(packed_t, max(L, PACK_MIN_STEPS), kernel, I * G4, G4, G4, H, True)  # kernel[I:].T
     claims = np.zeros(L + 1, np.int64)  # chunks taken per round, see lstm_backward_split_worker
