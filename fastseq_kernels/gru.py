@@ -434,7 +434,7 @@ def _weight_grads(X, Hh, RH, dXG, dXC, dH, gates_kernel, cand_kernel, order, len
     H = dH.shape[1]
     dt = dXG.dtype
     dgk, dck, dgb, dcb, dXp = _tail_buffers(R, I, H, dt)
-    for task in range(TAIL_WHOLE):
+    for task in TAIL_SERIAL:
         _tail_task(task, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dgb, dcb, dXp, nthreads)
     return _tail_rest(dXp, dH, dgk, dck, dgb, dcb, order, lens_s, nb, base, T, reverse, uniform, bm)
 
@@ -446,10 +446,10 @@ def _tail_buffers(R, I, H, dt):
             np.empty((R, I), dt))
 
 
-#: The tasks of the backward tail (:func:`_tail_task`): 0 to 5 as one thread runs them in
-#: order; 6 and 7 the input gradients of one half of the rows each (on the pair instead
-#: of 2 and 5), 8 and 9 the bias gradients.
-TAIL_WHOLE = 6
+#: The tasks of the backward tail (:func:`_tail_task`) as one thread runs them, in this
+#: order (task 5 adds onto task 2's rows); the pair runs 6 and 7, the input gradients of
+#: one half of the rows each, instead of 2 and 5 (:data:`TAIL_ORDER`).
+TAIL_SERIAL = (0, 1, 2, 3, 4, 5, 8, 9)
 
 
 @kernel(inline="always")
@@ -484,8 +484,6 @@ def _tail_task(task, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, d
         gemm_tn(H, H, R, RH, 0, H, dXC, 0, H, dck, I * H, H, nthreads)
     else:
         gemm_nt(R, I, H, dXC, 0, H, cand_kernel, 0, H, 1.0, dXp, 0, I, nthreads)
-        column_sums(dXG, R, dgb, 0)
-        column_sums(dXC, R, dcb, 0)
 
 
 #: :func:`gru_backward_split` runs the tail's GEMMs on the two threads of the pair
