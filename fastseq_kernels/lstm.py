@@ -499,6 +499,22 @@ def lstm_forward_stream(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, 
 #: Smallest per-step product (multiply-adds, rows x 4H x H) for which the forward loop
 #: runs on two threads (:func:`lstm_forward_split`); below it the one-thread loop above.
 SPLIT_MIN_MACS = 1 << 22
+#: The two-thread loops share the work by rows of the batch (:func:`split_by_rows`: each
+#: worker takes ``ROW_PARTS / 2`` parts of the sorted rows through every step, no barrier
+#: per step) from ``ROWS_MIN_B`` rows while the recurrent rows of the kernel take at most
+#: ``ROWS_MAX_WEIGHT_BYTES`` (each worker reads all of them every step); else by the units
+#: of each step. Measured on the Zen 4 machine, float32, column split / row split time,
+#: forward and backward: B=64 H=512 1.05 / 1.10; B=8 H=512 1.09 / 1.08; B=6 H=256 1.32 /
+#: 1.24; B=4 H=512 0.94 / 0.95; B=8 and B=16 H=1024 (16 MB) 1.05 / 0.96 and 1.03 / 0.99;
+#: B=4 H=1024 0.73 / 0.76.
+ROWS_MIN_B = 6
+ROWS_MAX_WEIGHT_BYTES = 8 << 20
+ROW_PARTS = 2
+
+
+def split_by_rows(B, H, itemsize):
+    """Whether the two-thread LSTM loops share each step by rows (else by units)."""
+    return B >= ROWS_MIN_B and 4 * H * H * itemsize <= ROWS_MAX_WEIGHT_BYTES
 
 
 def split_applies(B, H, P, steps, plain, nthreads, itemsize):
@@ -534,6 +550,24 @@ def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, pac
     return order, lens_s, nb, base, hbase, uniform, X, G, KP, KPI, Hh, Ch, y, Yp, cT, hT, claims, done, scratch
 
 
+@kernel(inline="always")
+def _project_rows(w, claims, done, L, X, KPI, G, scr):
+    """The input projection ``G = X @ kernel[:I]`` of the two-thread forward workers, in
+    ``PROJ_CHUNKS`` row chunks claimed from task ``L``, each on the packed micro-kernel
+    over the packed input rows ``KPI``; returns when every chunk is done."""
+    R, G4 = G.shape
+    I = X.shape[1]
+    while True:
+        c = take_chunk(claims, L, PROJ_CHUNKS, w)
+        if c < 0:
+            break
+        r0 = R * c // PROJ_CHUNKS
+        r1 = R * (c + 1) // PROJ_CHUNKS
+        gemm_packed(r1 - r0, G4, I, X, r0 * I, I, KPI, G, r0 * G4, G4, scr, 0)
+        atomic_add(done, L, 1)
+    wait_at_least(done, L, PROJ_CHUNKS)
+
+
 @kernel
 def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, KPI, G, bias, fb, KP, Hh, Ch, Yp,
                               cT, hT, scratch, nchunks):
@@ -560,17 +594,7 @@ def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, 
     nch = min(npan, nchunks)
     scr = scratch[w]
     fbt = G.dtype.type(fb)
-    R = G.shape[0]
-    I = X.shape[1]
-    while True:
-        c = take_chunk(claims, L, PROJ_CHUNKS, w)
-        if c < 0:
-            break
-        r0 = R * c // PROJ_CHUNKS
-        r1 = R * (c + 1) // PROJ_CHUNKS
-        gemm_packed(r1 - r0, G4, I, X, r0 * I, I, KPI, G, r0 * G4, G4, scr, 0)
-        atomic_add(done, L, 1)
-    wait_at_least(done, L, PROJ_CHUNKS)
+    _project_rows(w, claims, done, L, X, KPI, G, scr)
     for k in range(L):
         while True:
             c = take_chunk(claims, k, nch, w)
@@ -604,11 +628,61 @@ def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, 
     return team_end(w, hand, jb)
 
 
+@kernel
+def lstm_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, KPI, G, bias, fb, KP, Hh, Ch, Yp,
+                             cT, hT, scratch, nparts):
+    """Worker ``w`` (0 or 1) of the time loop split by batch rows: the input projection as
+    in :func:`lstm_forward_split_worker`, then the whole time loop of every row part it
+    claims (task 0: ``nparts`` parts, part ``p`` the sorted rows ``p``, ``p + nparts``,
+    ...): each step the product of those rows over all four gate blocks, then their
+    gates. Rows of a batch never meet in a layer and a sorted row keeps its index while
+    it is active, so a part runs from the first step to the last with no wait on the
+    other worker (the column split has a barrier per step), at the cost of each worker
+    reading all of the packed recurrent rows every step. A worker that is late or absent
+    leaves its part to the other one."""
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
+    L = nb.shape[0] - 1
+    H = Ch.shape[1]
+    G4 = 4 * H
+    scr = scratch[w]
+    fbt = G.dtype.type(fb)
+    _project_rows(w, claims, done, L, X, KPI, G, scr)
+    S = nparts
+    while True:
+        p = take_chunk(claims, 0, S, w)
+        if p < 0:
+            break
+        for k in range(L):
+            n = nb[k]
+            m = (n - p + S - 1) // S  # rows p, p + S, ... below n
+            if m <= 0:
+                break  # active rows only shrink
+            nn = nb[k + 1]
+            gb = base[k]
+            hb = hbase[k]
+            nhb = hbase[k + 1]
+            gemm_acc_packed(m, G4, H, Hh, (hb + p) * H, S * H, KP, G, (gb + p) * G4, S * G4, scr)
+            for r in range(p, n, S):
+                g = gb + r
+                if r < nn:
+                    cout = Ch[nhb + r]
+                    hout = Hh[nhb + r]
+                else:
+                    cout = cT[order[r]]
+                    hout = hT[order[r]]
+                _gates_tanh_units(G[g], bias, fbt, Ch[hb + r], cout, Yp[g], H, 0, H)
+                _copy_row(Yp[g], hout, H)
+    return team_end(w, hand, jb)
+
+
 def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, nthreads, packed, bm=False,
                        packed_in=None):
     """:func:`lstm_forward` for the configurations of :func:`split_applies`, with the time
-    loop on two threads (the caller and :mod:`._team`'s helper) that share the units of
-    every step. Same arguments and results (the workspace is the one
+    loop on two threads (the caller and :mod:`._team`'s helper) that share the rows of the
+    batch (:func:`split_by_rows`, :func:`lstm_forward_rows_worker`) or else the units of
+    every step (:func:`lstm_forward_split_worker`). Same arguments and results (the workspace is the one
     :func:`lstm_backward` reads); the arithmetic of each element is the one-thread loop's
     with the packed micro-kernel (the input projection too, so float32 sums may round
     differently from its one GEMM). ``nthreads`` is not used (two threads).
@@ -624,8 +698,12 @@ def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, n
     (order, lens_s, nb, base, hbase, uniform, X, G, KP, KPI, Hh, Ch, y, Yp, cT, hT, claims, done,
      scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed,
                                          packed_or_empty(packed_in, x.dtype), bm)
-    run_pair(lstm_forward_split_worker, (claims, done, nb, base, hbase, order, X, KPI, G, bias,
-                                         float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch, MAX_CHUNKS))
+    if split_by_rows(B, H, x.dtype.itemsize):
+        run_pair(lstm_forward_rows_worker, (claims, done, nb, base, hbase, order, X, KPI, G, bias,
+                                            float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch, ROW_PARTS))
+    else:
+        run_pair(lstm_forward_split_worker, (claims, done, nb, base, hbase, order, X, KPI, G, bias,
+                                             float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch, MAX_CHUNKS))
     if not direct_rows(uniform, bm, B):
         y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)
     dt = x.dtype
@@ -687,6 +765,19 @@ def _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s, nb,
         dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
     dc0, dh0 = _reorder_rows(dC, dH, order, True)
     return dx, dc0, dh0, dkernel, dbias, dproj
+
+
+@kernel(inline="always")
+def _store_panels(row, dGp, g, R, NR, dbias):
+    """Row ``g`` (of ``R``) of the gate gradients, ``row [4H]``, into the panel-major
+    ``dGp`` that :func:`._packed.gemm_tn_panels` reads (panel ``q`` at ``q * R * NR``),
+    and added into ``dbias``."""
+    G4 = row.shape[0]
+    for j in range(G4):
+        dbias[j] += row[j]
+    for q in range(G4 // NR):
+        d0 = q * R * NR + g * NR
+        _copy_row(row[q * NR:(q + 1) * NR], dGp[d0:d0 + NR], NR)
 
 
 @kernel
@@ -770,15 +861,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
             step_product(n, P, G4, Tk, 0, G4, KPt, kernel, I * G4, G4, 1, dH, 0, P, 0, nthreads, scr)
             gemm_packed(n, I, G4, Tk, 0, G4, KPx, dXp, gb * I, I, scr, 0)
             for r in range(n):
-                row = Tk[r]
-                for j in range(G4):
-                    dbias_p[j] += row[j]
-                for q in range(G4 // NRp):
-                    d0 = q * R * NRp + (gb + r) * NRp
-                    dst = dGp[d0:d0 + NRp]
-                    src = row[q * NRp:(q + 1) * NRp]
-                    for j in range(NRp):
-                        dst[j] = src[j]
+                _store_panels(Tk[r], dGp, gb + r, R, NRp, dbias_p)
             continue
         for r in range(n if not fast_grad else 0):
             b = order[r]
@@ -838,7 +921,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
 
     if panel:
         dkernel = np.zeros((I + P, G4), dt)
-        gemm_tn_panels(I + P, G4, R, X, 0, I + P, dGp, dkernel, 0, G4)
+        gemm_tn_panels(I + P, G4, R, X, 0, I + P, dGp, 0, dkernel, 0, G4)
         if direct_rows(uniform, bm, B):
             dx = dXp.reshape((B, T, I) if bm else (T, B, I))
         else:
@@ -913,6 +996,109 @@ def lstm_backward_split_worker(w, hand, claims, done, G, Ch, order, lens_s, nb, 
 
 
 @kernel
+def lstm_backward_rows_begin(ws, kernel, dcT, dhT, packed_t, packed_x, nparts):
+    """Everything before the loop of the row-split backward (:func:`lstm_backward_split`
+    where :func:`split_by_rows`): the carried state gradients in sorted order, both packed
+    transposed row blocks of the kernel (``kernel[I:]^T`` for ``d h``, ``kernel[:I]^T``
+    for ``dx``), a row buffer for one step's gate gradients, their panel-major store, the
+    ``dx`` rows, a bias partial per part and the zeroed kernel gradient."""
+    X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
+    G4 = G.shape[1]
+    H = G4 // 4
+    I = kernel.shape[0] - H
+    L = nb.shape[0] - 1
+    R = G.shape[0]
+    dt = G.dtype
+    dC, dH = _reorder_rows(dcT, dhT, order, False)
+    KPt = given_or_pack(packed_t, max(L, PACK_MIN_STEPS), kernel, I * G4, G4, G4, H, True)  # kernel[I:].T
+    KPx = given_or_pack(packed_x, max(L, PACK_MIN_STEPS), kernel, 0, G4, G4, I, True)  # kernel[:I].T
+    Tk = np.empty((dcT.shape[0], G4), dt)
+    dGp = np.empty(R * G4, dt)
+    dXp = np.empty((R, I), dt)
+    dbp = np.zeros((nparts, G4), dt)
+    dkernel = np.zeros((I + H, G4), dt)
+    claims = np.zeros(2, np.int64)  # task 0: the row parts; task 1: the weight gradient's two halves
+    done = np.zeros(2, np.int64)
+    scratch = np.empty((2, MAX_HEIGHT * panel_width(G)), dt)
+    return dH, dC, KPt, KPx, Tk, dGp, dXp, dbp, dkernel, claims, done, scratch
+
+
+@kernel
+def lstm_backward_rows_worker(w, hand, claims, done, X, G, Hh, Ch, order, lens_s, nb, base, reverse, KPt, KPx, dy,
+                              dH, dC, Tk, dGp, dXp, dbp, dkernel, scratch, nparts, bm):
+    """Worker ``w`` (0 or 1) of the row-split backward. First the whole backward loop of
+    every row part it claims (task 0; the parts of :func:`lstm_forward_rows_worker`): at
+    step ``k`` the part's gate gradients of step ``k + 1`` (in ``Tk``, rows ``p``, ``p +
+    nparts``, ...) give both its ``d h`` (against ``kernel[I:]^T``) and its rows of ``dx``
+    (against ``kernel[:I]^T``), then its gate gradients of step ``k`` replace them in
+    ``Tk`` and go, panel by panel, to ``dGp``, their sums to the part's bias partial. No
+    barrier per step, and no input-gradient GEMM after the loop. Then, once every part is
+    done, the kernel gradient ``[X, h]^T dG`` (:func:`._packed.gemm_tn_panels`) in two
+    halves of the gate columns (task 1), one per worker while both run."""
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
+    L = nb.shape[0] - 1
+    H = dH.shape[1]
+    G4 = 4 * H
+    I = X.shape[1]
+    R = G.shape[0]
+    NR = panel_width(G)
+    scr = scratch[w]
+    one = G.dtype.type(1.0)
+    S = nparts
+    while True:
+        p = take_chunk(claims, 0, S, w)
+        if p < 0:
+            break
+        for k in range(L - 1, -2, -1):  # k = -1: only step 0's products
+            if k + 1 < L:
+                m1 = (nb[k + 1] - p + S - 1) // S  # the part's rows active at step k + 1
+                if m1 > 0:
+                    gemm_packed(m1, H, G4, Tk, p * G4, S * G4, KPt, dH, p * H, S * H, scr, 0)
+                    gemm_packed(m1, I, G4, Tk, p * G4, S * G4, KPx, dXp, (base[k + 1] + p) * I, S * I, scr, 0)
+            if k >= 0:
+                gb = base[k]
+                for r in range(p, nb[k], S):
+                    g = gb + r
+                    _grad_tanh_row(G[g], Ch[g], dH[r], row3(dy, time_index(k, r, lens_s, reverse), order[r], bm),
+                                   dC[r], Tk[r], one, H)
+                    _store_panels(Tk[r], dGp, g, R, NR, dbp[p])
+        atomic_add(done, 0, 1)
+    wait_at_least(done, 0, S)
+    while True:
+        c = take_chunk(claims, 1, 2, w)
+        if c < 0:
+            break
+        j0, j1 = chunk_cols(c, 2, G4, NR)
+        gemm_tn_panels(I, j1 - j0, R, X, 0, I, dGp, j0 // NR, dkernel, j0, G4)
+        gemm_tn_panels(H, j1 - j0, R, Hh, 0, H, dGp, j0 // NR, dkernel, I * G4 + j0, G4)
+    return team_end(w, hand, jb)
+
+
+@kernel
+def lstm_backward_rows_end(ws, dXp, dbp, dH, dC, T, reverse, bm):
+    """After the row-split backward: the bias gradient (the parts' partials, summed in
+    part order, so the result does not depend on which worker ran which part), ``dx`` in
+    the caller's layout, ``dc0``/``dh0`` in batch order."""
+    X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
+    B = dH.shape[0]
+    I = dXp.shape[1]
+    G4 = G.shape[1]
+    uniform = G.shape[0] == T * B and (B == 0 or lens_s[B - 1] == T)
+    dbias = np.zeros(G4, G.dtype)
+    for p in range(dbp.shape[0]):
+        for j in range(G4):
+            dbias[j] += dbp[p, j]
+    if direct_rows(uniform, bm, B):
+        dx = dXp.reshape((B, T, I) if bm else (T, B, I))
+    else:
+        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
+    dc0, dh0 = _reorder_rows(dC, dH, order, True)
+    return dx, dc0, dh0, dbias
+
+
+@kernel
 def lstm_backward_split_end(ws, kernel, dG, dH, dC, T, reverse, nthreads, bm):
     """After the loop of :func:`lstm_backward_split`: :func:`_weight_grads`."""
     X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
@@ -924,13 +1110,18 @@ def lstm_backward_split_end(ws, kernel, dG, dH, dC, T, reverse, nthreads, bm):
                          nthreads, bm)
 
 
-def lstm_backward_split(ws, kernel, dy, dcT, dhT, T, reverse, nthreads, packed_t, bm=False):
+def lstm_backward_split(ws, kernel, dy, dcT, dhT, T, reverse, nthreads, packed_t, bm=False, packed_x=None):
     """:func:`lstm_backward` for the configurations of :func:`split_applies` (the workspace
     of a forward run with ``need_grad``; tanh, no peepholes, clipping, projection or state
-    masks), with the time loop on two threads (the caller and :mod:`._team`'s helper)
-    that share the units of every step; the weight gradients afterwards as in
-    :func:`lstm_backward`, on ``nthreads`` BLAS threads. Same results; the arithmetic of
-    the loop is the one-thread kernel's with the packed micro-kernel.
+    masks), with the time loop on two threads (the caller and :mod:`._team`'s helper).
+    Where :func:`split_by_rows` says so, each thread takes its parts of the batch rows
+    through the whole loop, forming ``dx`` step by step, and the kernel gradient follows
+    on both threads (:func:`lstm_backward_rows_worker`; ``packed_x``: ``kernel[:I]^T``
+    packed by :func:`._packed.pack_panels_t`, as the numba backend keeps it, or None to
+    pack it here); else the threads share the units of every step and the weight and
+    input gradients follow as in :func:`lstm_backward`, on ``nthreads`` BLAS threads.
+    Same results; the arithmetic of the loop is the one-thread kernel's with the packed
+    micro-kernel (float32 sums may round differently).
 
     Returns ``(dx, dc0, dh0, dkernel, dbias, dproj)`` (no peephole gradients; ``dproj`` is
     ``[0, 0]``); ``bm`` as in :func:`lstm_backward`."""
@@ -942,6 +1133,14 @@ def lstm_backward_split(ws, kernel, dy, dcT, dhT, T, reverse, nthreads, packed_t
     X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
     reverse = bool(reverse)
     bm = bool(bm)
+    dt = dcT.dtype
+    if split_by_rows(dcT.shape[0], H, dt.itemsize):
+        dH, dC, KPt, KPx, Tk, dGp, dXp, dbp, dkernel, claims, done, scratch = lstm_backward_rows_begin(
+            ws, kernel, dcT, dhT, packed_t, packed_or_empty(packed_x, dt), ROW_PARTS)
+        run_pair(lstm_backward_rows_worker, (claims, done, X, G, Hh, Ch, order, lens_s, nb, base, reverse, KPt, KPx,
+                                             dy, dH, dC, Tk, dGp, dXp, dbp, dkernel, scratch, ROW_PARTS, bm))
+        dx, dc0, dh0, dbias = lstm_backward_rows_end(ws, dXp, dbp, dH, dC, T, reverse, bm)
+        return dx, dc0, dh0, dkernel, dbias, np.empty((0, 0), dt)
     dH, dC, dG, KPt, claims, done, scratch = lstm_backward_split_begin(ws, kernel, dcT, dhT, packed_t)
     run_pair(lstm_backward_split_worker, (claims, done, G, Ch, order, lens_s, nb, base, reverse, KPt, dy, dH, dC, dG,
                                           scratch, MAX_CHUNKS, bm))

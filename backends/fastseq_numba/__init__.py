@@ -205,7 +205,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
             split = k["lstm"].split_applies(B, spec.num_units, P, steps, plain, nt, x.dtype.itemsize)
             fuse = False
             if split:
-                # the time loop on two threads sharing the units (fastseq_kernels/lstm.py)
+                # the time loop on two threads sharing the rows or the units (fastseq_kernels/lstm.py)
                 kp = self._packed(p["kernel"], steps, I * H4, H4, P, H4, False)
                 kpi = self._packed(p["kernel"], steps, 0, H4, I, H4, False)  # input rows, for the projection
                 y, cT, hT, ws = k["lstm"].lstm_forward_split(x, p["kernel"], p["bias"], states[0], states[1],
@@ -291,9 +291,12 @@ class NumbaBackend(NumpyArrayOps, Backend):
             kpt = self._packed(p["kernel"], steps, I * H4, H4, H4, spec.output_size, True)
             plain = _lstm_plain(spec, w.masks)
             if k["lstm"].split_applies(B, spec.num_units, P, steps, plain, nt, dtype.itemsize):
-                # the time loop on two threads sharing the units of each step (fastseq_kernels/lstm.py)
+                # the time loop on two threads sharing the rows or the units of each step
+                # (fastseq_kernels/lstm.py); the row split forms dx in the loop from kernel[:I]^T
+                kpx = (self._packed(p["kernel"], steps, 0, H4, H4, I, True)
+                       if k["lstm"].split_by_rows(B, spec.num_units, dtype.itemsize) else None)
                 dx, dc0, dh0, dk, db, _ = k["lstm"].lstm_backward_split(w.ws, p["kernel"], dy, ds[0], ds[1], T,
-                                                                        w.reverse, nt, kpt, bm)
+                                                                        w.reverse, nt, kpt, bm, kpx)
                 return dx, (dc0, dh0), {"kernel": dk, "bias": db}
             dx, dc0, dh0, dk, db, dwi, dwf, dwo, dproj = k["lstm"].lstm_backward(
                 w.ws, p["kernel"], p["bias"],

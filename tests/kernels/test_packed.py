@@ -144,11 +144,12 @@ def test_gemm_tn_acc_against_numpy(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_gemm_tn_panels_against_numpy(dtype):
-    """``C += A^T B`` with ``B`` stored panel-major (as the one-thread LSTM backward writes
-    its gate gradients): every micro-kernel height, one and several panels, depth 1, 9
+    """``C += A^T B`` with ``B`` stored panel-major (as the LSTM backward kernels write
+    their gate gradients): every micro-kernel height, one and several panels, depth 1, 9
     and across depth blocks (``TN_KC``), offsets and leading dimensions of ``A`` and
-    ``C`` into larger buffers; ``B`` is built from a row-major array by a NumPy
-    transpose, so a mixed-up panel or row shows."""
+    ``C`` into larger buffers, all panels and those from the second on (a thread's share);
+    ``B`` is built from a row-major array by a NumPy transpose, so a mixed-up panel or row
+    shows."""
     from fastseq_kernels._packed import TN_KC, gemm_tn_panels, panel_cols
 
     rng = np.random.default_rng(12)
@@ -162,8 +163,14 @@ def test_gemm_tn_panels_against_numpy(dtype):
                 c = rng.normal(size=(m + 2, n + 3)).astype(dtype)  # C at row 1, column 1
                 want = c.astype(np.float64)
                 want[1:m + 1, 1:n + 1] += a[1:, 2:m + 2].T.astype(np.float64) @ b.astype(np.float64)
-                gemm_tn_panels(m, n, k, a, (m + 3) + 2, m + 3, bp, c, (n + 3) + 1, n + 3)
+                gemm_tn_panels(m, n, k, a, (m + 3) + 2, m + 3, bp, 0, c, (n + 3) + 1, n + 3)
                 assert _rel_err(c, want) <= TOL[dtype], f"m={m} n={n} k={k}"
+                if n > nr:  # the panels from the second on only (a thread's share of them)
+                    c2 = c.copy()
+                    want = c2.astype(np.float64)
+                    want[1:m + 1, 1:n - nr + 1] += a[1:, 2:m + 2].T.astype(np.float64) @ b[:, nr:].astype(np.float64)
+                    gemm_tn_panels(m, n - nr, k, a, (m + 3) + 2, m + 3, bp, 1, c2, (n + 3) + 1, n + 3)
+                    assert _rel_err(c2, want) <= TOL[dtype], f"from panel 1: m={m} n={n} k={k}"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])

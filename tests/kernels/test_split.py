@@ -1,6 +1,7 @@
 """The LSTM time loops on two threads (fastseq_kernels.lstm.lstm_forward_split and
 lstm_backward_split, _team, _atomic): the same outputs, final states, workspace and
-gradients as the one-thread kernels, with and without sequence_length (lengths 0 and T),
+gradients as the one-thread kernels, under both ways of sharing a step (the units of each
+step or the rows of the batch), with and without sequence_length (lengths 0 and T),
 forward and reversed, float32 and float64; the same when the helper thread is busy
 (worker 0 alone does every task); correct from several Python threads at once; and the
 backend takes them (with gradients against the reference)."""
@@ -14,6 +15,17 @@ from _kernel_helpers import assert_close, count_calls, forward_on_backends, LENG
     training_against_reference
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
+
+
+@pytest.fixture(params=["units", "rows"])
+def scheme(request, monkeypatch):
+    """Both ways the two-thread loops share a step: the units of every step (a barrier per
+    step) or the rows of the batch (no barrier; ``lstm.split_by_rows``)."""
+    from fastseq_kernels import lstm
+
+    monkeypatch.setattr(lstm, "ROWS_MIN_B", 1 if request.param == "rows" else 1 << 62)
+    monkeypatch.setattr(lstm, "ROWS_MAX_WEIGHT_BYTES", 1 << 62)
+    return request.param
 
 
 _args = lstm_kernel_args
@@ -42,7 +54,7 @@ def _compare(got, want, dtype, what):
 @pytest.mark.parametrize("lengths", sorted(LENGTHS))
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("need_grad", [False, True], ids=["infer", "grad"])
-def test_split_matches_one_thread(dtype, lengths, reverse, need_grad):
+def test_split_matches_one_thread(dtype, lengths, reverse, need_grad, scheme):
     from fastseq_kernels import lstm
 
     T, B, I, H = 9, 8, 5, 64  # 64 units: two float32 panels, four float64 panels
@@ -54,7 +66,7 @@ def test_split_matches_one_thread(dtype, lengths, reverse, need_grad):
 
 
 @pytest.mark.parametrize("H", [32, 96, 160])
-def test_split_unit_counts(H):
+def test_split_unit_counts(H, scheme):
     """One panel (one chunk), three panels (three chunks), five (five chunks)."""
     from fastseq_kernels import lstm
 
@@ -74,7 +86,7 @@ def test_split_rejects_units_off_the_panels():
 
 
 @pytest.mark.parametrize("H", [512, 544])
-def test_split_chunks_of_several_panels(H):
+def test_split_chunks_of_several_panels(H, scheme):
     """More than MAX_CHUNKS panels: chunks of several panels, all alike (512 units) and not (544)."""
     from fastseq_kernels import lstm
 
@@ -84,7 +96,7 @@ def test_split_chunks_of_several_panels(H):
     _compare(got, want, np.float32, f"H={H}")
 
 
-def _backward_pair(dtype, T, B, I, H, lengths, reverse, seed=0):
+def _backward_pair(dtype, T, B, I, H, lengths, reverse, seed=0, packed_x=None):
     """Gradients of one forward run by the one-thread and the two-thread backward kernels."""
     from fastseq_kernels import lstm
 
@@ -96,7 +108,11 @@ def _backward_pair(dtype, T, B, I, H, lengths, reverse, seed=0):
     dhT = rng.normal(size=hT.shape).astype(dtype)
     e1, e2, e3 = np.zeros(0, dtype), np.zeros((0, 0), dtype), np.zeros((0, 1, 1), dtype)
     want = lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, dcT, dhT, T, reverse, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1, False)
-    got = lstm.lstm_backward_split(ws, k, dy, dcT, dhT, T, reverse, 1, e1)
+    if isinstance(packed_x, str):  # kernel[:I]^T packed by the caller, as the backend keeps it
+        from fastseq_kernels._packed import pack_panels_t
+
+        packed_x = pack_panels_t(k, 0, 4 * H, 4 * H, I)
+    got = lstm.lstm_backward_split(ws, k, dy, dcT, dhT, T, reverse, 1, e1, False, packed_x)
     return got, want[:5]
 
 
@@ -106,7 +122,7 @@ GRADS = ("dx", "dc0", "dh0", "dkernel", "dbias")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("lengths", sorted(LENGTHS))
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_backward_split_matches_one_thread(dtype, lengths, reverse):
+def test_backward_split_matches_one_thread(dtype, lengths, reverse, scheme):
     T, B = 9, 8
     got, want = _backward_pair(dtype, T, B, 5, 64, LENGTHS[lengths](T, B), reverse)
     for g, w_, name in zip(got, want, GRADS):
@@ -115,14 +131,43 @@ def test_backward_split_matches_one_thread(dtype, lengths, reverse):
 
 
 @pytest.mark.parametrize("H", [32, 96, 512, 544])
-def test_backward_split_unit_counts(H):
+def test_backward_split_unit_counts(H, scheme):
     """One or two panels per chunk, more panels than chunks, chunks of unequal panels."""
     got, want = _backward_pair(np.float32, 6, 5, 4, H, [6, 2, 0, 6, 5], False, seed=H)
     for g, w_, name in zip(got, want, GRADS):
         assert_close(g, w_, TOL[np.float32], f"H={H}: {name}")
 
 
-def test_backward_split_with_the_helper_busy_runs_alone():
+@pytest.mark.parametrize("B", [1, 2, 3])
+@pytest.mark.parametrize("packed_x", [None, "packed", "wrong size"])
+def test_row_split_small_batches_and_packed_input_rows(B, packed_x, monkeypatch):
+    """The row split with a part of one row or none at all (B = 1), forward and backward;
+    the transposed input rows of the kernel packed by the caller, packed by the kernel, or
+    given with a wrong size (ignored, packed again)."""
+    from fastseq_kernels import lstm
+
+    monkeypatch.setattr(lstm, "ROWS_MIN_B", 1)
+    x, k, b, c0, h0, L = _args(np.float64, 7, B, 3, 64, [7, 0, 4][:B], seed=B)
+    want = _one_thread(x, k, b, c0, h0, L, True, True)
+    got = lstm.lstm_forward_split(x, k, b, c0, h0, L, True, 1.0, True, 2, np.zeros(0, np.float64))
+    _compare(got, want, np.float64, f"B={B}")
+    px = np.zeros(5, np.float64) if packed_x == "wrong size" else packed_x
+    got, want = _backward_pair(np.float64, 7, B, 3, 64, [7, 0, 4][:B], True, seed=B, packed_x=px)
+    for g, w_, name in zip(got, want, GRADS):
+        assert_close(g, w_, TOL[np.float64], f"B={B}: {name}")
+
+
+def test_split_by_rows_where_it_measured_faster():
+    from fastseq_kernels.lstm import ROWS_MAX_WEIGHT_BYTES, ROWS_MIN_B, split_by_rows
+
+    assert split_by_rows(64, 512, 4)  # P3's shape
+    assert split_by_rows(ROWS_MIN_B, 256, 4)
+    assert not split_by_rows(ROWS_MIN_B - 1, 256, 4)  # a part of two rows streams all weights for them
+    assert not split_by_rows(64, 1024, 4)  # 16 MB of recurrent rows read by each thread every step
+    assert 4 * 512 * 512 * 8 <= ROWS_MAX_WEIGHT_BYTES and split_by_rows(64, 512, 8)
+
+
+def test_backward_split_with_the_helper_busy_runs_alone(scheme):
     from fastseq_kernels import _team
 
     assert _team._HELPER.busy.acquire(timeout=10)
@@ -146,7 +191,7 @@ def test_backward_split_rejects_units_off_the_panels():
                                  np.zeros((2, H), np.float32), np.zeros((2, H), np.float32), 4, False, 1, e1)
 
 
-def test_split_with_the_helper_busy_runs_alone():
+def test_split_with_the_helper_busy_runs_alone(scheme):
     from fastseq_kernels import _team, lstm
 
     x, k, b, c0, h0, L = _args(np.float64, 6, 4, 3, 32, [6, 1, 0, 4])
@@ -159,7 +204,7 @@ def test_split_with_the_helper_busy_runs_alone():
     _compare(got, want, np.float64, "helper busy")
 
 
-def test_split_from_several_threads_at_once():
+def test_split_from_several_threads_at_once(scheme):
     from fastseq_kernels import lstm
 
     cases = [_args(np.float32, 12, 6, 4, 64, [12, 3, 0, 12, 7, 1], seed=s) for s in range(4)]
@@ -191,7 +236,8 @@ def test_split_applies_only_where_it_can():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("time_major", [False, True], ids=["batch", "time"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
-def test_backend_takes_the_split_loop_and_agrees_with_the_reference(dtype, time_major, with_lengths, monkeypatch):
+def test_backend_takes_the_split_loop_and_agrees_with_the_reference(dtype, time_major, with_lengths, scheme,
+                                                                    monkeypatch):
     from fastseq_kernels import lstm
 
     calls = count_calls(monkeypatch, lstm, "lstm_forward_split")
