@@ -17,7 +17,9 @@ needs. The backward pass turns ``G`` into the gate gradients in place, one GEMM 
 for ``d h``, and then gets every weight gradient from one GEMM over all rows. Where it
 pays (:func:`fuse_applies`: batches of several rows, a kernel that fits in L2) the
 one-thread loop instead *fuses* the input projection into each step's product over
-``[x_t, h]`` and the whole kernel (``fuse``).
+``[x_t, h]`` and the whole kernel (``fuse``). The two-thread loops (:func:`lstm_forward_split`,
+:func:`lstm_backward_split`) share the rows of the batch where :func:`split_by_rows` says so;
+their backward then forms ``dx`` step by step instead of in one GEMM after the loop.
 
 ``nthreads`` (last argument of every kernel): BLAS threads the kernel's large products may
 use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS`` use one).
