@@ -43,6 +43,12 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         _, _, _, ws32 = lstm.lstm_forward_split(x, k32, _ro(np.zeros(128, dt)), h32, h32, lengths, False, 1.0, True, 2,
                                                 e1)
         lstm.lstm_backward_split(ws32, k32, np.ones((T, B, 32), dt), h32, h32, T, False, 1, e1)
+        # the same loops split by batch rows (lstm.split_by_rows, gru._split_by_rows: 8 rows)
+        x8 = rng.standard_normal((T, 8, I)).astype(dt)
+        l8 = np.array([2, 2, 1, 2, 0, 1, 2, 2], np.int64)
+        h8 = np.zeros((8, 32), dt)
+        _, _, _, ws8 = lstm.lstm_forward_split(x8, k32, _ro(np.zeros(128, dt)), h8, h8, l8, False, 1.0, True, 2, e1)
+        lstm.lstm_backward_split(ws8, k32, np.ones((T, 8, 32), dt), h8, h8, T, False, 1, e1)
         timings[("lstm", name)] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -56,6 +62,10 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         gru.gru_forward_split(x, gk, gb, ck, cb, h, lengths, False, False, e1, e1)
         gru.gru_backward_split(ws, gk, ck, dy, h, T, False, 1, e1, e1)
         gru.gru_backward_split(ws, gk, ck, dy, h, T, False, 2, e1, e1)  # the tail on the pair
+        h8 = np.zeros((8, H), dt)
+        _, _, ws8 = gru.gru_forward_split(x8, gk, gb, ck, cb, h8, l8, False, True, e1, e1)  # by rows
+        gru.gru_backward_split(ws8, gk, ck, np.ones((T, 8, H), dt), h8, T, False, 1, e1, e1)
+        gru.gru_backward_split(ws8, gk, ck, np.ones((T, 8, H), dt), h8, T, False, 2, e1, e1)
         timings[("gru", name)] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
