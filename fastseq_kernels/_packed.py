@@ -459,9 +459,10 @@ def gemm_tn_panels(m, n, k, a, aoff, lda, bp, q0, c, coff, ldc):
     ``q0`` on of a ``[k, *]`` matrix stored panel-major (``n`` a multiple of ``NR``; panel
     ``q``, columns ``q*NR:(q+1)*NR``, at ``q * k * NR``, its row ``p`` at ``+ p * NR``), as
     the LSTM backward kernels write their gate gradients for this product (see
-    :func:`.lstm.lstm_backward`; the two-thread one gives each thread half the panels). A depth block of a panel
-    is then one contiguous run of memory instead of ``TN_KC`` rows ``ldb`` apart (4 KB for
-    P4's ``4H = 1024``), which the hardware prefetches as a stream. Measured on the Zen 4
+    :func:`.lstm.lstm_backward`; the row-split two-thread one gives each thread half the
+    panels). A depth block of a panel is then one contiguous run of memory instead of
+    ``TN_KC`` rows ``ldb`` apart (4 KB for P4's ``4H = 1024``), which the hardware
+    prefetches as a stream. Measured on the Zen 4
     machine, one thread, float32 [320, 13046] x [13046, 1024] (P4's weight gradient):
     110 GFLOP/s against 98-102 for the row-major ``B`` of :func:`gemm_tn_acc`."""
     NR = panel_width(c)

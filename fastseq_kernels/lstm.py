@@ -700,8 +700,8 @@ def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, n
     """:func:`lstm_forward` for the configurations of :func:`split_applies`, with the time
     loop on two threads (the caller and :mod:`._team`'s helper) that share the rows of the
     batch (:func:`split_by_rows`, :func:`lstm_forward_rows_worker`) or else the units of
-    every step (:func:`lstm_forward_split_worker`). Same arguments and results (the workspace is the one
-    :func:`lstm_backward` reads); the arithmetic of each element is the one-thread loop's
+    every step (:func:`lstm_forward_split_worker`). Same arguments and results (the
+    workspace is the one :func:`lstm_backward` reads); the arithmetic of each element is the one-thread loop's
     with the packed micro-kernel (the input projection too, so float32 sums may round
     differently from its one GEMM). ``nthreads`` is not used (two threads).
     ``packed_in``: the input rows of ``kernel`` packed by :func:`pack_panels` (as the
@@ -1049,12 +1049,12 @@ def lstm_backward_rows_worker(w, hand, claims, done, X, G, Hh, Ch, order, lens_s
                               dH, dC, Tk, dGp, dXp, dbp, dkernel, scratch, nparts, bm):
     """Worker ``w`` (0 or 1) of the row-split backward. First the whole backward loop of
     every row part it claims (task 0; the parts of :func:`lstm_forward_rows_worker`): at
-    step ``k`` the part's gate gradients of step ``k + 1`` (in ``Tk``, rows ``p``, ``p +
-    nparts``, ...) give both its ``d h`` (against ``kernel[I:]^T``) and its rows of ``dx``
+    step ``k`` the part's gate gradients of step ``k + 1`` (in ``Tk[p]``, the part's rows
+    ``p``, ``p + nparts``, ... one after the other, see :func:`lstm_forward_rows_worker`
+    for why) give both its ``d h`` (against ``kernel[I:]^T``) and its rows of ``dx``
     (against ``kernel[:I]^T``), then its gate gradients of step ``k`` replace them in
-    ``Tk`` and go, panel by panel, to ``dGp``, their sums to the part's bias partial. No
-    barrier per step, and no input-gradient GEMM after the loop (``Tk[p]`` holds the part's
-    rows contiguously, see :func:`lstm_forward_rows_worker`). Then, once every part is
+    ``Tk[p]`` and go, panel by panel, to ``dGp``, their sums to the part's bias partial. No
+    barrier per step, and no input-gradient GEMM after the loop. Then, once every part is
     done, the kernel gradient ``[X, h]^T dG`` (:func:`._packed.gemm_tn_panels`) in two
     halves of the gate columns (task 1), one per worker while both run."""
     jb = team_begin(w, hand)
