@@ -220,6 +220,22 @@ def test_split_from_several_threads_at_once(scheme):
         _compare(got, want[:3] + (None,), np.float32, "threads")
 
 
+def test_backward_split_from_several_threads_at_once(scheme):
+    """Four Python threads each running the two-thread backward (one of them gets the
+    helper, the others run worker 0 alone) give the one-thread kernel's gradients."""
+    cases = [dict(T=8, B=6, I=4, H=64, lengths=[8, 3, 0, 8, 5, 1], reverse=bool(s % 2), seed=s) for s in range(4)]
+    results = [None] * len(cases)
+
+    def work(i):
+        for _ in range(3):
+            results[i] = _backward_pair(np.float32, **cases[i])
+
+    run_in_threads(work, len(cases))
+    for i, (got, want) in enumerate(results):
+        for g, w_, name in zip(got, want, GRADS):
+            assert_close(g, w_, TOL[np.float32], f"thread {i}: {name}")
+
+
 def test_split_applies_only_where_it_can():
     from fastseq_kernels.lstm import SPLIT_MIN_MACS, split_applies
 
