@@ -276,6 +276,15 @@ def gather_rows(x, order, lens_s, nb, base, R, reverse, bm):
     return out
 
 
+@kernel(inline="always")
+def rows_out(rows, T, B, order, lens_s, nb, base, reverse, uniform, bm):
+    """Rows ``[R, D]`` in plan order (a backward kernel's ``dx``) in the caller's layout:
+    the same memory reshaped where :func:`direct_rows`, else :func:`scatter_rows`."""
+    if direct_rows(uniform, bm, B):
+        return rows.reshape((B, T, rows.shape[1]) if bm else (T, B, rows.shape[1]))
+    return scatter_rows(rows, T, B, order, lens_s, nb, base, reverse, bm)
+
+
 @kernel
 def scatter_rows(packed, T, B, order, lens_s, nb, base, reverse, bm):
     """Inverse of :func:`gather_rows`: ``[R, D]`` -> ``[T, B, D]`` (``[B, T, D]`` when

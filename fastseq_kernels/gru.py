@@ -18,7 +18,7 @@ import numpy as np
 
 from ._blas import gemm
 from ._common import TANH, act, column_sums, dact, dims, direct_rows, ftanh, output_activation_stored, \
-    plan_and_inputs, row3, scatter_rows, sigmoid, time_index
+    plan_and_inputs, row3, rows_out, scatter_rows, sigmoid, time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._jit import kernel
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, given_or_pack, \
@@ -529,13 +529,9 @@ def gru_backward_tail_end(ws, dH, dgk, dck, dgb, dcb, dXp, T, reverse, uniform, 
 def _tail_rest(dXp, dH, dgk, dck, dgb, dcb, order, lens_s, nb, base, T, reverse, uniform, bm):
     """The backward tail after its tasks: ``dx`` in the caller's layout, ``dh0`` in batch
     order."""
-    R, I = dXp.shape
     B, H = dH.shape
     dt = dXp.dtype
-    if direct_rows(uniform, bm, B):
-        dx = dXp.reshape((B, T, I) if bm else (T, B, I))
-    else:
-        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
+    dx = rows_out(dXp, T, B, order, lens_s, nb, base, reverse, uniform, bm)
     dh0 = np.empty((B, H), dt)
     for r in range(B):
         b = order[r]
@@ -766,11 +762,7 @@ def gru_backward_split(ws, gates_kernel, cand_kernel, dy, dhT, T, reverse, nthre
         # The tail's GEMMs shared whole between the two threads, one BLAS thread each: as
         # fast as each GEMM on two BLAS threads, and it leaves no OpenBLAS thread spinning
         # into the next layer's loop (see TAIL_ON_PAIR).
-        R, I = X.shape
-        H = dhT.shape[1]
-        dt = XG.dtype
-        dgk, dck, dXp = np.empty((I + H, 2 * H), dt), np.empty((I + H, H), dt), np.empty((R, I), dt)
-        dgb, dcb = np.empty(2 * H, dt), np.empty(H, dt)
+        dgk, dck, dgb, dcb, dXp = _tail_buffers(X.shape[0], X.shape[1], dhT.shape[1], XG.dtype)
         run_pair(gru_backward_tail_worker, (np.zeros(1, np.int64), X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel,
                                             dgk, dck, dgb, dcb, dXp))
         return gru_backward_tail_end(ws, dH, dgk, dck, dgb, dcb, dXp, T, reverse, uniform, bm)

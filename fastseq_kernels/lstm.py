@@ -29,7 +29,7 @@ import numpy as np
 
 from ._blas import gemm
 from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, output_activation_stored, \
-    plan_and_inputs, row3, scatter_rows, sigmoid, time_index
+    plan_and_inputs, row3, rows_out, scatter_rows, sigmoid, time_index
 from ._jit import kernel
 from ._atomic import atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, team_end, \
     wait_at_least
@@ -941,10 +941,7 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
     if panel:
         dkernel = np.zeros((I + P, G4), dt)
         gemm_tn_panels(I + P, G4, R, X, 0, I + P, dGp, 0, dkernel, 0, G4)
-        if direct_rows(uniform, bm, B):
-            dx = dXp.reshape((B, T, I) if bm else (T, B, I))
-        else:
-            dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
+        dx = rows_out(dXp, T, B, order, lens_s, nb, base, reverse, uniform, bm)
         dc0, dh0 = _reorder_rows(dC, dH, order, True)
         return dx, dc0, dh0, dkernel, dbias_p, dwi, dwf, dwo, np.empty(proj.shape, dt)
     dx, dc0, dh0, dkernel, dbias, dproj = _weight_grads(X, Hh, Mp, dG, dMraw, dH, dC, kernel, proj, order, lens_s,
@@ -1110,17 +1107,13 @@ def lstm_backward_rows_end(ws, dXp, dbp, dH, dC, T, reverse, bm):
     the caller's layout, ``dc0``/``dh0`` in batch order."""
     X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
     B = dH.shape[0]
-    I = dXp.shape[1]
     G4 = G.shape[1]
     uniform = G.shape[0] == T * B and (B == 0 or lens_s[B - 1] == T)
     dbias = np.zeros(G4, G.dtype)
     for p in range(dbp.shape[0]):
         for j in range(G4):
             dbias[j] += dbp[p, j]
-    if direct_rows(uniform, bm, B):
-        dx = dXp.reshape((B, T, I) if bm else (T, B, I))
-    else:
-        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
+    dx = rows_out(dXp, T, B, order, lens_s, nb, base, reverse, uniform, bm)
     dc0, dh0 = _reorder_rows(dC, dH, order, True)
     return dx, dc0, dh0, dbias
 

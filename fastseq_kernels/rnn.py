@@ -12,8 +12,8 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import act, dact, dims, direct_rows, output_activation_stored, plan_and_inputs, row3, scatter_rows, \
-    time_index
+from ._common import act, dact, dims, direct_rows, output_activation_stored, plan_and_inputs, row3, \
+    rows_out, scatter_rows, time_index
 from ._jit import kernel
 from ._packed import gemm_nt, gemm_tn, given_or_pack, scratch_for, step_product
 
@@ -130,10 +130,7 @@ def rnn_backward(ws, kernel, bias, dy, dhT, T, reverse, mask_h, code, nthreads, 
             db[j] += dG[i, j]
     dXp = np.empty((R, I), dt)
     gemm_nt(R, I, H, dG, 0, H, kernel, 0, H, 0.0, dXp, 0, I, nthreads)
-    if direct_rows(uniform, bm, B):
-        dx = dXp.reshape((B, T, I) if bm else (T, B, I))
-    else:
-        dx = scatter_rows(dXp, T, B, order, lens_s, nb, base, reverse, bm)
+    dx = rows_out(dXp, T, B, order, lens_s, nb, base, reverse, uniform, bm)
     dh0 = np.empty((B, H), dt)
     for r in range(B):
         b = order[r]
