@@ -174,6 +174,36 @@ def test_gemm_tn_panels_against_numpy(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_gemm_tn_restrided_a_against_numpy(dtype):
+    """Rows of ``A`` a multiple of ``TN_BAD_STRIDE`` bytes apart: both ``A^T B`` kernels
+    copy each depth block of ``A`` with a padded stride first. Row blocks of every height
+    and a partial last vector, ``A`` from an offset column and row, depth within one
+    block and across three (the last one short), whole and narrow right edges."""
+    from fastseq_kernels._packed import TN_BAD_STRIDE, TN_KC, gemm_tn_acc, gemm_tn_panels, panel_cols
+
+    itemsize = np.dtype(dtype).itemsize
+    lda = 2 * TN_BAD_STRIDE // itemsize
+    rng = np.random.default_rng(21)
+    nr = panel_cols(itemsize)
+    for m in (1, 5, 13, 40, lda - 3):
+        for k in (7, 2 * TN_KC + 9):
+            a = rng.normal(size=(k + 1, lda)).astype(dtype)  # A at row 1, column 3
+            for n in (nr, 2 * nr + 3):
+                b = rng.normal(size=(k, n)).astype(dtype)
+                c = rng.normal(size=(m + 1, n + 2)).astype(dtype)  # C at row 1, column 2
+                want = c.astype(np.float64)
+                want[1:, 2:] += a[1:, 3:m + 3].T.astype(np.float64) @ b.astype(np.float64)
+                gemm_tn_acc(m, n, k, a, lda + 3, lda, b, 0, n, c, (n + 2) + 2, n + 2)
+                assert _rel_err(c, want) <= TOL[dtype], f"row-major B: m={m} n={n} k={k}"
+                if n % nr == 0:
+                    bp = np.ascontiguousarray(b.reshape(k, n // nr, nr).transpose(1, 0, 2)).reshape(-1)
+                    c = want.astype(dtype)
+                    want[1:, 2:] += a[1:, 3:m + 3].T.astype(np.float64) @ b.astype(np.float64)
+                    gemm_tn_panels(m, n, k, a, lda + 3, lda, bp, 0, c, (n + 2) + 2, n + 2)
+                    assert _rel_err(c, want) <= TOL[dtype], f"panel-major B: m={m} n={n} k={k}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("m", [7, 200, 400])
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_gemm_tn_paths(dtype, m, nthreads):
