@@ -42,41 +42,84 @@ def _int32_bits_as_float32(typingctx, i):
     return types.float32(types.int32), codegen
 
 
+def _host_has_fma():
+    try:
+        import llvmlite.binding as llvm
+
+        return bool(llvm.get_host_cpu_features().get("fma", False))
+    except Exception:  # pragma: no cover - feature query unavailable: plain multiply-add
+        return False
+
+
+#: Whether :func:`_fma32` emits a fused multiply-add (one rounding) or a multiply then an
+#: add: kernels are compiled for the host CPU, and on one without FMA units ``llvm.fma``
+#: would become a scalar ``fmaf`` call that no loop vectorises.
+HOST_FMA = _host_has_fma()
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """``a * b + c`` in float32 as one fused multiply-add where the host has FMA units.
+    Numba compiles with IEEE semantics (``fastmath=False``), so LLVM never contracts a
+    multiply and an add by itself; the polynomials of :func:`_exp32` and :func:`_tanh32`
+    ask for it explicitly (one rounding instead of two: as accurate or more, and half the
+    instructions on their dependency chain)."""
+    if not (a == types.float32 and b == types.float32 and c == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if HOST_FMA:
+            return builder.fma(args[0], args[1], args[2])
+        return builder.fadd(builder.fmul(args[0], args[1]), args[2])
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
 @kernel(inline="always")
 def _exp32(x):
-    """float32 exp without a libm call (Cody-Waite reduction, degree-7 polynomial, exponent
-    built from bits): relative error ~1e-7, branch-free so loops over it vectorise."""
+    """float32 exp without a libm call (Cody-Waite reduction, degree-7 polynomial in fused
+    multiply-adds, exponent built from bits): relative error below 1e-7 over the whole
+    range, branch-free so loops over it vectorise."""
     x = min(max(x, np.float32(-87.0)), np.float32(88.0))
-    n = np.floor(x * np.float32(1.44269504) + np.float32(0.5))
-    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    n = np.floor(_fma32(x, np.float32(1.44269504), np.float32(0.5)))
+    r = _fma32(n, np.float32(-0.693359375), x)
+    r = _fma32(n, np.float32(2.12194440e-4), r)
     p = np.float32(1.0 / 5040.0)
-    p = p * r + np.float32(1.0 / 720.0)
-    p = p * r + np.float32(1.0 / 120.0)
-    p = p * r + np.float32(1.0 / 24.0)
-    p = p * r + np.float32(1.0 / 6.0)
-    p = p * r + np.float32(0.5)
-    p = p * r + np.float32(1.0)
-    p = p * r + np.float32(1.0)
+    p = _fma32(p, r, np.float32(1.0 / 720.0))
+    p = _fma32(p, r, np.float32(1.0 / 120.0))
+    p = _fma32(p, r, np.float32(1.0 / 24.0))
+    p = _fma32(p, r, np.float32(1.0 / 6.0))
+    p = _fma32(p, r, np.float32(0.5))
+    p = _fma32(p, r, np.float32(1.0))
+    p = _fma32(p, r, np.float32(1.0))
     return p * _int32_bits_as_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
 
 
 @kernel(inline="always")
 def _tanh32(x):
-    """float32 tanh from :func:`_exp32`; a Taylor polynomial near 0 keeps the relative
-    error ~1e-7 there. Branch-free (both halves computed, then selected)."""
-    a = abs(x)
-    e = _exp32(np.float32(2.0) * a)
-    big = (e - np.float32(1.0)) / (e + np.float32(1.0))
-    x2 = a * a
-    p = np.float32(21844.0 / 6081075.0)
-    p = p * x2 - np.float32(1382.0 / 155925.0)
-    p = p * x2 + np.float32(62.0 / 2835.0)
-    p = p * x2 - np.float32(17.0 / 315.0)
-    p = p * x2 + np.float32(2.0 / 15.0)
-    p = p * x2 - np.float32(1.0 / 3.0)
-    small = a + a * x2 * p
-    t = small if a < np.float32(0.4) else big
-    return t if x >= np.float32(0.0) else -t
+    """float32 tanh as a rational function of ``x``, ``x P(x^2) / Q(x^2)`` with the
+    argument clamped to +-7.905 (where float32 tanh is 1): Eigen's minimax coefficients,
+    the form TensorFlow's CPU kernels use. Within 3e-7 relative of tanh everywhere
+    (``x`` itself below 4e-4, where that is tanh to float32 precision), ``|tanh| < 1``;
+    one division and no exp, so about half the cost of ``(e - 1) / (e + 1)`` on
+    :func:`_exp32` with a polynomial near 0 (0.27 against 0.48 ns per element,
+    vectorised, on the Zen 4 machine). Branch-free."""
+    c = np.float32(7.90531110763549805)
+    xc = min(max(x, -c), c)
+    x2 = xc * xc
+    p = np.float32(-2.76076847742355e-16)
+    p = _fma32(x2, p, np.float32(2.00018790482477e-13))
+    p = _fma32(x2, p, np.float32(-8.60467152213735e-11))
+    p = _fma32(x2, p, np.float32(5.12229709037114e-08))
+    p = _fma32(x2, p, np.float32(1.48572235717979e-05))
+    p = _fma32(x2, p, np.float32(6.37261928875436e-04))
+    p = _fma32(x2, p, np.float32(4.89352455891786e-03))
+    q = np.float32(1.19825839466702e-06)
+    q = _fma32(x2, q, np.float32(1.18534705686654e-04))
+    q = _fma32(x2, q, np.float32(2.26843463243900e-03))
+    q = _fma32(x2, q, np.float32(4.89352518554385e-03))
+    t = xc * p / q
+    return x if abs(x) < np.float32(0.0004) else t
 
 
 def fexp(x):
