@@ -847,7 +847,9 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
              and G4 % NRp == 0 and R > 0)
     dG = np.empty((0 if panel else R, G4), dt)
     dGp = np.empty(R * G4 if panel else 0, dt)
-    Tk = np.empty((B if panel else 0, G4), dt)
+    # rows padded (a 4 KB stride would put the micro-kernel's row streams on one L1 set)
+    ldt = G4 + ROW_PAD
+    Tk = np.empty((B if panel else 0, ldt), dt)
     dXp = np.empty((R if panel else 0, I), dt)
     dbias_p = np.zeros(G4, dt)
     KPx = pack_panels_t(kernel, 0, G4, G4, I) if panel else np.empty(0, dt)  # kernel[:I].T
@@ -877,10 +879,10 @@ def lstm_backward(ws, kernel, bias, w_i, w_f, w_o, proj, dy, dcT, dhT, T, revers
                 _grad_tanh_row(G[g], Ch[g], dH[r], row3(dy, time_index(k, r, lens_s, reverse), order[r], bm), dC[r],
                                Tk[r] if panel else dG[g], one, H)
         if panel:
-            step_product(n, P, G4, Tk, 0, G4, KPt, kernel, I * G4, G4, 1, dH, 0, P, 0, nthreads, scr)
-            gemm_packed(n, I, G4, Tk, 0, G4, KPx, dXp, gb * I, I, scr, 0)
+            step_product(n, P, G4, Tk, 0, ldt, KPt, kernel, I * G4, G4, 1, dH, 0, P, 0, nthreads, scr)
+            gemm_packed(n, I, G4, Tk, 0, ldt, KPx, dXp, gb * I, I, scr, 0)
             for r in range(n):
-                _store_panels(Tk[r], dGp, gb + r, R, NRp, dbias_p)
+                _store_panels(Tk[r, :G4], dGp, gb + r, R, NRp, dbias_p)
             continue
         for r in range(n if not fast_grad else 0):
             b = order[r]
