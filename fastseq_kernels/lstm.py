@@ -19,7 +19,10 @@ pays (:func:`fuse_applies`: batches of several rows, a kernel that fits in L2) t
 one-thread loop instead *fuses* the input projection into each step's product over
 ``[x_t, h]`` and the whole kernel (``fuse``). The two-thread loops (:func:`lstm_forward_split`,
 :func:`lstm_backward_split`) share the rows of the batch where :func:`split_by_rows` says so;
-their backward then forms ``dx`` step by step instead of in one GEMM after the loop.
+their backward then forms ``dx`` step by step instead of in one GEMM after the loop. Few-row
+inference runs :func:`lstm_forward_pair` (the units in two halves, one per thread, each
+streaming its half of the recurrent weights every step) or :func:`lstm_forward_stream` (the
+input projection on the helper).
 
 ``nthreads`` (last argument of every kernel): BLAS threads the kernel's large products may
 use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS`` use one).
@@ -31,10 +34,11 @@ from ._blas import gemm
 from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, output_activation_stored, \
     plan_and_inputs, row3, rows_out, scatter_rows, sigmoid, time_index
 from ._jit import kernel
-from ._atomic import atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, team_end, \
-    wait_at_least
+from ._atomic import HAND_JOINED, atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, \
+    team_end, wait_at_least
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, TN_MAX_ROW_BYTES, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, \
-    gemm_tn_panels, given_or_pack, pack_panels_t, packed_or_empty, panel_cols, panel_width, scratch_for, step_product
+    gemm_tn_panels, gemv_acc, given_or_pack, pack_panels, pack_panels_t, packed_or_empty, panel_cols, panel_width, \
+    scratch_for, step_product
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
 
@@ -495,6 +499,264 @@ def lstm_forward_stream(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, 
     P = h0.shape[1]
     ws = (X, G, Hh, Ch, np.empty((0, c0.shape[1]), x.dtype), np.empty((0, P), x.dtype), order, lens_s, nb, base)
     return y, cT, hT, ws
+
+
+# ------------------------------------------- few rows: the units in two halves, one per thread
+#: Steps per chunk of each half's input projection in :func:`lstm_forward_pair`.
+PAIR_PROJ_STEPS = 8
+#: Fewest bytes of recurrent weights (``H x 4H``) for which :func:`lstm_forward_pair` runs:
+#: below that a step's product is too short to pay for the exchange of ``h`` every step.
+#: Measured kernel-level against :func:`lstm_forward_stream` (T=100, I=64, medians, us):
+#: B=1 H=64 float32 (64 KB) 129 vs 113, slower; H=64 float64 (128 KB) 328 vs 400; B=1
+#: H=128 float32 229-244 vs 315-320; B=4 H=128 608-661 vs 652-773; B=1 H=256 754-782 vs
+#: 1290; B=6 H=256 2387 vs 3392-3599; B=1 H=128 float64 1163-1199 vs 1253-1293.
+PAIR_MIN_WEIGHT_BYTES = 1 << 17
+#: Indices in the pair's control array (each on a cache line of its own): steps worker 0
+#: has published, the step from which the helper runs half 1 (-1: not decided yet), steps
+#: worker 1 has published.
+_PAIR_DONE0, _PAIR_START, _PAIR_DONE1 = 0, 8, 16
+
+
+def pair_applies(B, H, steps, plain, nthreads, fuse, split, need_grad, itemsize):
+    """Whether :func:`lstm_forward_pair` should run this layer: where :func:`stream_applies`
+    would (few-row inference in the common configuration, two threads allowed, enough
+    steps) and the recurrent weights are at least ``PAIR_MIN_WEIGHT_BYTES``. It replaces
+    the stream there."""
+    return (stream_applies(B, steps, plain, nthreads, fuse, split, need_grad) and H >= 2
+            and 4 * H * H * itemsize >= PAIR_MIN_WEIGHT_BYTES)
+
+
+@kernel(inline="always")
+def _half_units(v, H):
+    """Units ``[u0, u1)`` of half ``v`` (0 or 1)."""
+    return (0, H // 2) if v == 0 else (H // 2, H)
+
+
+@kernel(inline="always")
+def _halves_layout(I, H, NR):
+    """Offsets in :func:`pack_halves`' flat array: half 0's input rows and recurrent rows
+    (packed), half 1's, then the recurrent rows of half 0 and of half 1 row-major (for the
+    one-row steps, :func:`._packed.gemv_acc`), and the total size."""
+    n0 = 4 * (H // 2)
+    n1 = 4 * (H - H // 2)
+    p0 = (n0 + NR - 1) // NR * NR
+    p1 = (n1 + NR - 1) // NR * NR
+    oa0 = p0 * I
+    oi1 = oa0 + p0 * H
+    oa1 = oi1 + p1 * I
+    or0 = oa1 + p1 * H
+    or1 = or0 + n0 * H
+    return 0, oa0, oi1, oa1, or0, or1, or1 + n1 * H
+
+
+@kernel
+def pack_halves(kernel, I, H):
+    """``kernel [I + H, 4H]`` as :func:`lstm_forward_pair` reads it: for each half of the
+    units, its four gate blocks of columns gathered side by side (``[I + H, 4 Hv]``),
+    packed by :func:`pack_panels` as two matrices, the input rows and the recurrent rows,
+    and its recurrent rows also as they are (row-major); all in one flat array
+    (:func:`_halves_layout`)."""
+    NR = panel_width(kernel)
+    _, oa0, oi1, oa1, or0, or1, total = _halves_layout(I, H, NR)
+    out = np.empty(total, kernel.dtype)
+    for v in range(2):
+        u0, u1 = _half_units(v, H)
+        Hv = u1 - u0
+        n = 4 * Hv
+        Wg = np.empty((I + H, n), kernel.dtype)
+        for r in range(I + H):
+            for q in range(4):
+                src = kernel[r, q * H + u0:q * H + u1]
+                dst = Wg[r, q * Hv:(q + 1) * Hv]
+                for j in range(Hv):
+                    dst[j] = src[j]
+        oi = 0 if v == 0 else oi1
+        oa = oa0 if v == 0 else oa1
+        orr = or0 if v == 0 else or1
+        a = pack_panels(Wg, 0, n, I, n)
+        b = pack_panels(Wg, I * n, n, H, n)
+        out[oi:oi + a.shape[0]] = a
+        out[oa:oa + b.shape[0]] = b
+        out[orr:orr + H * n] = Wg[I:].reshape(H * n)
+    return out
+
+
+@kernel(inline="always")
+def _project_steps(k0, k1, nb, base, X, KI, Gv, scr):
+    """Rows of steps ``k0 .. k1 - 1`` of one half's input projection ``Gv = X @ KI`` (the
+    half's input rows, packed); the rows of consecutive steps are contiguous, ascending,
+    or descending for a reversed uniform batch."""
+    k1 -= 1
+    r0 = min(base[k0], base[k1])
+    r1 = max(base[k0] + nb[k0], base[k1] + nb[k1])
+    I = X.shape[1]
+    n = Gv.shape[1]
+    gemm_packed(r1 - r0, n, I, X, r0 * I, I, KI, Gv, r0 * n, n, scr, 0)
+
+
+@kernel(inline="always")
+def _pair_product(k, nb, base, hbase, Hh, KW, oa, orr, Gv, scr):
+    """Step ``k``'s recurrent product for one half, added to its projected gate rows
+    ``Gv``: the whole ``h`` of step ``k - 1`` times the half's recurrent columns. A step of
+    one row goes through :func:`._packed.gemv_acc` over the row-major block (at ``orr`` in
+    ``KW``), several rows through the packed micro-kernel (at ``oa``). (Measured and not
+    kept, P1 cycle counts per step: the one-row product in two parts, the rows of the
+    half's own units before the wait for the other half's ``h`` and the rest after it,
+    cost 1.37-1.43 us against 1.25-1.30 in one call, for 30-50 ns less waiting.)"""
+    H = Hh.shape[1]
+    n = nb[k]
+    n4 = Gv.shape[1]
+    gb = base[k]
+    hb = hbase[k]
+    if n == 1:
+        gemv_acc(H, Hh.reshape(Hh.size), hb * H, KW, orr, n4, n4, Gv.reshape(Gv.size), gb * n4, scr)
+    else:
+        gemm_packed(n, n4, H, Hh, hb * H, H, KW[oa:], Gv, gb * n4, n4, scr, 1)
+
+
+@kernel(inline="always")
+def _pair_gates(v, k, nb, base, hbase, order, Hh, Ch, Yp, cT, hT, Gv, bv, fb):
+    """The gates of half ``v``'s units at step ``k`` (after :func:`_pair_product`): their
+    new ``c`` and ``h``, outputs, final state."""
+    H = Ch.shape[1]
+    u0, u1 = _half_units(v, H)
+    Hv = u1 - u0
+    n = nb[k]
+    nn = nb[k + 1]
+    gb = base[k]
+    hb = hbase[k]
+    nhb = hbase[k + 1]
+    for r in range(n):
+        g = gb + r
+        if r < nn:
+            cout = Ch[nhb + r, u0:u1]
+            hout = Hh[nhb + r, u0:u1]
+        else:
+            cout = cT[order[r], u0:u1]
+            hout = hT[order[r], u0:u1]
+        yo = Yp[g, u0:u1]
+        _gates_tanh_units(Gv[g], bv, fb, Ch[hb + r, u0:u1], cout, yo, Hv, 0, Hv)
+        _copy_row(yo, hout, Hv)
+
+
+@kernel
+def lstm_forward_pair_worker(w, hand, ctl, nb, base, hbase, order, X, KW, G0, G1, b0, b1, fb, Hh, Ch, Yp, cT, hT,
+                             scratch):
+    """Worker ``w`` of :func:`lstm_forward_pair`. Worker 0 runs both halves of every step
+    until it sees the helper joined (:func:`._atomic.team_begin` sets ``HAND_JOINED``; the
+    helper comes 5-30 us after the call starts, a few steps of P1), then posts that step
+    in ``ctl[_PAIR_START]`` and keeps half 0 while the helper runs half 1 from there; a
+    helper that has not joined by the end is told there is nothing left (the start is
+    ``L``). Paired, each worker publishes the steps it has finished and, before its step
+    ``k`` product, waits until the other one has published step ``k - 1`` (its half of
+    ``h``): one wait per step and worker, no claims (P1: 60-70 ns a step). The ping-pong
+    state rows are safe as the waits order them: a half writes the ``h`` of step ``k`` into
+    the rows that held step ``k - 2`` only after the other worker has finished step
+    ``k - 1``, its last read of them. Half ``v``'s input projection, chunk by chunk of ``PAIR_PROJ_STEPS`` steps, is
+    made by whoever runs half ``v`` at the chunk's first step. Alone or paired, each half
+    does the same arithmetic in the same order, so the results do not depend on when (or
+    whether) the helper joins."""
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
+    L = nb.shape[0] - 1
+    H = Ch.shape[1]
+    I = X.shape[1]
+    NR = panel_width(G0)
+    oi0, oa0, oi1, oa1, or0, or1, _ = _halves_layout(I, H, NR)
+    scr = scratch[w]
+    S = PAIR_PROJ_STEPS
+    if w == 1:
+        wait_at_least(ctl, _PAIR_START, 0)
+        k0 = atomic_load(ctl, _PAIR_START)
+        for k in range(k0, L):
+            if k % S == 0:
+                _project_steps(k, min(L, k + S), nb, base, X, KW[oi1:], G1, scr)
+            if k > k0:
+                wait_at_least(ctl, _PAIR_DONE0, k)
+            _pair_product(k, nb, base, hbase, Hh, KW, oa1, or1, G1, scr)
+            _pair_gates(1, k, nb, base, hbase, order, Hh, Ch, Yp, cT, hT, G1, b1, fb)
+            atomic_store(ctl, _PAIR_DONE1, k + 1)
+        return team_end(w, hand, jb)
+    paired = False
+    k0 = L
+    for k in range(L):
+        if not paired and jb > 0 and atomic_load(hand, HAND_JOINED) == jb:
+            paired = True
+            k0 = k
+            atomic_store(ctl, _PAIR_START, k)
+        if k % S == 0:
+            _project_steps(k, min(L, k + S), nb, base, X, KW[oi0:], G0, scr)
+            if not paired:
+                _project_steps(k, min(L, k + S), nb, base, X, KW[oi1:], G1, scr)
+        if paired and k > k0:
+            wait_at_least(ctl, _PAIR_DONE1, k)
+        _pair_product(k, nb, base, hbase, Hh, KW, oa0, or0, G0, scr)
+        if paired:
+            _pair_gates(0, k, nb, base, hbase, order, Hh, Ch, Yp, cT, hT, G0, b0, fb)
+            atomic_store(ctl, _PAIR_DONE0, k + 1)
+        else:
+            _pair_product(k, nb, base, hbase, Hh, KW, oa1, or1, G1, scr)
+            _pair_gates(0, k, nb, base, hbase, order, Hh, Ch, Yp, cT, hT, G0, b0, fb)
+            _pair_gates(1, k, nb, base, hbase, order, Hh, Ch, Yp, cT, hT, G1, b1, fb)
+    if not paired:
+        atomic_store(ctl, _PAIR_START, L)  # a helper that joins now finds nothing left
+    return team_end(w, hand, jb)
+
+
+@kernel
+def lstm_forward_pair_begin(x, kernel, bias, c0, h0, lengths, reverse, packed, bm):
+    """Everything before :func:`lstm_forward_pair`'s loop: the row plan, input rows, state
+    and output buffers (:func:`_forward_setup`, inference), each half's gate buffer and
+    bias, the weights in :func:`pack_halves`' layout (``packed`` when it has that size,
+    else packed here) and the control array."""
+    I = x.shape[2]
+    H = c0.shape[1]
+    dt = x.dtype
+    order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
+                                                                                         reverse, False, bm)
+    NR = panel_width(x)
+    KW = packed if packed.shape[0] == _halves_layout(I, H, NR)[6] else pack_halves(kernel, I, H)
+    h0n = H // 2
+    G0 = np.empty((R, 4 * h0n), dt)
+    G1 = np.empty((R, 4 * (H - h0n)), dt)
+    b0 = np.empty(4 * h0n, dt)
+    b1 = np.empty(4 * (H - h0n), dt)
+    for q in range(4):
+        for j in range(h0n):
+            b0[q * h0n + j] = bias[q * H + j]
+        for j in range(H - h0n):
+            b1[q * (H - h0n) + j] = bias[q * H + h0n + j]
+    ctl = np.zeros(24, np.int64)
+    ctl[_PAIR_START] = -1
+    scratch = np.empty((2, MAX_HEIGHT * NR), dt)
+    return order, lens_s, nb, base, uniform, X, Hh, Ch, y, Yp, cT, hT, KW, G0, G1, b0, b1, ctl, hbase, scratch
+
+
+def lstm_forward_pair(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, packed=None, bm=False):
+    """:func:`lstm_forward` for the configurations of :func:`pair_applies` (inference, tanh,
+    no peepholes, clipping, projection or state masks; few rows), with the units in two
+    halves, one per thread (the caller and :mod:`._team`'s helper): each step, each thread
+    multiplies the whole ``h`` by its half's columns of the recurrent weights (all four
+    gates of its units, gathered and packed contiguously by :func:`pack_halves`: 128 KB a
+    step for P1 instead of 256 KB on one core, whose L2 bandwidth bounds a one-row step)
+    and applies its units' gates. ``packed``: the weights as :func:`pack_halves` lays
+    them out (the numba backend keeps them, see ``_packcache``), or None to pack here.
+    Returns ``(y, c_T, h_T)``. Each element's arithmetic is the one-thread loop's with the
+    packed micro-kernel (the input projection in chunks of steps, so float32 sums may round
+    differently from its one GEMM)."""
+    bm = bool(bm)
+    reverse = bool(reverse)
+    H = c0.shape[1]
+    if h0.shape[1] != H or kernel.shape[1] != 4 * H:
+        raise ValueError(f"lstm_forward_pair: no projection, got c0 {c0.shape}, h0 {h0.shape}, kernel {kernel.shape}")
+    (order, lens_s, nb, base, uniform, X, Hh, Ch, y, Yp, cT, hT, KW, G0, G1, b0, b1, ctl, hbase,
+     scratch) = lstm_forward_pair_begin(x, kernel, bias, c0, h0, lengths, reverse,
+                                        packed_or_empty(packed, x.dtype), bm)
+    run_pair(lstm_forward_pair_worker, (ctl, nb, base, hbase, order, X, KW, G0, G1, b0, b1,
+                                        x.dtype.type(forget_bias), Hh, Ch, Yp, cT, hT, scratch))
+    y = lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, reverse, uniform, bm, y)
+    return y, cT, hT
 
 
 # ---------------------------------------------------------------- two threads, one loop

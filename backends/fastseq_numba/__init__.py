@@ -214,9 +214,19 @@ class NumbaBackend(NumpyArrayOps, Backend):
             else:
                 # the input projection inside each step's product where that pays (lstm.fuse_applies)
                 fuse = k["lstm"].fuse_applies(B, I, P, spec.num_units, x.dtype.itemsize)
+            pair = k["lstm"].pair_applies(B, spec.num_units, steps, plain, nt, fuse, split, need_grad,
+                                          x.dtype.itemsize)
+            if not split and not pair:
                 kp = (self._packed(p["kernel"], steps, 0, H4, I + P, H4, False) if fuse
                       else self._packed(p["kernel"], steps, I * H4, H4, P, H4, False))
-            if k["lstm"].stream_applies(B, steps, plain, nt, fuse, split, need_grad):
+            if pair:
+                # few rows, large enough weights: each thread one half of the units every step
+                kw = self.pack_cache.get_layout(p["kernel"], "lstm_halves", k["lstm"].pack_halves, I,
+                                                spec.num_units)
+                y, cT, hT = k["lstm"].lstm_forward_pair(x, p["kernel"], p["bias"], states[0], states[1], lengths,
+                                                        reverse, float(spec.forget_bias), kw, bm)
+                ws = None
+            elif k["lstm"].stream_applies(B, steps, plain, nt, fuse, split, need_grad):
                 # few rows: the input projection on the helper thread while this one runs the loop
                 y, cT, hT, ws = k["lstm"].lstm_forward_stream(x, p["kernel"], p["bias"], states[0], states[1],
                                                               lengths, reverse, float(spec.forget_bias), need_grad,

@@ -66,6 +66,19 @@ class PackCache:
         if steps < self._min_steps or k <= 0 or n <= 0 or not self.cacheable(a):
             return None
         key = (id(a), a.dtype.char, int(boff), int(ldb), int(k), int(n), bool(transposed))
+        return self._lookup(a, key, lambda: self._pack(int(steps), a, int(boff), int(ldb), int(k), int(n),
+                                                         bool(transposed)))
+
+    def get_layout(self, a, layout, pack, *args):
+        """``pack(a, *args)`` (another packed layout of ``a``, named ``layout``, e.g.
+        ``fastseq_kernels.lstm.pack_halves``), kept under the same rule; ``None`` when ``a``
+        is not cacheable (the kernel then packs it itself)."""
+        if not self.cacheable(a):
+            return None
+        key = (id(a), a.dtype.char, layout) + tuple(int(v) for v in args)
+        return self._lookup(a, key, lambda: pack(a, *args))
+
+    def _lookup(self, a, key, make):
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry[0]() is a:
@@ -73,7 +86,7 @@ class PackCache:
                 self.hits += 1
                 return entry[1]
             self.misses += 1
-        packed = self._pack(int(steps), a, int(boff), int(ldb), int(k), int(n), bool(transposed))
+        packed = make()
         ref = weakref.ref(a, self._forget(key))
         with self._lock:
             self._entries[key] = (ref, packed)

@@ -1,0 +1,181 @@
+"""The LSTM inference loop with the units in two halves, one per thread
+(fastseq_kernels.lstm.lstm_forward_pair): the same outputs and final states as the
+one-thread kernel, with and without sequence_length (lengths 0 and T), forward and
+reversed, batch- and time-major, float32 and float64, odd unit counts, projection chunk
+edges; the helper joining at whatever step it comes (many calls), worker 0 alone when the
+helper is busy; from several Python threads at once; the packed layout; and the backend
+takes it for few-row inference with large enough weights and agrees with the reference."""
+
+import numpy as np
+import pytest
+
+import fastseq
+from fastseq import nn
+
+from _kernel_helpers import assert_close, count_calls, forward_on_backends, LENGTHS, lstm_kernel_args, \
+    run_in_threads
+
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+
+
+def _one_thread(x, k, b, c0, h0, L, reverse, bm):
+    from fastseq_kernels import lstm
+
+    dt = x.dtype
+    e1, e2, e3 = np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt)
+    return lstm.lstm_forward(x, k, b, e1, e1, e1, e2, c0, h0, L, reverse, e3, e3, 0, 1.0, -1.0, -1.0, False, 1,
+                             e1, False, bm)
+
+
+def _compare(got, want, dtype, what):
+    for i, name in enumerate(("y", "c_T", "h_T")):
+        assert_close(got[i], want[i], TOL[dtype], f"{what}: {name}")
+
+
+def _case(dtype, T, B, lengths, bm, H=16, seed=0):
+    x, k, b, c0, h0, L = lstm_kernel_args(dtype, T, B, 5, H, lengths, seed=seed, scale=0.3)
+    if bm:
+        x = np.ascontiguousarray(x.transpose(1, 0, 2))
+    return x, k, b, c0, h0, L
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("lengths", sorted(LENGTHS))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("bm", [False, True], ids=["time", "batch"])
+@pytest.mark.parametrize("H", [16, 7, 40], ids=["H16", "H7", "H40"])
+def test_pair_matches_one_thread(dtype, lengths, reverse, bm, H):
+    from fastseq_kernels import lstm
+
+    T, B = 21, 3  # three chunks of PAIR_PROJ_STEPS, the last one short
+    x, k, b, c0, h0, L = _case(dtype, T, B, LENGTHS[lengths](T, B), bm, H=H)
+    want = _one_thread(x, k, b, c0, h0, L, reverse, bm)
+    for packed in (None, lstm.pack_halves(k, 5, H)):
+        got = lstm.lstm_forward_pair(x, k, b, c0, h0, L, reverse, 1.0, packed, bm)
+        _compare(got, want, dtype, "pair")
+
+
+@pytest.mark.parametrize("T", [1, 7, 8, 9, 16, 17, 40])
+def test_pair_chunk_edges(T):
+    """Steps fewer than, equal to and one past a projection chunk (and its multiples),
+    with lengths that end inside chunks."""
+    from fastseq_kernels import lstm
+
+    lengths = [T, max(T - 8, 0), T // 2, 1]
+    x, k, b, c0, h0, L = _case(np.float64, T, 4, lengths, False, seed=T)
+    want = _one_thread(x, k, b, c0, h0, L, False, False)
+    got = lstm.lstm_forward_pair(x, k, b, c0, h0, L, False, 1.0, None, False)
+    _compare(got, want, np.float64, f"T={T}")
+
+
+def test_pair_wherever_the_helper_joins():
+    """The helper joins a call a few steps in, at a step that changes from call to call (or
+    not at all): every call gives the one-thread results."""
+    from fastseq_kernels import lstm
+
+    for dtype in (np.float64, np.float32):
+        x, k, b, c0, h0, L = _case(dtype, 60, 2, [60, 37], False, H=64, seed=3)
+        kw = lstm.pack_halves(k, 5, 64)
+        want = _one_thread(x, k, b, c0, h0, L, False, False)
+        for i in range(40):
+            _compare(lstm.lstm_forward_pair(x, k, b, c0, h0, L, False, 1.0, kw, False), want, dtype, f"call {i}")
+
+
+def test_pair_with_the_helper_busy_runs_alone():
+    from fastseq_kernels import _team, lstm
+
+    x, k, b, c0, h0, L = _case(np.float64, 30, 2, [30, 11], False)
+    want = _one_thread(x, k, b, c0, h0, L, True, False)
+    assert _team._HELPER.busy.acquire(timeout=10)
+    try:
+        got = lstm.lstm_forward_pair(x, k, b, c0, h0, L, True, 1.0, None, False)
+    finally:
+        _team._HELPER.busy.release()
+    _compare(got, want, np.float64, "helper busy")
+
+
+def test_pair_from_several_threads_at_once():
+    from fastseq_kernels import lstm
+
+    cases = [_case(np.float32, 33, 2, [33, 9], False, seed=s) for s in range(4)]
+    wants = [_one_thread(*c, False, False) for c in cases]
+    results = [None] * len(cases)
+
+    def work(i):
+        for _ in range(20):
+            results[i] = lstm.lstm_forward_pair(*cases[i], False, 1.0, None, False)
+
+    run_in_threads(work, len(cases))
+    for got, want in zip(results, wants):
+        _compare(got, want, np.float32, "threads")
+
+
+def test_pack_halves_layout():
+    """Each half's block of the flat array is its four gate blocks of columns, gathered and
+    packed; a packed array of the wrong size is ignored (packed again), not read."""
+    from fastseq_kernels import lstm
+    from fastseq_kernels._packed import pack_panels, panel_cols
+
+    I, H = 3, 9
+    k = np.arange((I + H) * 4 * H, dtype=np.float32).reshape(I + H, 4 * H)
+    kw = lstm.pack_halves(k, I, H)
+    NR = panel_cols(4)
+    offs = lstm._halves_layout(I, H, NR)
+    assert offs[6] == kw.shape[0]
+    for v, (u0, u1) in enumerate(((0, H // 2), (H // 2, H))):
+        cols = np.concatenate([np.arange(q * H + u0, q * H + u1) for q in range(4)])
+        wg = np.ascontiguousarray(k[:, cols])
+        n = wg.shape[1]
+        a = pack_panels(wg, 0, n, I, n)
+        r = pack_panels(wg, I * n, n, H, n)
+        oi, oa, orr = offs[2 * v], offs[2 * v + 1], offs[4 + v]
+        np.testing.assert_array_equal(kw[oi:oi + a.size], a)
+        np.testing.assert_array_equal(kw[oa:oa + r.size], r)
+        np.testing.assert_array_equal(kw[orr:orr + H * n], wg[I:].ravel())  # row-major, for one-row steps
+    x, _, b, c0, h0, L = _case(np.float32, 12, 2, [12, 5], False, H=H)
+    x = np.ascontiguousarray(x[:, :, :I])
+    want = _one_thread(x, k * np.float32(1e-3), b, c0, h0, L, False, False)
+    got = lstm.lstm_forward_pair(x, k * np.float32(1e-3), b, c0, h0, L, False, 1.0, np.zeros(5, np.float32), False)
+    _compare(got, want, np.float32, "wrong-size packed")
+
+
+def test_pair_applies_only_where_it_should():
+    from fastseq_kernels.lstm import PAIR_MIN_WEIGHT_BYTES, STREAM_MIN_STEPS, pair_applies
+
+    n = STREAM_MIN_STEPS
+    H = 128  # float32: 256 KB of recurrent weights
+    assert 4 * H * H * 4 >= PAIR_MIN_WEIGHT_BYTES > 4 * 64 * 64 * 4
+    assert pair_applies(1, H, n, True, 2, False, False, False, 4)
+    assert pair_applies(1, 64, n, True, 2, False, False, False, 8)  # float64: 128 KB
+    assert not pair_applies(1, 64, n, True, 2, False, False, False, 4)  # 64 KB: measured slower
+    assert not pair_applies(1, H, n, True, 1, False, False, False, 4)  # one thread allowed
+    assert not pair_applies(1, H, n, False, 2, False, False, False, 4)  # peepholes, clipping, masks ...
+    assert not pair_applies(1, H, n - 1, True, 2, False, False, False, 4)  # too few steps
+    assert not pair_applies(1, H, n, True, 2, True, False, False, 4)  # fused loop instead
+    assert not pair_applies(1, H, n, True, 2, False, True, False, 4)  # two-thread loop instead
+    assert not pair_applies(1, H, n, True, 2, False, False, True, 4)  # training
+    assert not pair_applies(0, H, n, True, 2, False, False, False, 4)  # no rows
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch", "time"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
+def test_backend_takes_the_pair_for_inference(dtype, time_major, with_lengths, monkeypatch):
+    from fastseq_kernels import lstm
+
+    calls = count_calls(monkeypatch, lstm, "lstm_forward_pair")
+    T, B, I, H = 24, 2, 7, 128
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(T, B, I) if time_major else (B, T, I)).astype(dtype)
+    lengths = np.array([T, 0]) if with_lengths else None
+    cell = nn.rnn_cell.LSTMCell(H)
+    out = forward_on_backends(cell, x, lengths, dtype, time_major)
+    assert calls, "the numba backend did not take the pair loop"
+    (y0, s0), (y1, s1) = out["numpy"], out["numba"]
+    assert_close(y1, y0, TOL[dtype], "outputs")
+    assert_close(s1.c, s0.c, TOL[dtype], "c")
+    assert_close(s1.h, s0.h, TOL[dtype], "h")
+    n = len(calls)
+    with fastseq.use_backend("numba"), fastseq.threads.limit(1):
+        nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=dtype, time_major=time_major)
+    assert len(calls) == n, "one thread allowed, yet the pair loop ran"
