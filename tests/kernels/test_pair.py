@@ -179,3 +179,31 @@ def test_backend_takes_the_pair_for_inference(dtype, time_major, with_lengths, m
     with fastseq.use_backend("numba"), fastseq.threads.limit(1):
         nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=dtype, time_major=time_major)
     assert len(calls) == n, "one thread allowed, yet the pair loop ran"
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+def test_pair_no_memory_growth_over_many_calls(monkeypatch):
+    """10,000 calls through the backend (the halves layout from the pack cache, the helper
+    joining or not): the process does not grow."""
+    import os
+
+    from fastseq_kernels import lstm
+
+    calls = count_calls(monkeypatch, lstm, "lstm_forward_pair")
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(1, 16, 5))
+    cell = nn.rnn_cell.LSTMCell(64)  # float64: 128 KB of recurrent weights
+
+    def rss():
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    with fastseq.use_backend("numba"), fastseq.threads.limit(2):
+        for _ in range(200):
+            nn.dynamic_rnn(cell, x, dtype=np.float64)
+        before = rss()
+        for _ in range(10_000):
+            nn.dynamic_rnn(cell, x, dtype=np.float64)
+        grown = rss() - before
+    assert len(calls) == 10_200
+    assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 10,000 calls"
