@@ -181,3 +181,51 @@ def forward_on_backends(cell, x, lengths, dtype, time_major, threads=2):
         with fastseq.use_backend(backend), fastseq.threads.limit(threads):
             out[backend] = nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=dtype, time_major=time_major)
     return out
+
+
+def lstm_one_thread(x, k, b, c0, h0, L, reverse, need_grad=False, bm=False):
+    """The one-thread LSTM kernel (``fastseq_kernels.lstm.lstm_forward``) in the common
+    configuration (tanh, no peepholes, clipping, projection or state masks, no packed
+    weights): what the two-thread loops are held to."""
+    from fastseq_kernels import lstm
+
+    dt = x.dtype
+    e1, e2, e3 = np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt)
+    return lstm.lstm_forward(x, k, b, e1, e1, e1, e2, c0, h0, L, reverse, e3, e3, 0, 1.0, -1.0, -1.0, need_grad, 1,
+                             e1, False, bm)
+
+
+def check_backend_takes_for_inference(monkeypatch, name, units, dtype, time_major, with_lengths):
+    """An LSTMCell(``units``) inference through ``dynamic_rnn`` on the numba backend with
+    two threads runs ``fastseq_kernels.lstm.<name>`` and agrees with the reference (with
+    and without ``sequence_length``, lengths T and 0); with one thread it does not run."""
+    import fastseq
+    from fastseq import nn
+    from fastseq_kernels import lstm
+
+    calls = count_calls(monkeypatch, lstm, name)
+    T, B, I = 24, 2, 7
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(T, B, I) if time_major else (B, T, I)).astype(dtype)
+    lengths = np.array([T, 0]) if with_lengths else None
+    cell = nn.rnn_cell.LSTMCell(units)
+    out = forward_on_backends(cell, x, lengths, dtype, time_major)
+    assert calls, f"the numba backend did not run {name}"
+    (y0, s0), (y1, s1) = out["numpy"], out["numba"]
+    tol = RTOL[np.dtype(dtype)]
+    assert_close(y1, y0, tol, "outputs")
+    assert_close(s1.c, s0.c, tol, "c")
+    assert_close(s1.h, s0.h, tol, "h")
+    n = len(calls)
+    with fastseq.use_backend("numba"), fastseq.threads.limit(1):
+        nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=dtype, time_major=time_major)
+    assert len(calls) == n, f"one thread allowed, yet {name} ran"
+
+
+def lstm_case(dtype, T, B, lengths, bm, H=16, seed=0):
+    """:func:`lstm_kernel_args` with 5 inputs and weights of scale 0.3, ``x`` batch-major
+    ``[B, T, I]`` with ``bm``: a case of the two-thread loop tests."""
+    x, k, b, c0, h0, L = lstm_kernel_args(dtype, T, B, 5, H, lengths, seed=seed, scale=0.3)
+    if bm:
+        x = np.ascontiguousarray(x.transpose(1, 0, 2))
+    return x, k, b, c0, h0, L

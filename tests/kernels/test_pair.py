@@ -12,19 +12,10 @@ import pytest
 import fastseq
 from fastseq import nn
 
-from _kernel_helpers import assert_close, count_calls, forward_on_backends, LENGTHS, lstm_kernel_args, \
-    run_in_threads
+from _kernel_helpers import assert_close, check_backend_takes_for_inference, count_calls, LENGTHS, \
+    lstm_case, lstm_one_thread, run_in_threads
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
-
-
-def _one_thread(x, k, b, c0, h0, L, reverse, bm):
-    from fastseq_kernels import lstm
-
-    dt = x.dtype
-    e1, e2, e3 = np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt)
-    return lstm.lstm_forward(x, k, b, e1, e1, e1, e2, c0, h0, L, reverse, e3, e3, 0, 1.0, -1.0, -1.0, False, 1,
-                             e1, False, bm)
 
 
 def _compare(got, want, dtype, what):
@@ -32,11 +23,7 @@ def _compare(got, want, dtype, what):
         assert_close(got[i], want[i], TOL[dtype], f"{what}: {name}")
 
 
-def _case(dtype, T, B, lengths, bm, H=16, seed=0):
-    x, k, b, c0, h0, L = lstm_kernel_args(dtype, T, B, 5, H, lengths, seed=seed, scale=0.3)
-    if bm:
-        x = np.ascontiguousarray(x.transpose(1, 0, 2))
-    return x, k, b, c0, h0, L
+_case = lstm_case
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -49,7 +36,7 @@ def test_pair_matches_one_thread(dtype, lengths, reverse, bm, H):
 
     T, B = 21, 3  # three chunks of PAIR_PROJ_STEPS, the last one short
     x, k, b, c0, h0, L = _case(dtype, T, B, LENGTHS[lengths](T, B), bm, H=H)
-    want = _one_thread(x, k, b, c0, h0, L, reverse, bm)
+    want = lstm_one_thread(x, k, b, c0, h0, L, reverse, bm=bm)
     for packed in (None, lstm.pack_halves(k, 5, H)):
         got = lstm.lstm_forward_pair(x, k, b, c0, h0, L, reverse, 1.0, packed, bm)
         _compare(got, want, dtype, "pair")
@@ -63,7 +50,7 @@ def test_pair_chunk_edges(T):
 
     lengths = [T, max(T - 8, 0), T // 2, 1]
     x, k, b, c0, h0, L = _case(np.float64, T, 4, lengths, False, seed=T)
-    want = _one_thread(x, k, b, c0, h0, L, False, False)
+    want = lstm_one_thread(x, k, b, c0, h0, L, False, False)
     got = lstm.lstm_forward_pair(x, k, b, c0, h0, L, False, 1.0, None, False)
     _compare(got, want, np.float64, f"T={T}")
 
@@ -76,7 +63,7 @@ def test_pair_wherever_the_helper_joins():
     for dtype in (np.float64, np.float32):
         x, k, b, c0, h0, L = _case(dtype, 60, 2, [60, 37], False, H=64, seed=3)
         kw = lstm.pack_halves(k, 5, 64)
-        want = _one_thread(x, k, b, c0, h0, L, False, False)
+        want = lstm_one_thread(x, k, b, c0, h0, L, False, False)
         for i in range(40):
             _compare(lstm.lstm_forward_pair(x, k, b, c0, h0, L, False, 1.0, kw, False), want, dtype, f"call {i}")
 
@@ -85,7 +72,7 @@ def test_pair_with_the_helper_busy_runs_alone():
     from fastseq_kernels import _team, lstm
 
     x, k, b, c0, h0, L = _case(np.float64, 30, 2, [30, 11], False)
-    want = _one_thread(x, k, b, c0, h0, L, True, False)
+    want = lstm_one_thread(x, k, b, c0, h0, L, True, False)
     assert _team._HELPER.busy.acquire(timeout=10)
     try:
         got = lstm.lstm_forward_pair(x, k, b, c0, h0, L, True, 1.0, None, False)
@@ -98,7 +85,7 @@ def test_pair_from_several_threads_at_once():
     from fastseq_kernels import lstm
 
     cases = [_case(np.float32, 33, 2, [33, 9], False, seed=s) for s in range(4)]
-    wants = [_one_thread(*c, False, False) for c in cases]
+    wants = [lstm_one_thread(*c, False, False) for c in cases]
     results = [None] * len(cases)
 
     def work(i):
@@ -134,7 +121,7 @@ def test_pack_halves_layout():
         np.testing.assert_array_equal(kw[orr:orr + H * n], wg[I:].ravel())  # row-major, for one-row steps
     x, _, b, c0, h0, L = _case(np.float32, 12, 2, [12, 5], False, H=H)
     x = np.ascontiguousarray(x[:, :, :I])
-    want = _one_thread(x, k * np.float32(1e-3), b, c0, h0, L, False, False)
+    want = lstm_one_thread(x, k * np.float32(1e-3), b, c0, h0, L, False, False)
     got = lstm.lstm_forward_pair(x, k * np.float32(1e-3), b, c0, h0, L, False, 1.0, np.zeros(5, np.float32), False)
     _compare(got, want, np.float32, "wrong-size packed")
 
@@ -161,24 +148,7 @@ def test_pair_applies_only_where_it_should():
 @pytest.mark.parametrize("time_major", [False, True], ids=["batch", "time"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
 def test_backend_takes_the_pair_for_inference(dtype, time_major, with_lengths, monkeypatch):
-    from fastseq_kernels import lstm
-
-    calls = count_calls(monkeypatch, lstm, "lstm_forward_pair")
-    T, B, I, H = 24, 2, 7, 128
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(T, B, I) if time_major else (B, T, I)).astype(dtype)
-    lengths = np.array([T, 0]) if with_lengths else None
-    cell = nn.rnn_cell.LSTMCell(H)
-    out = forward_on_backends(cell, x, lengths, dtype, time_major)
-    assert calls, "the numba backend did not take the pair loop"
-    (y0, s0), (y1, s1) = out["numpy"], out["numba"]
-    assert_close(y1, y0, TOL[dtype], "outputs")
-    assert_close(s1.c, s0.c, TOL[dtype], "c")
-    assert_close(s1.h, s0.h, TOL[dtype], "h")
-    n = len(calls)
-    with fastseq.use_backend("numba"), fastseq.threads.limit(1):
-        nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=dtype, time_major=time_major)
-    assert len(calls) == n, "one thread allowed, yet the pair loop ran"
+    check_backend_takes_for_inference(monkeypatch, "lstm_forward_pair", 128, dtype, time_major, with_lengths)
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc (Linux)")

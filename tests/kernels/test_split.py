@@ -12,7 +12,7 @@ import pytest
 from fastseq import nn
 
 from _kernel_helpers import assert_close, count_calls, forward_on_backends, LENGTHS, run_in_threads, lstm_kernel_args, \
-    training_against_reference
+    lstm_one_thread, training_against_reference
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
@@ -29,15 +29,6 @@ def scheme(request, monkeypatch):
 
 
 _args = lstm_kernel_args
-
-
-def _one_thread(x, k, b, c0, h0, L, reverse, need_grad):
-    from fastseq_kernels import lstm
-
-    dt = x.dtype
-    e1, e2, e3 = np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt)
-    return lstm.lstm_forward(x, k, b, e1, e1, e1, e2, c0, h0, L, reverse, e3, e3, 0, 1.0, -1.0, -1.0, need_grad, 1,
-                             e1, False, False)
 
 
 def _compare(got, want, dtype, what):
@@ -59,7 +50,7 @@ def test_split_matches_one_thread(dtype, lengths, reverse, need_grad, scheme):
 
     T, B, I, H = 9, 8, 5, 64  # 64 units: two float32 panels, four float64 panels
     x, k, b, c0, h0, L = _args(dtype, T, B, I, H, LENGTHS[lengths](T, B))
-    want = _one_thread(x, k, b, c0, h0, L, reverse, need_grad)
+    want = lstm_one_thread(x, k, b, c0, h0, L, reverse, need_grad)
     e1 = np.zeros(0, dtype)
     got = lstm.lstm_forward_split(x, k, b, c0, h0, L, reverse, 1.0, need_grad, 2, e1)
     _compare(got, want if need_grad else want[:3] + (None,), dtype, "split")
@@ -71,7 +62,7 @@ def test_split_unit_counts(H, scheme):
     from fastseq_kernels import lstm
 
     x, k, b, c0, h0, L = _args(np.float32, 7, 5, 4, H, [7, 2, 0, 7, 6], seed=H)
-    want = _one_thread(x, k, b, c0, h0, L, False, True)
+    want = lstm_one_thread(x, k, b, c0, h0, L, False, True)
     got = lstm.lstm_forward_split(x, k, b, c0, h0, L, False, 1.0, True, 2, np.zeros(0, np.float32))
     _compare(got, want, np.float32, f"H={H}")
 
@@ -91,7 +82,7 @@ def test_split_chunks_of_several_panels(H, scheme):
     from fastseq_kernels import lstm
 
     x, k, b, c0, h0, L = _args(np.float32, 5, 3, 4, H, [5, 0, 3], seed=H)
-    want = _one_thread(x, k, b, c0, h0, L, False, True)
+    want = lstm_one_thread(x, k, b, c0, h0, L, False, True)
     got = lstm.lstm_forward_split(x, k, b, c0, h0, L, False, 1.0, True, 2, np.zeros(0, np.float32))
     _compare(got, want, np.float32, f"H={H}")
 
@@ -101,7 +92,7 @@ def _backward_pair(dtype, T, B, I, H, lengths, reverse, seed=0, packed_x=None):
     from fastseq_kernels import lstm
 
     x, k, b, c0, h0, L = _args(dtype, T, B, I, H, lengths, seed)
-    y, cT, hT, ws = _one_thread(x, k, b, c0, h0, L, reverse, True)
+    y, cT, hT, ws = lstm_one_thread(x, k, b, c0, h0, L, reverse, True)
     rng = np.random.default_rng(seed + 1)
     dy = rng.normal(size=y.shape).astype(dtype)
     dcT = rng.normal(size=cT.shape).astype(dtype)
@@ -148,7 +139,7 @@ def test_row_split_small_batches_and_packed_input_rows(B, packed_x, monkeypatch)
 
     monkeypatch.setattr(lstm, "ROWS_MIN_B", 1)
     x, k, b, c0, h0, L = _args(np.float64, 7, B, 3, 64, [7, 0, 4][:B], seed=B)
-    want = _one_thread(x, k, b, c0, h0, L, True, True)
+    want = lstm_one_thread(x, k, b, c0, h0, L, True, True)
     got = lstm.lstm_forward_split(x, k, b, c0, h0, L, True, 1.0, True, 2, np.zeros(0, np.float64))
     _compare(got, want, np.float64, f"B={B}")
     px = np.zeros(5, np.float64) if packed_x == "wrong size" else packed_x
@@ -185,7 +176,7 @@ def test_backward_split_rejects_units_off_the_panels():
 
     H = panel_cols(4) + 8
     e1 = np.zeros(0, np.float32)
-    ws = _one_thread(*_args(np.float32, 4, 2, 3, H, [4, 4]), False, True)[3]
+    ws = lstm_one_thread(*_args(np.float32, 4, 2, 3, H, [4, 4]), False, True)[3]
     with pytest.raises(ValueError, match=f"multiple of {panel_cols(4)}"):
         lstm.lstm_backward_split(ws, np.zeros((3 + H, 4 * H), np.float32), np.zeros((4, 2, H), np.float32),
                                  np.zeros((2, H), np.float32), np.zeros((2, H), np.float32), 4, False, 1, e1)
@@ -195,7 +186,7 @@ def test_split_with_the_helper_busy_runs_alone(scheme):
     from fastseq_kernels import _team, lstm
 
     x, k, b, c0, h0, L = _args(np.float64, 6, 4, 3, 32, [6, 1, 0, 4])
-    want = _one_thread(x, k, b, c0, h0, L, False, True)
+    want = lstm_one_thread(x, k, b, c0, h0, L, False, True)
     assert _team._HELPER.busy.acquire(timeout=10)
     try:
         got = lstm.lstm_forward_split(x, k, b, c0, h0, L, False, 1.0, True, 2, np.zeros(0, np.float64))
@@ -208,7 +199,7 @@ def test_split_from_several_threads_at_once(scheme):
     from fastseq_kernels import lstm
 
     cases = [_args(np.float32, 12, 6, 4, 64, [12, 3, 0, 12, 7, 1], seed=s) for s in range(4)]
-    wants = [_one_thread(*c, False, False) for c in cases]
+    wants = [lstm_one_thread(*c, False, False) for c in cases]
     results = [None] * len(cases)
 
     def work(i):

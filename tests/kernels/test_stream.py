@@ -9,22 +9,10 @@ agrees with the reference."""
 import numpy as np
 import pytest
 
-import fastseq
-from fastseq import nn
-
-from _kernel_helpers import assert_close, count_calls, forward_on_backends, LENGTHS, lstm_kernel_args, \
-    run_in_threads
+from _kernel_helpers import assert_close, check_backend_takes_for_inference, LENGTHS, lstm_case, \
+    lstm_one_thread, run_in_threads
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
-
-
-def _one_thread(x, k, b, c0, h0, L, reverse, need_grad, bm):
-    from fastseq_kernels import lstm
-
-    dt = x.dtype
-    e1, e2, e3 = np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt)
-    return lstm.lstm_forward(x, k, b, e1, e1, e1, e2, c0, h0, L, reverse, e3, e3, 0, 1.0, -1.0, -1.0, need_grad, 1,
-                             e1, False, bm)
 
 
 def _compare(got, want, dtype, what, need_grad):
@@ -39,11 +27,7 @@ def _compare(got, want, dtype, what, need_grad):
             np.testing.assert_array_equal(got[3][i], want[3][i])
 
 
-def _case(dtype, T, B, lengths, bm, seed=0):
-    x, k, b, c0, h0, L = lstm_kernel_args(dtype, T, B, 5, 16, lengths, seed=seed, scale=0.3)
-    if bm:
-        x = np.ascontiguousarray(x.transpose(1, 0, 2))
-    return x, k, b, c0, h0, L
+_case = lstm_case
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -56,7 +40,7 @@ def test_stream_matches_one_thread(dtype, lengths, reverse, need_grad, bm):
 
     T, B = 21, 3  # three chunks of STREAM_STEPS, the last one short
     x, k, b, c0, h0, L = _case(dtype, T, B, LENGTHS[lengths](T, B), bm)
-    want = _one_thread(x, k, b, c0, h0, L, reverse, need_grad, bm)
+    want = lstm_one_thread(x, k, b, c0, h0, L, reverse, need_grad, bm)
     got = lstm.lstm_forward_stream(x, k, b, c0, h0, L, reverse, 1.0, need_grad, np.zeros(0, dtype), bm)
     _compare(got, want, dtype, "stream", need_grad)
     if need_grad:  # the workspace serves the one-thread backward as the one-thread forward's does
@@ -77,7 +61,7 @@ def test_stream_chunk_edges(T):
 
     lengths = [T, max(T - 8, 0), T // 2, 1]
     x, k, b, c0, h0, L = _case(np.float64, T, 4, lengths, False, seed=T)
-    want = _one_thread(x, k, b, c0, h0, L, False, True, False)
+    want = lstm_one_thread(x, k, b, c0, h0, L, False, True, False)
     got = lstm.lstm_forward_stream(x, k, b, c0, h0, L, False, 1.0, True, np.zeros(0, np.float64), False)
     _compare(got, want, np.float64, f"T={T}", True)
 
@@ -86,7 +70,7 @@ def test_stream_with_the_helper_busy_runs_alone():
     from fastseq_kernels import _team, lstm
 
     x, k, b, c0, h0, L = _case(np.float64, 30, 2, [30, 11], False)
-    want = _one_thread(x, k, b, c0, h0, L, True, True, False)
+    want = lstm_one_thread(x, k, b, c0, h0, L, True, True, False)
     assert _team._HELPER.busy.acquire(timeout=10)
     try:
         got = lstm.lstm_forward_stream(x, k, b, c0, h0, L, True, 1.0, True, np.zeros(0, np.float64), False)
@@ -99,7 +83,7 @@ def test_stream_from_several_threads_at_once():
     from fastseq_kernels import lstm
 
     cases = [_case(np.float32, 33, 2, [33, 9], False, seed=s) for s in range(4)]
-    wants = [_one_thread(*c, False, False, False) for c in cases]
+    wants = [lstm_one_thread(*c, False, False, False) for c in cases]
     results = [None] * len(cases)
 
     def work(i):
@@ -129,21 +113,5 @@ def test_stream_applies_only_where_it_should():
 @pytest.mark.parametrize("time_major", [False, True], ids=["batch", "time"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
 def test_backend_takes_the_stream_for_inference(dtype, time_major, with_lengths, monkeypatch):
-    from fastseq_kernels import lstm
-
-    calls = count_calls(monkeypatch, lstm, "lstm_forward_stream")
-    T, B, I, H = 24, 2, 7, 32
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(T, B, I) if time_major else (B, T, I)).astype(dtype)
-    lengths = np.array([T, 0]) if with_lengths else None
-    cell = nn.rnn_cell.LSTMCell(H)
-    out = forward_on_backends(cell, x, lengths, dtype, time_major)
-    assert calls, "the numba backend did not take the streamed projection"
-    (y0, s0), (y1, s1) = out["numpy"], out["numba"]
-    assert_close(y1, y0, TOL[dtype], "outputs")
-    assert_close(s1.c, s0.c, TOL[dtype], "c")
-    assert_close(s1.h, s0.h, TOL[dtype], "h")
-    n = len(calls)
-    with fastseq.use_backend("numba"), fastseq.threads.limit(1):
-        nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=dtype, time_major=time_major)
-    assert len(calls) == n, "one thread allowed, yet the stream ran"
+    # 32 units: recurrent weights under PAIR_MIN_WEIGHT_BYTES, so not the two-half loop
+    check_backend_takes_for_inference(monkeypatch, "lstm_forward_stream", 32, dtype, time_major, with_lengths)
