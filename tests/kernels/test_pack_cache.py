@@ -207,28 +207,34 @@ def test_backend_hands_the_kernels_read_only_weights_without_touching_the_caller
 def test_lstm_halves_layout_is_cached_and_follows_new_weights(registered, monkeypatch):
     """Few-row inference on two threads (fastseq_kernels.lstm.lstm_forward_pair) reads the
     weights in a layout of its own (pack_halves): packed on the first call, reused on the
-    next, and never served for weights that replaced them."""
-    from fastseq_kernels import lstm
-
-    packs = []
-    real = lstm.pack_halves
-    monkeypatch.setattr(lstm, "pack_halves", lambda *a: packs.append(1) or real(*a))
+    next, and never served for weights that replaced them. (Watched at the cache: patching
+    ``lstm.pack_halves`` itself would reach the compiled kernels, which call it.)"""
     cache = registered.pack_cache
+    seen = []
+    real = cache.get_layout
+
+    def spy(a, layout, pack, *args):
+        misses = cache.misses
+        out = real(a, layout, pack, *args)
+        seen.append((layout, cache.misses > misses))
+        return out
+
+    monkeypatch.setattr(cache, "get_layout", spy)
     rng = np.random.default_rng(4)
     x = rng.normal(size=(1, 20, 6)).astype(np.float32)
     cell = nn.rnn_cell.LSTMCell(128)
     want = _run(cell, x, None, "numpy")
     with fastseq.threads.limit(2):
         first = _run(cell, x, None, "numba")
-        assert len(packs) == 1
+        assert seen == [("lstm_halves", True)]  # packed on the first call
         hits = cache.hits
         second = _run(cell, x, None, "numba")
-        assert len(packs) == 1 and cache.hits > hits  # served from the cache
+        assert seen[1:] == [("lstm_halves", False)] and cache.hits > hits  # served from the cache
         assert_close(first, want, 1e-5, "first call")
         np.testing.assert_array_equal(second, first)
         cell.set_weights({k: (v * 1.5).astype(v.dtype) for k, v in cell.get_weights().items()})
         want2 = _run(cell, x, None, "numpy")
         got2 = _run(cell, x, None, "numba")
-        assert len(packs) == 2  # the new weights packed anew
+        assert seen[2:] == [("lstm_halves", True)]  # the new weights packed anew
     assert np.abs(want2 - want).max() > 1e-2
     assert_close(got2, want2, 1e-5, "after set_weights")
