@@ -533,6 +533,20 @@ def _half_units(v, H):
 
 
 @kernel(inline="always")
+def _gather_half(src, dst, H, v):
+    """``dst[:4 Hv]`` = the four gate blocks (i, j, f, o) of half ``v``'s units taken from a
+    ``4H`` row ``src``, side by side: the column order of the two-half loop's weights,
+    bias and gate rows."""
+    u0, u1 = _half_units(v, H)
+    Hv = u1 - u0
+    for q in range(4):
+        s = src[q * H + u0:q * H + u1]
+        d = dst[q * Hv:(q + 1) * Hv]
+        for j in range(Hv):
+            d[j] = s[j]
+
+
+@kernel(inline="always")
 def _halves_layout(I, H, NR):
     """Offsets in :func:`pack_halves`' flat array: half 0's input rows and recurrent rows
     (packed), half 1's, then the recurrent rows of half 0 and of half 1 row-major (for the
@@ -565,11 +579,7 @@ def pack_halves(kernel, I, H):
         n = 4 * Hv
         Wg = np.empty((I + H, n), kernel.dtype)
         for r in range(I + H):
-            for q in range(4):
-                src = kernel[r, q * H + u0:q * H + u1]
-                dst = Wg[r, q * Hv:(q + 1) * Hv]
-                for j in range(Hv):
-                    dst[j] = src[j]
+            _gather_half(kernel[r], Wg[r], H, v)
         oi = 0 if v == 0 else oi1
         oa = oa0 if v == 0 else oa1
         orr = or0 if v == 0 else or1
@@ -717,16 +727,12 @@ def lstm_forward_pair_begin(x, kernel, bias, c0, h0, lengths, reverse, packed, b
                                                                                          reverse, False, bm)
     NR = panel_width(x)
     KW = packed if packed.shape[0] == _halves_layout(I, H, NR)[6] else pack_halves(kernel, I, H)
-    h0n = H // 2
-    G0 = np.empty((R, 4 * h0n), dt)
-    G1 = np.empty((R, 4 * (H - h0n)), dt)
-    b0 = np.empty(4 * h0n, dt)
-    b1 = np.empty(4 * (H - h0n), dt)
-    for q in range(4):
-        for j in range(h0n):
-            b0[q * h0n + j] = bias[q * H + j]
-        for j in range(H - h0n):
-            b1[q * (H - h0n) + j] = bias[q * H + h0n + j]
+    G0 = np.empty((R, 4 * (H // 2)), dt)
+    G1 = np.empty((R, 4 * (H - H // 2)), dt)
+    b0 = np.empty(G0.shape[1], dt)
+    b1 = np.empty(G1.shape[1], dt)
+    _gather_half(bias, b0, H, 0)
+    _gather_half(bias, b1, H, 1)
     ctl = np.zeros(24, np.int64)
     ctl[_PAIR_START] = -1
     scratch = np.empty((2, MAX_HEIGHT * NR), dt)

@@ -20,9 +20,10 @@ again defeats the rule; that is documented on ``RNNCell.trainable_variables``.
 
 Entries are keyed by ``id(array)`` plus the layout (offset, leading dimension, depth,
 width, transposed; or a named layout of a kernel's own with its arguments, ``get_layout``,
-e.g. the halves of ``fastseq_kernels.lstm.pack_halves``), hold a weak reference that must still point at the same array, and go
-away when the array is garbage collected (weak-reference callback), so memory follows the
-live weights; at most ``max_entries`` are kept (least recently used dropped first).
+e.g. the halves of ``fastseq_kernels.lstm.pack_halves``), hold a weak reference that must
+still point at the same array, and go away when the array is garbage collected
+(weak-reference callback), so memory follows the live weights; at most ``max_entries``
+are kept (least recently used dropped first).
 """
 
 from __future__ import annotations
