@@ -10,6 +10,7 @@ compiled code runs; anything the kernels cannot do raises ``NotImplementedError`
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -17,6 +18,8 @@ import numpy as np
 from fastseq.contract import ACTIVATIONS, Backend, CellSpec
 from fastseq.reference import NumpyArrayOps
 from fastseq.threads import get_num_threads
+
+from ._packcache import PackCache
 
 __all__ = ["NumbaBackend"]
 
@@ -39,6 +42,54 @@ class _Workspace:
         self.ws, self.T, self.B, self.I, self.reverse, self.masks, self.dtype = ws, T, B, I, reverse, masks, dtype
         self.steps = steps  # the longest sequence: steps of the time loop
         self.batch_major = batch_major  # d_outputs come, and d_inputs go, as [B, T, ...]
+
+
+class _Route:
+    """A layer's kernel call as :meth:`NumbaBackend._choose` bound it (kernel, packed
+    weights, flags), kept for later calls with the same key (the spec, the inputs' shape
+    and dtype, layout, direction, ``need_grad``, thread count) and the same read-only
+    weight arrays. :meth:`run` checks what the key does not cover (the weights are these
+    arrays and still read-only, the inputs and initial state C-ordered arrays of the right
+    dtype and shapes) and returns None when anything differs, for the full path to
+    validate and convert (and raise its errors). A route refers to its weights weakly and
+    leaves the table when any of them is collected (with it go the packed copies it holds),
+    so memory follows the live weights as in the pack cache."""
+
+    __slots__ = ("call", "refs", "sizes", "T", "B", "I", "reverse", "masks", "dtype", "bm", "need_grad",
+                 "__weakref__")
+
+    def __init__(self, table, key, call, params, sizes, T, B, I, reverse, masks, dtype, bm, need_grad):
+        me = weakref.ref(self)
+
+        def gone(_ref):
+            if table.get(key) is me():
+                table.pop(key, None)
+
+        self.call = call
+        self.refs = tuple((name, weakref.ref(a, gone)) for name, a in params.items())
+        self.sizes = sizes
+        self.T, self.B, self.I, self.reverse, self.masks = T, B, I, reverse, masks
+        self.dtype, self.bm, self.need_grad = dtype, bm, need_grad
+
+    def run(self, params, x, initial_state):
+        try:
+            for name, ref in self.refs:
+                a = params[name]
+                if a is not ref() or a.flags.writeable:
+                    return None
+        except (KeyError, TypeError):
+            return None
+        if not x.flags.c_contiguous or len(initial_state) != len(self.sizes):
+            return None
+        dt, B = self.dtype, self.B
+        for s, n in zip(initial_state, self.sizes):
+            if type(s) is not np.ndarray or s.dtype != dt or s.shape != (B, n) or not s.flags.c_contiguous:
+                return None
+        T = self.T
+        y, final, ws = self.call(x, initial_state, np.full(B, T, dtype=np.int64), params)
+        if not self.need_grad:
+            return y, final, None
+        return y, final, _Workspace(ws, T, B, self.I, self.reverse, self.masks, dt, T if B else 0, self.bm)
 
 
 def _contig(a, dtype, name):
@@ -78,10 +129,14 @@ class NumbaBackend(NumpyArrayOps, Backend):
     #: transposed copies around a time-major call.
     batch_major_layers = True
 
+    #: Most routes kept (:class:`_Route`); past it the table starts again empty.
+    MAX_ROUTES = 64
+
     def __init__(self):
         self._k = None  # kernel modules, set by initialize()
         self._empty = {}
         self.pack_cache = None  # packed recurrent weights of read-only arrays (_packcache)
+        self._routes = {}  # (spec, shape, dtype, layout, reverse, need_grad, threads) -> _Route
 
     # ------------------------------------------------------------ lifecycle
     def availability(self) -> Optional[str]:
@@ -96,7 +151,6 @@ class NumbaBackend(NumpyArrayOps, Backend):
         from fastseq_kernels import _packed, gru, lstm, rnn
 
         from . import _malloc
-        from ._packcache import PackCache
 
         _malloc.apply_default()  # freed large buffers are reused, not re-faulted (see _malloc)
         self._k = {"rnn": rnn, "gru": gru, "lstm": lstm}
@@ -186,86 +240,138 @@ class NumbaBackend(NumpyArrayOps, Backend):
                       state_mask=None, need_grad=False, batch_major=False):
         """The contract's ``layer_forward``; with ``batch_major`` the inputs are ``[B, T, I]``
         and the outputs ``[B, T, P]`` (``state_mask`` stays ``[T or 1, B, n]``), and the
-        backward of this run takes and gives ``[B, T, ...]`` too."""
+        backward of this run takes and gives ``[B, T, ...]`` too.
+
+        A call without ``sequence_length`` or ``state_mask`` whose weights are read-only
+        arrays (a cell's) reuses the route an earlier call of the same shapes, flags and
+        weights chose (:class:`_Route`): the checks of the weights, the choice of kernel and
+        the packed weights' lookup are made once, not every call."""
         k = self._kernels()
         bm = bool(batch_major)
-        x, (T, B, I), p, states, lengths, masks = self._prepare(spec, params, inputs, initial_state,
-                                                                sequence_length, state_mask, bm)
-        code = ACTIVATIONS.index(spec.activation)
         reverse = bool(reverse)
         need_grad = bool(need_grad)
-        E1, E2, _ = self._empty[x.dtype]
         nt = get_num_threads()
+        key = None
+        if sequence_length is None and state_mask is None and type(inputs) is np.ndarray:
+            key = (spec, inputs.shape, inputs.dtype, bm, reverse, need_grad, nt)
+            route = self._routes.get(key)
+            if route is not None:
+                out = route.run(params, inputs, initial_state)
+                if out is not None:
+                    return out
+        x, (T, B, I), p, states, lengths, masks = self._prepare(spec, params, inputs, initial_state,
+                                                                sequence_length, state_mask, bm)
         steps = int(lengths.max()) if B else 0
+        call = self._choose(k, spec, p, x.dtype, T, B, I, steps, masks, reverse, need_grad, nt, bm)
+        y, final, ws = call(x, states, lengths, p)
+        if key is not None and all(PackCache.cacheable(a) and a is params[n] for n, a in p.items()):
+            if len(self._routes) >= self.MAX_ROUTES:
+                self._routes.clear()
+            self._routes[key] = _Route(self._routes, key, call, p, spec.state_sizes, T, B, I, reverse, masks, x.dtype,
+                                       bm, need_grad)
+        workspace = _Workspace(ws, T, B, I, reverse, masks, x.dtype, steps, bm) if need_grad else None
+        return y, final, workspace
+
+    def _choose(self, k, spec, p, dtype, T, B, I, steps, masks, reverse, need_grad, nt, bm):
+        """The kernel that runs this layer, with every argument bound but the inputs, the
+        initial state, the lengths and the weights (``w``, the dict ``p`` was checked from;
+        a route must not hold them, see :class:`_Route`): ``call(x, states, lengths, w) ->
+        (y, final, ws)``."""
+        code = ACTIVATIONS.index(spec.activation)
+        E1, E2, _ = self._empty[dtype]
+        itemsize = dtype.itemsize
         if spec.kind == "lstm":
+            lstm = k["lstm"]
             peep = spec.use_peepholes
             H4 = 4 * spec.num_units
             P = spec.output_size
+            fb = float(spec.forget_bias)
+            kernel = p["kernel"]
             plain = _lstm_plain(spec, masks)
-            split = k["lstm"].split_applies(B, spec.num_units, P, steps, plain, nt, x.dtype.itemsize)
+            split = lstm.split_applies(B, spec.num_units, P, steps, plain, nt, itemsize)
             fuse = False
             if split:
                 # the time loop on two threads sharing the rows or the units (fastseq_kernels/lstm.py)
-                kp = self._packed(p["kernel"], steps, I * H4, H4, P, H4, False)
-                kpi = self._packed(p["kernel"], steps, 0, H4, I, H4, False)  # input rows, for the projection
-                y, cT, hT, ws = k["lstm"].lstm_forward_split(x, p["kernel"], p["bias"], states[0], states[1],
-                                                             lengths, reverse, float(spec.forget_bias),
-                                                             need_grad, nt, kp, bm, kpi)
-            else:
-                # the input projection inside each step's product where that pays (lstm.fuse_applies)
-                fuse = k["lstm"].fuse_applies(B, I, P, spec.num_units, x.dtype.itemsize)
-            pair = k["lstm"].pair_applies(B, spec.num_units, steps, plain, nt, fuse, split, need_grad,
-                                          x.dtype.itemsize)
-            if not split and not pair:
-                kp = (self._packed(p["kernel"], steps, 0, H4, I + P, H4, False) if fuse
-                      else self._packed(p["kernel"], steps, I * H4, H4, P, H4, False))
-            if pair:
+                kp = self._packed(kernel, steps, I * H4, H4, P, H4, False)
+                kpi = self._packed(kernel, steps, 0, H4, I, H4, False)  # input rows, for the projection
+
+                def call(x, s, L, w):
+                    y, cT, hT, ws = lstm.lstm_forward_split(x, w["kernel"], w["bias"], s[0], s[1], L, reverse, fb, need_grad,
+                                                            nt, kp, bm, kpi)
+                    return y, (cT, hT), ws
+
+                return call
+            # the input projection inside each step's product where that pays (lstm.fuse_applies)
+            fuse = lstm.fuse_applies(B, I, P, spec.num_units, itemsize)
+            if lstm.pair_applies(B, spec.num_units, steps, plain, nt, fuse, split, need_grad, itemsize):
                 # few rows, large enough weights: each thread one half of the units every step
-                kw = self.pack_cache.get_layout(p["kernel"], "lstm_halves", k["lstm"].pack_halves, I,
-                                                spec.num_units)
-                y, cT, hT = k["lstm"].lstm_forward_pair(x, p["kernel"], p["bias"], states[0], states[1], lengths,
-                                                        reverse, float(spec.forget_bias), kw, bm)
-                ws = None
-            elif k["lstm"].stream_applies(B, steps, plain, nt, fuse, split, need_grad):
+                kw = self.pack_cache.get_layout(kernel, "lstm_halves", lstm.pack_halves, I, spec.num_units)
+
+                def call(x, s, L, w):
+                    y, cT, hT = lstm.lstm_forward_pair(x, w["kernel"], w["bias"], s[0], s[1], L, reverse, fb, kw,
+                                                       bm)
+                    return y, (cT, hT), None
+
+                return call
+            kp = (self._packed(kernel, steps, 0, H4, I + P, H4, False) if fuse
+                  else self._packed(kernel, steps, I * H4, H4, P, H4, False))
+            if lstm.stream_applies(B, steps, plain, nt, fuse, split, need_grad):
                 # few rows: the input projection on the helper thread while this one runs the loop
-                y, cT, hT, ws = k["lstm"].lstm_forward_stream(x, p["kernel"], p["bias"], states[0], states[1],
-                                                              lengths, reverse, float(spec.forget_bias), need_grad,
-                                                              kp, bm, self._packed(p["kernel"], steps, 0, H4, I, H4,
-                                                                                   False))
-            elif not split:
-                y, cT, hT, ws = k["lstm"].lstm_forward(
-                    x, p["kernel"], p["bias"],
-                    p["w_i_diag"] if peep else E1, p["w_f_diag"] if peep else E1, p["w_o_diag"] if peep else E1,
-                    p["projection/kernel"] if spec.num_proj else E2,
-                    states[0], states[1], lengths, reverse, masks[0], masks[1], code,
-                    float(spec.forget_bias), self._clip(spec.cell_clip),
-                    self._clip(spec.proj_clip if spec.num_proj else None), need_grad, nt, kp, fuse, bm)
-            final = (cT, hT)
-        elif spec.kind == "gru":
+                kpi = self._packed(kernel, steps, 0, H4, I, H4, False)
+
+                def call(x, s, L, w):
+                    y, cT, hT, ws = lstm.lstm_forward_stream(x, w["kernel"], w["bias"], s[0], s[1], L, reverse, fb, need_grad,
+                                                             kp, bm, kpi)
+                    return y, (cT, hT), ws
+
+                return call
+            proj = spec.num_proj
+            cc, pc = self._clip(spec.cell_clip), self._clip(spec.proj_clip if proj else None)
+
+            def call(x, s, L, w):
+                wi, wf, wo = (w["w_i_diag"], w["w_f_diag"], w["w_o_diag"]) if peep else (E1, E1, E1)
+                y, cT, hT, ws = lstm.lstm_forward(x, w["kernel"], w["bias"], wi, wf, wo,
+                                                  w["projection/kernel"] if proj else E2, s[0], s[1], L, reverse,
+                                                  masks[0], masks[1], code, fb, cc, pc, need_grad, nt, kp, fuse, bm)
+                return y, (cT, hT), ws
+
+            return call
+        if spec.kind == "gru":
+            gru = k["gru"]
             H = spec.num_units
-            kg = self._packed(p["gates/kernel"], steps, I * 2 * H, 2 * H, H, 2 * H, False)
-            kc = self._packed(p["candidate/kernel"], steps, I * H, H, H, H, False)
-            if k["gru"].split_applies(B, H, steps, spec.activation == "tanh" and masks[0].shape[0] == 0, nt):
+            kg_, kc_ = p["gates/kernel"], p["candidate/kernel"]
+            kg = self._packed(kg_, steps, I * 2 * H, 2 * H, H, 2 * H, False)
+            kc = self._packed(kc_, steps, I * H, H, H, H, False)
+            if gru.split_applies(B, H, steps, spec.activation == "tanh" and masks[0].shape[0] == 0, nt):
                 # the time loop on two threads sharing the columns of each step (fastseq_kernels/gru.py)
                 # the input rows packed too, for the projections
-                kgi = self._packed(p["gates/kernel"], steps, 0, 2 * H, I, 2 * H, False)
-                kci = self._packed(p["candidate/kernel"], steps, 0, H, I, H, False)
-                y, hT, ws = k["gru"].gru_forward_split(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
-                                                       p["candidate/bias"], states[0], lengths, reverse, need_grad,
-                                                       kg, kc, bm, kgi, kci)
-            else:
-                y, hT, ws = k["gru"].gru_forward(x, p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
-                                                 p["candidate/bias"], states[0], lengths, reverse, masks[0], code,
-                                                 need_grad, nt, kg, kc, bm)
-            final = (hT,)
-        else:
-            H = spec.num_units
-            kp = self._packed(p["kernel"], steps, I * H, H, H, H, False)
-            y, hT, ws = k["rnn"].rnn_forward(x, p["kernel"], p["bias"], states[0], lengths, reverse, masks[0],
-                                             code, need_grad, nt, kp, bm)
-            final = (hT,)
-        workspace = _Workspace(ws, T, B, I, reverse, masks, x.dtype, steps, bm) if need_grad else None
-        return y, final, workspace
+                kgi = self._packed(kg_, steps, 0, 2 * H, I, 2 * H, False)
+                kci = self._packed(kc_, steps, 0, H, I, H, False)
+
+                def call(x, s, L, w):
+                    y, hT, ws = gru.gru_forward_split(x, w["gates/kernel"], w["gates/bias"], w["candidate/kernel"],
+                                                      w["candidate/bias"], s[0], L, reverse, need_grad, kg, kc, bm,
+                                                      kgi, kci)
+                    return y, (hT,), ws
+
+                return call
+
+            def call(x, s, L, w):
+                y, hT, ws = gru.gru_forward(x, w["gates/kernel"], w["gates/bias"], w["candidate/kernel"],
+                                            w["candidate/bias"], s[0], L, reverse, masks[0], code, need_grad, nt, kg,
+                                            kc, bm)
+                return y, (hT,), ws
+
+            return call
+        rnn = k["rnn"]
+        H = spec.num_units
+        kp = self._packed(p["kernel"], steps, I * H, H, H, H, False)
+
+        def call(x, s, L, w):
+            y, hT, ws = rnn.rnn_forward(x, w["kernel"], w["bias"], s[0], L, reverse, masks[0], code, need_grad, nt, kp, bm)
+            return y, (hT,), ws
+
+        return call
 
     def layer_backward(self, spec, params, workspace, d_outputs, d_final_state):
         if not isinstance(workspace, _Workspace):

@@ -25,6 +25,21 @@ def test_default_is_usable_cores(monkeypatch):
     assert threads.get_num_threads() == threads.usable_cores() >= 1
 
 
+def test_default_is_read_once_per_process(monkeypatch):
+    monkeypatch.delenv(threads.ENV, raising=False)
+    threads._setting = None
+    threads._forget_default()
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert threads.get_num_threads() == 3
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert threads.get_num_threads() == 3  # cached: no system call per kernel call
+    threads._forget_default()  # what a forked child does
+    assert threads.get_num_threads() == 1
+    monkeypatch.undo()
+    threads._forget_default()
+    assert threads.get_num_threads() == threads.usable_cores()
+
+
 def test_env_and_setter(monkeypatch):
     threads._setting = None
     monkeypatch.setenv(threads.ENV, "3")

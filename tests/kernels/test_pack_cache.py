@@ -227,14 +227,17 @@ def test_lstm_halves_layout_is_cached_and_follows_new_weights(registered, monkey
     with fastseq.threads.limit(2):
         first = _run(cell, x, None, "numba")
         assert seen == [("lstm_halves", True)]  # packed on the first call
-        hits = cache.hits
+        misses = cache.misses
         second = _run(cell, x, None, "numba")
-        assert seen[1:] == [("lstm_halves", False)] and cache.hits > hits  # served from the cache
+        # not packed again: the backend's route for this call keeps the packed layout (or,
+        # without one, the cache serves it)
+        assert all(not missed for _, missed in seen[1:]) and cache.misses == misses
+        del seen[1:]
         assert_close(first, want, 1e-5, "first call")
         np.testing.assert_array_equal(second, first)
         cell.set_weights({k: (v * 1.5).astype(v.dtype) for k, v in cell.get_weights().items()})
         want2 = _run(cell, x, None, "numpy")
         got2 = _run(cell, x, None, "numba")
-        assert seen[2:] == [("lstm_halves", True)]  # the new weights packed anew
+        assert seen[1:] == [("lstm_halves", True)]  # the new weights packed anew
     assert np.abs(want2 - want).max() > 1e-2
     assert_close(got2, want2, 1e-5, "after set_weights")
