@@ -474,6 +474,13 @@ def lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, reverse, uniform, bm
     return y
 
 
+def _direct(uniform, bm, x):
+    """:func:`._common.direct_rows` on the Python side: whether the loop wrote the outputs
+    into ``y`` in place, so that the wrappers below skip the compiled call that would
+    scatter them (4-5 us of a P1 call, nearly all of it the call itself)."""
+    return bool(uniform) and (not bm or x.shape[0] == 1)
+
+
 def lstm_forward_stream(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, packed, bm=False,
                         packed_in=None):
     """:func:`lstm_forward` for the configurations of :func:`stream_applies` (tanh, no
@@ -495,7 +502,8 @@ def lstm_forward_stream(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, 
     fb = x.dtype.type(forget_bias)
     run_pair(lstm_forward_stream_worker, (claims, done, order, nb, base, hbase, X, kernel, KPI, G, bias, fb, KP, Hh,
                                           Ch, Yp, cT, hT, scratch))
-    y = lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, bool(reverse), uniform, bm, y)
+    if not _direct(uniform, bm, x):
+        y = lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, bool(reverse), uniform, bm, y)
     P = h0.shape[1]
     ws = (X, G, Hh, Ch, np.empty((0, c0.shape[1]), x.dtype), np.empty((0, P), x.dtype), order, lens_s, nb, base)
     return y, cT, hT, ws
@@ -761,7 +769,8 @@ def lstm_forward_pair(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, pa
                                         packed_or_empty(packed, x.dtype), bm)
     run_pair(lstm_forward_pair_worker, (ctl, nb, base, hbase, order, X, KW, G0, G1, b0, b1,
                                         x.dtype.type(forget_bias), Hh, Ch, Yp, cT, hT, scratch))
-    y = lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, reverse, uniform, bm, y)
+    if not _direct(uniform, bm, x):
+        y = lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, reverse, uniform, bm, y)
     return y, cT, hT
 
 
