@@ -454,43 +454,75 @@ def gemm_packed(m, n, k, a, aoff, lda, bp, c, coff, ldc, scratch, beta):
             i += h
 
 
-#: One row of ``A`` times a row-major ``B`` (:func:`gemv_acc`): 16, 8, 4, 2 and 1 vectors of
-#: ``C`` held in registers over the whole depth.
+#: One row of ``A`` times ``B``'s column blocks (:func:`gemv_blocks`): 16, 8, 4, 2 and 1
+#: vectors of ``C`` held in registers over the whole depth.
 _row16, _row8, _row4, _row2, _row1 = (_make_micro(1, 1, True, nv) for nv in (16, 8, 4, 2, 1))
 
 
 @kernel(inline="always")
-def gemv_acc(k, a, aoff, b, boff, ldb, n, c, coff, scratch):
-    """``c[coff:coff + n] += a[aoff:aoff + k] @ B[k, n]`` for a row-major ``B`` at ``boff``
-    with leading dimension ``ldb`` (all flat arrays of one dtype): one row streamed
-    through a wide block of accumulators (16 vectors: 256 float32 columns), so a step's
-    one-row product reads its weights in one sequential pass with no per-panel overhead.
-    Measured on the Zen 4 machine, float32 [1, 128] x [128, 256] with the weights in L2:
-    1.13-1.16 us (113-115 GB/s) against 1.24-1.30 us for :func:`gemm_packed` over the same
-    weights packed. Each element is ``sum_p a[p] b[p, j]`` accumulated in order of ``p``
-    (fused multiply-adds; the columns past the last whole vector in a plain loop)."""
+def gemv_block_width(rest, VW):
+    """Columns of the next block of :func:`pack_gemv_blocks`' layout when ``rest`` columns
+    are left: 16, 8, 4, 2 or 1 vectors of ``VW`` elements (the widest that fits), else the
+    ``rest < VW`` last columns."""
+    for nv in (16, 8, 4, 2, 1):
+        if rest >= nv * VW:
+            return nv * VW
+    return rest
+
+
+@kernel(inline="always")
+def pack_gemv_blocks(src, dst, doff):
+    """``src [k, n]`` (2-D, any strides) into ``dst[doff:doff + k * n]`` as :func:`gemv_blocks`
+    reads it: the columns cut into blocks by :func:`gemv_block_width` (left to right), each
+    block's ``k`` rows stored one after another, ``width`` elements each."""
+    k, n = src.shape
+    VW = panel_width(dst) // 2
+    j = 0
+    o = doff
+    while j < n:
+        w = gemv_block_width(n - j, VW)
+        for p in range(k):
+            for jj in range(w):
+                dst[o + p * w + jj] = src[p, j + jj]
+        o += k * w
+        j += w
+
+
+@kernel(inline="always")
+def gemv_blocks(k, a, aoff, b, boff, n, c, coff, scratch):
+    """``c[coff:coff + n] += a[aoff:aoff + k] @ B`` for ``B [k, n]`` laid out from ``boff`` by
+    :func:`pack_gemv_blocks` (flat arrays of one dtype): one row streamed through a block of
+    accumulators as wide as the block (16 vectors: 128 float32 columns on AVX2, 256 on
+    AVX-512), each block's weights one contiguous run, read once. Each element is ``sum_p
+    a[p] b[p, j]`` accumulated in order of ``p`` (fused multiply-adds; the last columns of
+    fewer than a vector in a plain loop). Measured on the Zen 3 machine (AVX2), float32
+    [1, 128] x [128, 256] with the weights in L2: 1.33-1.35 us against 1.87-1.88 us for the
+    same blocks read out of a row-major ``B`` (each 1 KB row in two 512-byte runs, the
+    layout before); [1, 128] x [128, 512] 2.64-2.69 against 3.12-3.68. On AVX-512 a block
+    of 256 columns is P1's whole half, i.e. the row-major layout (Zen 4: 1.13-1.16 us)."""
     VW = panel_width(c) // 2
     j = 0
-    while n - j >= 16 * VW:
-        _row16(k, a, aoff, 0, 1, b, boff + j, ldb, c, coff + j, 0, 1, scratch)
-        j += 16 * VW
-    if n - j >= 8 * VW:
-        _row8(k, a, aoff, 0, 1, b, boff + j, ldb, c, coff + j, 0, 1, scratch)
-        j += 8 * VW
-    if n - j >= 4 * VW:
-        _row4(k, a, aoff, 0, 1, b, boff + j, ldb, c, coff + j, 0, 1, scratch)
-        j += 4 * VW
-    if n - j >= 2 * VW:
-        _row2(k, a, aoff, 0, 1, b, boff + j, ldb, c, coff + j, 0, 1, scratch)
-        j += 2 * VW
-    if n - j >= VW:
-        _row1(k, a, aoff, 0, 1, b, boff + j, ldb, c, coff + j, 0, 1, scratch)
-        j += VW
-    for jj in range(j, n):
-        s = c[coff + jj] * 0
-        for p in range(k):
-            s += a[aoff + p] * b[boff + p * ldb + jj]
-        c[coff + jj] += s
+    o = boff
+    while j < n:
+        w = gemv_block_width(n - j, VW)
+        if w == 16 * VW:
+            _row16(k, a, aoff, 0, 1, b, o, w, c, coff + j, 0, 1, scratch)
+        elif w == 8 * VW:
+            _row8(k, a, aoff, 0, 1, b, o, w, c, coff + j, 0, 1, scratch)
+        elif w == 4 * VW:
+            _row4(k, a, aoff, 0, 1, b, o, w, c, coff + j, 0, 1, scratch)
+        elif w == 2 * VW:
+            _row2(k, a, aoff, 0, 1, b, o, w, c, coff + j, 0, 1, scratch)
+        elif w == VW:
+            _row1(k, a, aoff, 0, 1, b, o, w, c, coff + j, 0, 1, scratch)
+        else:
+            for jj in range(w):
+                acc = c[coff + j + jj] * 0
+                for p in range(k):
+                    acc += a[aoff + p] * b[o + p * w + jj]
+                c[coff + j + jj] += acc
+        o += k * w
+        j += w
 
 
 #: Depth (rows of ``A`` and ``B``) per block of :func:`gemm_tn_acc`: a panel's block of

@@ -37,8 +37,8 @@ from ._jit import kernel
 from ._atomic import HAND_JOINED, atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, \
     team_end, wait_at_least
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, TN_MAX_ROW_BYTES, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, \
-    gemm_tn_panels, gemv_acc, given_or_pack, pack_panels, pack_panels_t, packed_or_empty, panel_cols, panel_width, \
-    scratch_for, step_product
+    gemm_tn_panels, gemv_blocks, given_or_pack, pack_gemv_blocks, pack_panels, pack_panels_t, packed_or_empty, \
+    panel_cols, panel_width, scratch_for, step_product
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
 
@@ -557,8 +557,8 @@ def _gather_half(src, dst, H, v):
 @kernel(inline="always")
 def _halves_layout(I, H, NR):
     """Offsets in :func:`pack_halves`' flat array: half 0's input rows and recurrent rows
-    (packed), half 1's, then the recurrent rows of half 0 and of half 1 row-major (for the
-    one-row steps, :func:`._packed.gemv_acc`), and the total size."""
+    (packed), half 1's, then the recurrent rows of half 0 and of half 1 in column blocks
+    (:func:`._packed.pack_gemv_blocks`, for the one-row steps), and the total size."""
     n0 = 4 * (H // 2)
     n1 = 4 * (H - H // 2)
     p0 = (n0 + NR - 1) // NR * NR
@@ -576,7 +576,7 @@ def pack_halves(kernel, I, H):
     """``kernel [I + H, 4H]`` as :func:`lstm_forward_pair` reads it: for each half of the
     units, its four gate blocks of columns gathered side by side (``[I + H, 4 Hv]``),
     packed by :func:`pack_panels` as two matrices, the input rows and the recurrent rows,
-    and its recurrent rows also as they are (row-major); all in one flat array
+    and its recurrent rows also in column blocks (:func:`._packed.pack_gemv_blocks`); all in one flat array
     (:func:`_halves_layout`)."""
     NR = panel_width(kernel)
     _, oa0, oi1, oa1, or0, or1, total = _halves_layout(I, H, NR)
@@ -595,7 +595,7 @@ def pack_halves(kernel, I, H):
         b = pack_panels(Wg, I * n, n, H, n)
         out[oi:oi + a.shape[0]] = a
         out[oa:oa + b.shape[0]] = b
-        out[orr:orr + H * n] = Wg[I:].reshape(H * n)
+        pack_gemv_blocks(Wg[I:], out, orr)
     return out
 
 
@@ -616,7 +616,7 @@ def _project_steps(k0, k1, nb, base, X, KI, Gv, scr):
 def _pair_product(k, nb, base, hbase, Hh, KW, oa, orr, Gv, scr):
     """Step ``k``'s recurrent product for one half, added to its projected gate rows
     ``Gv``: the whole ``h`` of step ``k - 1`` times the half's recurrent columns. A step of
-    one row goes through :func:`._packed.gemv_acc` over the row-major block (at ``orr`` in
+    one row goes through :func:`._packed.gemv_blocks` over the column blocks (at ``orr`` in
     ``KW``), several rows through the packed micro-kernel (at ``oa``). (Measured and not
     kept, P1 cycle counts per step: the one-row product in two parts, the rows of the
     half's own units before the wait for the other half's ``h`` and the rest after it,
@@ -627,7 +627,7 @@ def _pair_product(k, nb, base, hbase, Hh, KW, oa, orr, Gv, scr):
     gb = base[k]
     hb = hbase[k]
     if n == 1:
-        gemv_acc(H, Hh.reshape(Hh.size), hb * H, KW, orr, n4, n4, Gv.reshape(Gv.size), gb * n4, scr)
+        gemv_blocks(H, Hh.reshape(Hh.size), hb * H, KW, orr, n4, Gv.reshape(Gv.size), gb * n4, scr)
     else:
         gemm_packed(n, n4, H, Hh, hb * H, H, KW[oa:], Gv, gb * n4, n4, scr, 1)
 

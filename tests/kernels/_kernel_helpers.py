@@ -229,3 +229,15 @@ def lstm_case(dtype, T, B, lengths, bm, H=16, seed=0):
     if bm:
         x = np.ascontiguousarray(x.transpose(1, 0, 2))
     return x, k, b, c0, h0, L
+
+
+def gemv_blocks_layout(b, vw):
+    """``b [k, n]`` as ``_packed.pack_gemv_blocks`` lays it out, written here from its
+    description: column blocks of 16, 8, 4, 2, 1 vectors (widest that fits) then the last
+    columns, each block's rows one after another."""
+    parts, j, n = [], 0, b.shape[1]
+    while j < n:
+        w = next((nv * vw for nv in (16, 8, 4, 2, 1) if n - j >= nv * vw), n - j)
+        parts.append(b[:, j:j + w].ravel())
+        j += w
+    return np.concatenate(parts) if parts else np.zeros(0, b.dtype)

@@ -1,7 +1,7 @@
 """The packed-weight step products (fastseq_kernels._packed) against NumPy in float64:
 every micro-kernel height (12, 8, 4, 2, 1 rows and their sums), right-edge panels of every
 width, depth 0 and 1, offsets and leading dimensions into larger buffers, the transposed
-packing, the one-row product over a row-major matrix (gemv_acc), and step_product's choice
+packing, the one-row product over a matrix in column blocks (gemv_blocks), and step_product's choice
 between the packed kernel and BLAS."""
 
 import numpy as np
@@ -74,26 +74,34 @@ def test_gemm_packed_against_numpy(dtype, beta):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_gemv_acc_against_numpy(dtype):
-    """One row times a row-major ``B`` (the one-row steps of ``lstm_forward_pair``): every
-    block width the accumulators come in (16, 8, 4, 2, 1 vectors) and the columns past the
-    last whole vector, depths 0, 1 and longer, offsets and a leading dimension into larger
-    buffers; nothing outside ``c[coff:coff + n]`` written."""
-    from fastseq_kernels._packed import gemv_acc, panel_cols, scratch_for
+def test_gemv_blocks_against_numpy(dtype):
+    """One row times ``B`` in column blocks (the one-row steps of ``lstm_forward_pair``):
+    the layout ``pack_gemv_blocks`` writes, then the product over every block width the
+    accumulators come in (16, 8, 4, 2, 1 vectors) and the columns past the last whole
+    vector, depths 0, 1 and longer, at offsets into larger buffers; nothing outside
+    ``c[coff:coff + n]`` written."""
+    from numba import njit
 
+    from fastseq_kernels._packed import gemv_blocks, pack_gemv_blocks, panel_cols, scratch_for
+
+    from _kernel_helpers import gemv_blocks_layout
+
+    pack = njit(lambda src, dst, doff: pack_gemv_blocks(src, dst, doff))
+    prod = njit(lambda k, a, aoff, b, boff, n, c, coff, scr: gemv_blocks(k, a, aoff, b, boff, n, c, coff, scr))
     rng = np.random.default_rng(7)
     vw = panel_cols(np.dtype(dtype).itemsize) // 2
     ns = (1, vw - 1, vw, vw + 1, 2 * vw + 3, 16 * vw, 31 * vw + 3, 40 * vw + 5)
     for n in ns:
         for k in (0, 1, 6, 33, 128):
+            bm = rng.normal(size=(k, n + 4)).astype(dtype)[:, 2:2 + n]  # strided source
+            b = rng.normal(size=k * n + 9).astype(dtype)
+            pack(bm, b, 5)
+            np.testing.assert_array_equal(b[5:5 + k * n], gemv_blocks_layout(bm, vw))
             a = rng.normal(size=k + 5).astype(dtype)
-            ldb = n + 7
-            b = rng.normal(size=(k + 2) * ldb + 3).astype(dtype)
             c = rng.normal(size=n + 9).astype(dtype)
             want = c.astype(np.float64)
-            bm = b[2 * ldb + 3:2 * ldb + 3 + k * ldb].reshape(k, ldb)[:, :n] if k else np.zeros((0, n))
             want[4:4 + n] += a[3:3 + k].astype(np.float64) @ bm.astype(np.float64)
-            gemv_acc(k, a, 3, b, 2 * ldb + 3, ldb, n, c, 4, scratch_for(c))
+            prod(k, a, 3, b, 5, n, c, 4, scratch_for(c))
             assert _rel_err(c, want) <= TOL[dtype], f"n={n} k={k}"
             np.testing.assert_array_equal(c[:4], want[:4].astype(dtype))
             np.testing.assert_array_equal(c[4 + n:], want[4 + n:].astype(dtype))

@@ -12,8 +12,8 @@ import pytest
 import fastseq
 from fastseq import nn
 
-from _kernel_helpers import assert_close, check_backend_takes_for_inference, count_calls, LENGTHS, \
-    lstm_case, lstm_one_thread, run_in_threads
+from _kernel_helpers import assert_close, check_backend_takes_for_inference, count_calls, gemv_blocks_layout, \
+    LENGTHS, lstm_case, lstm_one_thread, run_in_threads
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
@@ -118,7 +118,8 @@ def test_pack_halves_layout():
         oi, oa, orr = offs[2 * v], offs[2 * v + 1], offs[4 + v]
         np.testing.assert_array_equal(kw[oi:oi + a.size], a)
         np.testing.assert_array_equal(kw[oa:oa + r.size], r)
-        np.testing.assert_array_equal(kw[orr:orr + H * n], wg[I:].ravel())  # row-major, for one-row steps
+        # in column blocks, for the one-row steps
+        np.testing.assert_array_equal(kw[orr:orr + H * n], gemv_blocks_layout(wg[I:], NR // 2))
     x, _, b, c0, h0, L = _case(np.float32, 12, 2, [12, 5], False, H=H)
     x = np.ascontiguousarray(x[:, :, :I])
     want = lstm_one_thread(x, k * np.float32(1e-3), b, c0, h0, L, False, False)
