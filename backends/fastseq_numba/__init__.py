@@ -296,8 +296,8 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 kpi = self._packed(kernel, steps, 0, H4, I, H4, False)  # input rows, for the projection
 
                 def call(x, s, L, w):
-                    y, cT, hT, ws = lstm.lstm_forward_split(x, w["kernel"], w["bias"], s[0], s[1], L, reverse, fb, need_grad,
-                                                            nt, kp, bm, kpi)
+                    y, cT, hT, ws = lstm.lstm_forward_split(x, w["kernel"], w["bias"], s[0], s[1], L, reverse, fb,
+                                                            need_grad, nt, kp, bm, kpi)
                     return y, (cT, hT), ws
 
                 return call
@@ -308,8 +308,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 kw = self.pack_cache.get_layout(kernel, "lstm_halves", lstm.pack_halves, I, spec.num_units)
 
                 def call(x, s, L, w):
-                    y, cT, hT = lstm.lstm_forward_pair(x, w["kernel"], w["bias"], s[0], s[1], L, reverse, fb, kw,
-                                                       bm)
+                    y, cT, hT = lstm.lstm_forward_pair(x, w["kernel"], w["bias"], s[0], s[1], L, reverse, fb, kw, bm)
                     return y, (cT, hT), None
 
                 return call
@@ -320,8 +319,8 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 kpi = self._packed(kernel, steps, 0, H4, I, H4, False)
 
                 def call(x, s, L, w):
-                    y, cT, hT, ws = lstm.lstm_forward_stream(x, w["kernel"], w["bias"], s[0], s[1], L, reverse, fb, need_grad,
-                                                             kp, bm, kpi)
+                    y, cT, hT, ws = lstm.lstm_forward_stream(x, w["kernel"], w["bias"], s[0], s[1], L, reverse, fb,
+                                                             need_grad, kp, bm, kpi)
                     return y, (cT, hT), ws
 
                 return call
@@ -368,7 +367,8 @@ class NumbaBackend(NumpyArrayOps, Backend):
         kp = self._packed(p["kernel"], steps, I * H, H, H, H, False)
 
         def call(x, s, L, w):
-            y, hT, ws = rnn.rnn_forward(x, w["kernel"], w["bias"], s[0], L, reverse, masks[0], code, need_grad, nt, kp, bm)
+            y, hT, ws = rnn.rnn_forward(x, w["kernel"], w["bias"], s[0], L, reverse, masks[0], code, need_grad, nt, kp,
+                                        bm)
             return y, (hT,), ws
 
         return call
