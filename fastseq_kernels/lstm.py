@@ -475,10 +475,11 @@ def lstm_forward_stream_end(x, Yp, order, lens_s, nb, base, reverse, uniform, bm
 
 
 def _direct(uniform, bm, x):
-    """:func:`._common.direct_rows` on the Python side: whether the loop wrote the outputs
-    into ``y`` in place, so that the wrappers below skip the compiled call that would
-    scatter them (4-5 us of a P1 call, nearly all of it the call itself)."""
-    return bool(uniform) and (not bm or x.shape[0] == 1)
+    """:func:`._common.direct_rows` run as plain Python (its ``py_func``, no compiled call):
+    whether the loop wrote the outputs into ``y`` in place, so that the wrappers below
+    skip the compiled call that would scatter them (4-5 us of a P1 call, nearly all of it
+    the call itself)."""
+    return direct_rows.py_func(bool(uniform), bm, x.shape[0] if bm else x.shape[1])
 
 
 def lstm_forward_stream(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, packed, bm=False,
