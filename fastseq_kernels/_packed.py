@@ -489,7 +489,7 @@ def pack_gemv_blocks(src, dst, doff):
 
 
 @kernel(inline="always")
-def gemv_blocks(k, a, aoff, b, boff, n, c, coff, scratch):
+def gemv_blocks(k, a, aoff, b, boff, n, c, coff, scratch, rev=False):
     """``c[coff:coff + n] += a[aoff:aoff + k] @ B`` for ``B [k, n]`` laid out from ``boff`` by
     :func:`pack_gemv_blocks` (flat arrays of one dtype): one row streamed through a block of
     accumulators as wide as the block (16 vectors: 128 float32 columns on AVX2, 256 on
@@ -499,30 +499,61 @@ def gemv_blocks(k, a, aoff, b, boff, n, c, coff, scratch):
     [1, 128] x [128, 256] with the weights in L2: 1.33-1.35 us against 1.87-1.88 us for the
     same blocks read out of a row-major ``B`` (each 1 KB row in two 512-byte runs, the
     layout before); [1, 128] x [128, 512] 2.64-2.69 against 3.12-3.68. On AVX-512 a block
-    of 256 columns is P1's whole half, i.e. the row-major layout (Zen 4: 1.13-1.16 us)."""
+    of 256 columns is P1's whole half, i.e. the row-major layout (Zen 4: 1.13-1.16 us).
+
+    ``rev``: the same product with the weights read backwards, last block first and each
+    block from its last row to its first (each element summed in descending order of
+    ``p``). A loop that multiplies by the same ``B`` every step and alternates the
+    direction (serpentine) starts each step on the lines the previous one read last, which
+    are still in L1: on the Zen 4 machine [1, 128] x [128, 256] (128 KB, from L2)
+    alternated 1.00-1.05 us a call against 1.13-1.16 us always forwards."""
     VW = panel_width(c) // 2
+    if not rev:
+        j = 0
+        o = boff
+        while j < n:
+            w = gemv_block_width(n - j, VW)
+            _gemv_block(k, a, aoff, 1, b, o, w, w, c, coff + j, scratch, VW)
+            o += k * w
+            j += w
+        return
+    nblk = 0
     j = 0
-    o = boff
     while j < n:
-        w = gemv_block_width(n - j, VW)
-        if w == 16 * VW:
-            _row16(k, a, aoff, 0, 1, b, o, w, c, coff + j, 0, 1, scratch)
-        elif w == 8 * VW:
-            _row8(k, a, aoff, 0, 1, b, o, w, c, coff + j, 0, 1, scratch)
-        elif w == 4 * VW:
-            _row4(k, a, aoff, 0, 1, b, o, w, c, coff + j, 0, 1, scratch)
-        elif w == 2 * VW:
-            _row2(k, a, aoff, 0, 1, b, o, w, c, coff + j, 0, 1, scratch)
-        elif w == VW:
-            _row1(k, a, aoff, 0, 1, b, o, w, c, coff + j, 0, 1, scratch)
-        else:
-            for jj in range(w):
-                acc = c[coff + j + jj] * 0
-                for p in range(k):
-                    acc += a[aoff + p] * b[o + p * w + jj]
-                c[coff + j + jj] += acc
-        o += k * w
-        j += w
+        j += gemv_block_width(n - j, VW)
+        nblk += 1
+    for q in range(nblk - 1, -1, -1):
+        j = 0
+        o = boff
+        w = gemv_block_width(n, VW)
+        for _ in range(q):  # block q's columns j, width w and offset o
+            o += k * w
+            j += w
+            w = gemv_block_width(n - j, VW)
+        # its row p at o + p * w, read from p = k - 1 down to 0
+        _gemv_block(k, a, aoff + k - 1, -1, b, o + (k - 1) * w, -w, w, c, coff + j, scratch, VW)
+
+
+@kernel(inline="always")
+def _gemv_block(k, a, aoff, sa, b, boff, sb, w, c, coff, scratch, VW):
+    """One block of :func:`gemv_blocks`: ``c[coff:coff + w] += sum_i a[aoff + i*sa] *
+    b[boff + i*sb : + w]`` over ``i < k``, in order of ``i``."""
+    if w == 16 * VW:
+        _row16(k, a, aoff, 0, sa, b, boff, sb, c, coff, 0, 1, scratch)
+    elif w == 8 * VW:
+        _row8(k, a, aoff, 0, sa, b, boff, sb, c, coff, 0, 1, scratch)
+    elif w == 4 * VW:
+        _row4(k, a, aoff, 0, sa, b, boff, sb, c, coff, 0, 1, scratch)
+    elif w == 2 * VW:
+        _row2(k, a, aoff, 0, sa, b, boff, sb, c, coff, 0, 1, scratch)
+    elif w == VW:
+        _row1(k, a, aoff, 0, sa, b, boff, sb, c, coff, 0, 1, scratch)
+    else:
+        for jj in range(w):
+            acc = c[coff + jj] * 0
+            for i in range(k):
+                acc += a[aoff + i * sa] * b[boff + i * sb + jj]
+            c[coff + jj] += acc
 
 
 #: Depth (rows of ``A`` and ``B``) per block of :func:`gemm_tn_acc`: a panel's block of

@@ -628,7 +628,8 @@ def _pair_product(k, nb, base, hbase, Hh, KW, oa, orr, Gv, scr):
     gb = base[k]
     hb = hbase[k]
     if n == 1:
-        gemv_blocks(H, Hh.reshape(Hh.size), hb * H, KW, orr, n4, Gv.reshape(Gv.size), gb * n4, scr)
+        # odd steps read the weights backwards (serpentine: each step starts on what the last one read last, in L1)
+        gemv_blocks(H, Hh.reshape(Hh.size), hb * H, KW, orr, n4, Gv.reshape(Gv.size), gb * n4, scr, k % 2 == 1)
     else:
         gemm_packed(n, n4, H, Hh, hb * H, H, KW[oa:], Gv, gb * n4, n4, scr, 1)
 

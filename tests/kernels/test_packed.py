@@ -78,7 +78,8 @@ def test_gemv_blocks_against_numpy(dtype):
     """One row times ``B`` in column blocks (the one-row steps of ``lstm_forward_pair``):
     the layout ``pack_gemv_blocks`` writes, then the product over every block width the
     accumulators come in (16, 8, 4, 2, 1 vectors) and the columns past the last whole
-    vector, depths 0, 1 and longer, at offsets into larger buffers; nothing outside
+    vector, depths 0, 1 and longer, at offsets into larger buffers, read forwards and
+    backwards (``rev``, the odd steps of the serpentine loop); nothing outside
     ``c[coff:coff + n]`` written."""
     from numba import njit
 
@@ -87,7 +88,8 @@ def test_gemv_blocks_against_numpy(dtype):
     from _kernel_helpers import gemv_blocks_layout
 
     pack = njit(lambda src, dst, doff: pack_gemv_blocks(src, dst, doff))
-    prod = njit(lambda k, a, aoff, b, boff, n, c, coff, scr: gemv_blocks(k, a, aoff, b, boff, n, c, coff, scr))
+    prod = njit(lambda k, a, aoff, b, boff, n, c, coff, scr, rev: gemv_blocks(k, a, aoff, b, boff, n, c, coff, scr,
+                                                                               rev))
     rng = np.random.default_rng(7)
     vw = panel_cols(np.dtype(dtype).itemsize) // 2
     ns = (1, vw - 1, vw, vw + 1, 2 * vw + 3, 16 * vw, 31 * vw + 3, 40 * vw + 5)
@@ -98,13 +100,15 @@ def test_gemv_blocks_against_numpy(dtype):
             pack(bm, b, 5)
             np.testing.assert_array_equal(b[5:5 + k * n], gemv_blocks_layout(bm, vw))
             a = rng.normal(size=k + 5).astype(dtype)
-            c = rng.normal(size=n + 9).astype(dtype)
-            want = c.astype(np.float64)
+            c0 = rng.normal(size=n + 9).astype(dtype)
+            want = c0.astype(np.float64)
             want[4:4 + n] += a[3:3 + k].astype(np.float64) @ bm.astype(np.float64)
-            prod(k, a, 3, b, 5, n, c, 4, scratch_for(c))
-            assert _rel_err(c, want) <= TOL[dtype], f"n={n} k={k}"
-            np.testing.assert_array_equal(c[:4], want[:4].astype(dtype))
-            np.testing.assert_array_equal(c[4 + n:], want[4 + n:].astype(dtype))
+            for rev in (False, True):
+                c = c0.copy()
+                prod(k, a, 3, b, 5, n, c, 4, scratch_for(c), rev)
+                assert _rel_err(c, want) <= TOL[dtype], f"n={n} k={k} rev={rev}"
+                np.testing.assert_array_equal(c[:4], c0[:4])
+                np.testing.assert_array_equal(c[4 + n:], c0[4 + n:])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
