@@ -38,6 +38,8 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, h, h, T, False, e3, e3, 0, 1.0, -1.0, -1.0, 1, e1, False)
         lstm.lstm_forward_stream(x, k, b, h, h, lengths, False, 1.0, True, e1)  # the projection on the helper
         lstm.lstm_forward_pair(x, k, b, h, h, lengths, False, 1.0, lstm.pack_halves(k, I, H))  # units in halves
+        # and on kept buffers (every sequence all T steps, read and written in place)
+        lstm.lstm_forward_pair(x, k, b, h, h, np.full(B, T, np.int64), False, 1.0, lstm.pack_halves(k, I, H))
         # the two-thread loop (lstm.split_applies), 32 units: a whole number of panels
         k32 = _ro(rng.standard_normal((I + 32, 128)).astype(dt))
         h32 = np.zeros((B, 32), dt)

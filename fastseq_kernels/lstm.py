@@ -749,6 +749,142 @@ def lstm_forward_pair_begin(x, kernel, bias, c0, h0, lengths, reverse, packed, b
     return order, lens_s, nb, base, uniform, X, Hh, Ch, y, Yp, cT, hT, KW, G0, G1, b0, b1, ctl, hbase, scratch
 
 
+@kernel(inline="always")
+def _arena_sizes(T, B, H, NR):
+    """Elements of the float and int64 arenas of :func:`lstm_forward_pair`'s kept
+    buffers (:func:`_arena_views`)."""
+    n0 = 4 * (H // 2)
+    n1 = 4 * (H - H // 2)
+    return 4 * B * H + T * B * (n0 + n1) + n0 + n1 + 2 * MAX_HEIGHT * NR, 2 * B + 3 * (T + 1) + 24
+
+
+@kernel(inline="always")
+def _arena_views(Fa, Ia, T, B, H, NR):
+    """The buffers of :func:`lstm_forward_pair_begin` as views of two flat arrays: the
+    state rows ``Hh``, ``Ch`` (ping-pong, ``2B``), each half's gate rows and bias, the
+    workers' scratch; the row plan (``order``, ``lens_s``, ``nb``, ``base``, ``hbase``)
+    and the control array."""
+    n0 = 4 * (H // 2)
+    n1 = 4 * (H - H // 2)
+    R = T * B
+    o = 0
+    Hh = Fa[o:o + 2 * B * H].reshape((2 * B, H))
+    o += 2 * B * H
+    Ch = Fa[o:o + 2 * B * H].reshape((2 * B, H))
+    o += 2 * B * H
+    G0 = Fa[o:o + R * n0].reshape((R, n0))
+    o += R * n0
+    G1 = Fa[o:o + R * n1].reshape((R, n1))
+    o += R * n1
+    b0 = Fa[o:o + n0]
+    o += n0
+    b1 = Fa[o:o + n1]
+    o += n1
+    scratch = Fa[o:o + 2 * MAX_HEIGHT * NR].reshape((2, MAX_HEIGHT * NR))
+    order = Ia[0:B]
+    lens_s = Ia[B:2 * B]
+    i = 2 * B
+    nb = Ia[i:i + T + 1]
+    base = Ia[i + T + 1:i + 2 * (T + 1)]
+    hbase = Ia[i + 2 * (T + 1):i + 3 * (T + 1)]
+    ctl = Ia[i + 3 * (T + 1):i + 3 * (T + 1) + 24]
+    return Hh, Ch, G0, G1, b0, b1, scratch, order, lens_s, nb, base, hbase, ctl
+
+
+@kernel
+def lstm_forward_pair_arena_begin(x, bias, c0, h0, lengths, reverse, KW, Fa, Ia, y, cT, bm):
+    """:func:`lstm_forward_pair_begin` for a batch whose every sequence has all ``T``
+    steps, read and written in place (:func:`._common.direct_rows`), into buffers the
+    caller keeps (``Fa``, ``Ia``: :func:`_arena_views`) and outputs it allocated (``y``,
+    ``cT``): nothing is allocated or returned, so the call costs what it does, not the
+    boxing of twenty arrays (~6 us). Returns False, having written nothing, where that
+    does not apply (other lengths, a layout that is not direct, ``KW`` not in
+    :func:`pack_halves`' layout): the caller then takes the general set-up."""
+    T, B, I = dims(x, bm)
+    H = c0.shape[1]
+    NR = panel_width(x)
+    if T == 0 or B == 0 or not direct_rows(True, bm, B) or KW.shape[0] != _halves_layout(I, H, NR)[6]:
+        return False
+    nf, ni = _arena_sizes(T, B, H, NR)
+    if (Fa.shape[0] != nf or Ia.shape[0] != ni or y.size != T * B * H or cT.shape[0] != B or c0.shape[0] != B
+            or h0.shape != c0.shape):
+        return False
+    for b in range(B):
+        if lengths[b] != T:
+            return False
+    Hh, Ch, G0, G1, b0, b1, scratch, order, lens_s, nb, base, hbase, ctl = _arena_views(Fa, Ia, T, B, H, NR)
+    # make_plan's plan of a uniform batch without need_grad
+    for r in range(B):
+        order[r] = r
+        lens_s[r] = T
+    for k in range(T + 1):
+        nb[k] = B if k < T else 0
+        t = (T - 1 - k) if reverse else k
+        base[k] = t * B if k < T else 0
+        hbase[k] = (k % 2) * B
+    for r in range(B):
+        _copy_row(h0[r], Hh[r], H)
+        _copy_row(c0[r], Ch[r], H)
+    _gather_half(bias, b0, H, 0)
+    _gather_half(bias, b1, H, 1)
+    for j in range(ctl.shape[0]):
+        ctl[j] = 0
+    ctl[_PAIR_START] = -1
+    return True
+
+
+@kernel
+def lstm_forward_pair_arena_worker(w, hand, Fa, Ia, x, KW, y, cT, hT, fb, bm):
+    """:func:`lstm_forward_pair_worker` on the buffers of :func:`lstm_forward_pair_arena_begin`."""
+    T, B, I = dims(x, bm)
+    H = cT.shape[1]
+    Hh, Ch, G0, G1, b0, b1, scratch, order, lens_s, nb, base, hbase, ctl = _arena_views(Fa, Ia, T, B, H,
+                                                                                       panel_width(x))
+    return lstm_forward_pair_worker(w, hand, ctl, nb, base, hbase, order, x.reshape(T * B, I), KW, G0, G1, b0, b1, fb,
+                                    Hh, Ch, y.reshape(T * B, H), cT, hT, scratch)
+
+
+#: Kept arenas of :func:`lstm_forward_pair` (``(dtype, T, B, H) -> [(Fa, Ia), ...]``): at
+#: most ``ARENA_KEYS`` shapes, ``ARENA_PER_KEY`` each (one per thread calling at once,
+#: beyond that they are made per call), none over ``ARENA_MAX_BYTES``.
+_ARENAS = {}
+ARENA_KEYS = 16
+ARENA_PER_KEY = 2
+ARENA_MAX_BYTES = 4 << 20
+
+
+def _pair_arena_run(x, bias, c0, h0, lengths, reverse, forget_bias, packed, bm):
+    """:func:`lstm_forward_pair` through :func:`lstm_forward_pair_arena_begin`, or None
+    where that does not apply."""
+    if packed is None or c0.dtype != x.dtype:
+        return None
+    T, B = (x.shape[1], x.shape[0]) if bm else (x.shape[0], x.shape[1])
+    H = c0.shape[1]
+    NR = panel_cols(x.dtype.itemsize)
+    key = (x.dtype, T, B, H)
+    nf, ni = _arena_sizes.py_func(T, B, H, NR)
+    keep = nf * x.dtype.itemsize <= ARENA_MAX_BYTES
+    pool = _ARENAS.get(key) if keep else None
+    try:
+        Fa, Ia = pool.pop()
+    except (AttributeError, IndexError):
+        Fa, Ia = np.empty(nf, x.dtype), np.empty(ni, np.int64)
+    y = np.empty((B, T, H) if bm else (T, B, H), x.dtype)
+    cT = np.empty((B, H), x.dtype)
+    hT = np.empty((B, H), x.dtype)
+    used = lstm_forward_pair_arena_begin(x, bias, c0, h0, lengths, reverse, packed, Fa, Ia, y, cT, bm)
+    if used:
+        run_pair(lstm_forward_pair_arena_worker, (Fa, Ia, x, packed, y, cT, hT, x.dtype.type(forget_bias), bm))
+    if keep and used:
+        if pool is None:
+            if len(_ARENAS) >= ARENA_KEYS:
+                _ARENAS.clear()
+            pool = _ARENAS.setdefault(key, [])
+        if len(pool) < ARENA_PER_KEY:
+            pool.append((Fa, Ia))
+    return (y, cT, hT) if used else None
+
+
 def lstm_forward_pair(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, packed=None, bm=False):
     """:func:`lstm_forward` for the configurations of :func:`pair_applies` (inference, tanh,
     no peepholes, clipping, projection or state masks; few rows), with the units in two
@@ -766,6 +902,9 @@ def lstm_forward_pair(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, pa
     H = c0.shape[1]
     if h0.shape[1] != H or kernel.shape[1] != 4 * H:
         raise ValueError(f"lstm_forward_pair: no projection, got c0 {c0.shape}, h0 {h0.shape}, kernel {kernel.shape}")
+    out = _pair_arena_run(x, bias, c0, h0, lengths, reverse, forget_bias, packed, bm)
+    if out is not None:
+        return out
     (order, lens_s, nb, base, uniform, X, Hh, Ch, y, Yp, cT, hT, KW, G0, G1, b0, b1, ctl, hbase,
      scratch) = lstm_forward_pair_begin(x, kernel, bias, c0, h0, lengths, reverse,
                                         packed_or_empty(packed, x.dtype), bm)

@@ -183,7 +183,7 @@ def forward_on_backends(cell, x, lengths, dtype, time_major, threads=2):
     return out
 
 
-def lstm_one_thread(x, k, b, c0, h0, L, reverse, need_grad=False, bm=False):
+def lstm_one_thread(x, k, b, c0, h0, L, reverse, need_grad=False, bm=False, forget_bias=1.0):
     """The one-thread LSTM kernel (``fastseq_kernels.lstm.lstm_forward``) in the common
     configuration (tanh, no peepholes, clipping, projection or state masks, no packed
     weights): what the two-thread loops are held to."""
@@ -191,8 +191,8 @@ def lstm_one_thread(x, k, b, c0, h0, L, reverse, need_grad=False, bm=False):
 
     dt = x.dtype
     e1, e2, e3 = np.zeros(0, dt), np.zeros((0, 0), dt), np.zeros((0, 1, 1), dt)
-    return lstm.lstm_forward(x, k, b, e1, e1, e1, e2, c0, h0, L, reverse, e3, e3, 0, 1.0, -1.0, -1.0, need_grad, 1,
-                             e1, False, bm)
+    return lstm.lstm_forward(x, k, b, e1, e1, e1, e2, c0, h0, L, reverse, e3, e3, 0, forget_bias, -1.0, -1.0, need_grad,
+                             1, e1, False, bm)
 
 
 def check_backend_takes_for_inference(monkeypatch, name, units, dtype, time_major, with_lengths):

@@ -178,3 +178,64 @@ def test_pair_no_memory_growth_over_many_calls(monkeypatch):
         grown = rss() - before
     assert len(calls) == 10_200
     assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 10,000 calls"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("bm", [False, True], ids=["time", "batch"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_pair_kept_buffers_match_the_general_setup(dtype, bm, reverse, monkeypatch):
+    """Full-length batches read and written in place (time-major, or one row) run on
+    buffers kept between calls (``lstm_forward_pair_arena_begin``): bit-identical to the
+    general set-up (taken when no packed layout is given), call after call with other
+    inputs, initial states and biases of the same shapes (nothing of a call carries into
+    the next); other lengths and the batch-major layout of several rows take the general
+    set-up; at most ``ARENA_PER_KEY`` buffers a shape, none over ``ARENA_MAX_BYTES``."""
+    from fastseq_kernels import lstm
+
+    taken = []
+    begin = lstm.lstm_forward_pair_arena_begin
+    monkeypatch.setattr(lstm, "lstm_forward_pair_arena_begin", lambda *a: taken.append(begin(*a)) or taken[-1])
+    monkeypatch.setattr(lstm, "_ARENAS", {})
+    H = 16
+    for i, (T, B, lengths) in enumerate([(21, 1, "full"), (21, 3, "full"), (9, 2, "mixed"), (21, 1, "full"),
+                                         (1, 2, "full")]):
+        x, k, b, c0, h0, L = _case(dtype, T, B, LENGTHS[lengths](T, B), bm, H=H, seed=10 + i)
+        want = lstm.lstm_forward_pair(x, k, b, c0, h0, L, reverse, 0.5, None, bm)
+        taken.clear()
+        got = lstm.lstm_forward_pair(x, k, b, c0, h0, L, reverse, 0.5, lstm.pack_halves(k, 5, H), bm)
+        direct = lengths == "full" and (not bm or B == 1)
+        assert taken == [direct], (T, B, lengths)
+        for g, w, name in zip(got, want, ("y", "c_T", "h_T")):
+            np.testing.assert_array_equal(g, w, err_msg=f"{name}, case {i}")
+        assert_close(got[0], lstm_one_thread(x, k, b, c0, h0, L, reverse, bm=bm, forget_bias=0.5)[0], TOL[dtype], "y")
+    assert all(len(v) <= lstm.ARENA_PER_KEY for v in lstm._ARENAS.values())
+    # kept for the shapes that used them: (T, B) = (21, 1) (twice, one set); time-major also (21, 3) and (1, 2)
+    assert len(lstm._ARENAS) == (1 if bm else 3)
+    monkeypatch.setattr(lstm, "ARENA_MAX_BYTES", 0)
+    monkeypatch.setattr(lstm, "_ARENAS", {})
+    x, k, b, c0, h0, L = _case(dtype, 21, 1, [21], bm, H=H, seed=30)
+    got = lstm.lstm_forward_pair(x, k, b, c0, h0, L, reverse, 0.5, lstm.pack_halves(k, 5, H), bm)
+    want = lstm.lstm_forward_pair(x, k, b, c0, h0, L, reverse, 0.5, None, bm)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert lstm._ARENAS == {}
+
+
+def test_pair_kept_buffers_from_several_threads_at_once():
+    """Threads calling with one shape at once: each call takes kept buffers no other call
+    is using (or makes its own), so every result is its own input's."""
+    from fastseq_kernels import lstm
+
+    cases = [_case(np.float32, 33, 1, [33], False, H=32, seed=s) for s in range(4)]
+    kws = [lstm.pack_halves(c[1], 5, 32) for c in cases]
+    wants = [lstm.lstm_forward_pair(*c, False, 1.0, None, False) for c in cases]
+    results = [[] for _ in cases]
+
+    def work(i):
+        for _ in range(30):
+            results[i].append(lstm.lstm_forward_pair(*cases[i], False, 1.0, kws[i], False))
+
+    run_in_threads(work, len(cases))
+    for got_all, want in zip(results, wants):
+        for got in got_all:
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
