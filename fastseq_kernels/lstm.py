@@ -865,10 +865,13 @@ def _pair_arena_run(x, bias, c0, h0, lengths, reverse, forget_bias, packed, bm):
     nf, ni = _arena_sizes.py_func(T, B, H, NR)
     keep = nf * x.dtype.itemsize <= ARENA_MAX_BYTES
     pool = _ARENAS.get(key) if keep else None
-    try:
-        Fa, Ia = pool.pop()
-    except (AttributeError, IndexError):
-        Fa, Ia = np.empty(nf, x.dtype), np.empty(ni, np.int64)
+    arena = None
+    if pool:
+        try:
+            arena = pool.pop()
+        except IndexError:  # another thread took the last one since
+            pass
+    Fa, Ia = arena if arena is not None else (np.empty(nf, x.dtype), np.empty(ni, np.int64))
     y = np.empty((B, T, H) if bm else (T, B, H), x.dtype)
     cT = np.empty((B, H), x.dtype)
     hT = np.empty((B, H), x.dtype)
@@ -896,7 +899,9 @@ def lstm_forward_pair(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, pa
     them out (the numba backend keeps them, see ``_packcache``), or None to pack here.
     Returns ``(y, c_T, h_T)``. Each element's arithmetic is the one-thread loop's with the
     packed micro-kernel (the input projection in chunks of steps, so float32 sums may round
-    differently from its one GEMM)."""
+    differently from its one GEMM). With ``packed`` given, a batch whose every sequence has
+    all ``T`` steps, read and written in place, runs on buffers kept between calls
+    (:func:`_pair_arena_run`); the results are the same bit for bit."""
     bm = bool(bm)
     reverse = bool(reverse)
     H = c0.shape[1]
