@@ -809,19 +809,15 @@ def lstm_forward_pair_arena_begin(x, bias, c0, h0, lengths, reverse, KW, Fa, Ia,
     if (Fa.shape[0] != nf or Ia.shape[0] != ni or y.size != T * B * H or cT.shape[0] != B or c0.shape[0] != B
             or h0.shape != c0.shape):
         return False
-    for b in range(B):
-        if lengths[b] != T:
-            return False
+    plan = make_plan(lengths, T, reverse, False)
+    if not plan[6]:  # uniform
+        return False
     Hh, Ch, G0, G1, b0, b1, scratch, order, lens_s, nb, base, hbase, ctl = _arena_views(Fa, Ia, T, B, H, NR)
-    # make_plan's plan of a uniform batch without need_grad
-    for r in range(B):
-        order[r] = r
-        lens_s[r] = T
-    for k in range(T + 1):
-        nb[k] = B if k < T else 0
-        t = (T - 1 - k) if reverse else k
-        base[k] = t * B if k < T else 0
-        hbase[k] = (k % 2) * B
+    order[:] = plan[0]  # the identity
+    lens_s[:] = plan[1]
+    nb[:] = plan[2]
+    base[:] = plan[3]
+    hbase[:] = plan[4]
     for r in range(B):
         _copy_row(h0[r], Hh[r], H)
         _copy_row(c0[r], Ch[r], H)
