@@ -152,6 +152,9 @@ class Backend:
     #: :meth:`layer_backward` of that run takes ``d_outputs [B, T, P]`` and gives
     #: ``d_inputs [B, T, I]``. The drivers then run a plain cell on batch-major inputs
     #: (``time_major=False``, TF1's default) without transposed copies around the call.
+    #: Such a backend's :meth:`stack_forward` takes ``batch_major=True`` too (inference:
+    #: the drivers ask it for a MultiRNNCell of plain cells on batch-major inputs when not
+    #: recording gradients).
     batch_major_layers: bool = False
 
     # ---------------------------------------------------------------- lifecycle

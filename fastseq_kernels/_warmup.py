@@ -69,6 +69,16 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         _, _, ws8 = gru.gru_forward_split(x8, gk, gb, ck, cb, h8, l8, False, True, e1, e1)  # by rows
         gru.gru_backward_split(ws8, gk, ck, np.ones((T, 8, H), dt), h8, T, False, 1, e1, e1)
         gru.gru_backward_split(ws8, gk, ck, np.ones((T, 8, H), dt), h8, T, False, 2, e1, e1)
+        # a stack of GRU layers in one job (gru.gru_stack_forward), weights as the backend
+        # stacks them (backends/fastseq_numba: _StackWeights)
+        g2 = _ro(rng.standard_normal((2 * H, 2 * H)).astype(dt))
+        c2 = _ro(rng.standard_normal((2 * H, H)).astype(dt))
+        pk = _packed.pack_panels
+        gru.gru_stack_forward(x8, np.zeros((2, 8, H), dt), gk, ck, np.stack([gb, gb]), np.stack([cb, cb]),
+                              np.stack([pk(gk, I * 2 * H, 2 * H, H, 2 * H), pk(g2, H * 2 * H, 2 * H, H, 2 * H)]),
+                              np.stack([pk(ck, I * H, H, H, H), pk(c2, H * H, H, H, H)]),
+                              (pk(gk, 0, 2 * H, I, 2 * H), np.stack([pk(g2, 0, 2 * H, H, 2 * H)])),
+                              (pk(ck, 0, H, I, H), np.stack([pk(c2, 0, H, H, H)])), l8, False, False)
         timings[("gru", name)] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -397,6 +397,179 @@ def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, KP
     return team_end(w, hand, jb)
 
 
+@kernel(inline="always")
+def _stack_project(p, S, whole, nb, base, A, KPgi, KPci, XG, XC, scr):
+    """Both input projections of one layer for the rows of part ``p`` (sorted rows ``p``,
+    ``p + S``, ... of every step) from that part's input rows ``A``: one strided product
+    over all steps when every step's block holds the whole batch and ``S`` divides it
+    (``whole``: the part's rows lie ``S`` rows apart through ``A``), else one per step."""
+    I = A.shape[1]
+    H2 = XG.shape[1]
+    H = XC.shape[1]
+    if whole:
+        m = (A.shape[0] - p + S - 1) // S
+        if m > 0:
+            gemm_packed(m, H2, I, A, p * I, S * I, KPgi, XG, p * H2, S * H2, scr, 0)
+            gemm_packed(m, H, I, A, p * I, S * I, KPci, XC, p * H, S * H, scr, 0)
+        return
+    for k in range(nb.shape[0] - 1):
+        m = (nb[k] - p + S - 1) // S
+        if m <= 0:
+            break  # active rows only shrink
+        g = base[k] + p
+        gemm_packed(m, H2, I, A, g * I, S * I, KPgi, XG, g * H2, S * H2, scr, 0)
+        gemm_packed(m, H, I, A, g * I, S * I, KPci, XC, g * H, S * H, scr, 0)
+
+
+@kernel(inline="always")
+def _stack_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, scr, one):
+    """The time loop of one layer for the rows of part ``p``: the loop of
+    :func:`gru_forward_rows_worker` without the history (``Hh`` ping-pong rows)."""
+    H = Hh.shape[1]
+    H2 = 2 * H
+    for k in range(nb.shape[0] - 1):
+        n = nb[k]
+        m = (n - p + S - 1) // S
+        if m <= 0:
+            break
+        nn = nb[k + 1]
+        gb = base[k]
+        hb = hbase[k]
+        nhb = hbase[k + 1]
+        gemm_acc_packed(m, H2, H, Hh, (hb + p) * H, S * H, KPg, XG, (gb + p) * H2, S * H2, scr)
+        for r in range(p, n, S):
+            _gates_cols(XG[gb + r], gates_bias, Hh[hb + r], RH[r], H, 0, H2)
+        gemm_acc_packed(m, H, H, RH, p * H, S * H, KPc, XC, (gb + p) * H, S * H, scr)
+        for r in range(p, n, S):
+            g = gb + r
+            hout = Hh[nhb + r] if r < nn else hT[order[r]]
+            _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H, 0, H)
+
+
+@kernel
+def gru_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whole, X, KPgi0, KPci0, KPgi, KPci, KPg,
+                          KPc, gates_bias, cand_bias, h0, XG, XC, Hh, RH, Ymid, Yp, hT, y, scatter, reverse, bm,
+                          scratch, nparts):
+    """Worker ``w`` (0 or 1) of :func:`gru_stack_forward`: a stack of ``Ls`` GRU layers
+    (inference) split by batch rows. A part's rows (sorted rows ``p``, ``p + nparts``, ...)
+    never meet another part's in any layer, and the plan (the sorted order and each step's
+    row block) is the same in every layer, so each part goes through the whole stack, layer
+    after layer (the input projections of its rows, then its time loop), with no wait on
+    the other worker: no barrier between layers (the layer-by-layer route has one after
+    each layer's projections and one at each layer's end, and a return to Python between
+    layers). Layer ``l``'s outputs, in plan order, are layer ``l + 1``'s input rows
+    (``Ymid[l % 2]``); the top layer writes ``Yp``, and with ``scatter`` each part then
+    copies its rows of ``Yp`` into ``y`` (the caller's layout). A late or absent worker leaves its part
+    to the other one, which claims it when done with its own."""
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
+    Ls = KPg.shape[0]
+    B = order.shape[0]
+    n0 = nb[0] if nb.shape[0] > 1 else 0
+    scr = scratch[w]
+    one = XG.dtype.type(1.0)
+    S = nparts
+    while True:
+        p = take_chunk(claims, 0, S, w)
+        if p < 0:
+            break
+        for l in range(Ls):
+            for r in range(p, B, S):  # the layer's initial state of the part's rows
+                src = h0[l, order[r]]
+                dst = Hh[hbase[0] + r] if r < n0 else hT[l, order[r]]
+                for j in range(src.shape[0]):
+                    dst[j] = src[j]
+            if l == 0:
+                _stack_project(p, S, whole, nb, base, X, KPgi0, KPci0, XG, XC, scr)
+            else:
+                _stack_project(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPgi[l - 1], KPci[l - 1], XG, XC, scr)
+            if l == Ls - 1:
+                _stack_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias[l], cand_bias[l], KPg[l], KPc[l], Hh, RH,
+                            Yp, hT[l], scr, one)
+                if scatter:  # the part's outputs to their places in y
+                    for k in range(nb.shape[0] - 1):
+                        for r in range(p, nb[k], S):
+                            src = Yp[base[k] + r]
+                            dst = row3(y, time_index(k, r, lens_s, reverse), order[r], bm)
+                            for j in range(src.shape[0]):
+                                dst[j] = src[j]
+            else:
+                _stack_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias[l], cand_bias[l], KPg[l], KPc[l], Hh, RH,
+                            Ymid[l % 2], hT[l], scr, one)
+    return team_end(w, hand, jb)
+
+
+@kernel
+def gru_stack_begin(x, h0, lengths, reverse, bm):
+    """Everything :func:`gru_stack_forward` needs before its workers: the row plan, the
+    input rows in plan order, the buffers shared by the layers (each part only ever
+    touches its own rows of them) and the task counter."""
+    T, B, I = dims(x, bm)
+    Ls, _, H = h0.shape
+    dt = x.dtype
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, False, bm)
+    XG = np.empty((R, 2 * H), dt)
+    XC = np.empty((R, H), dt)
+    Hh = np.empty((2 * B, H), dt)
+    RH = np.empty((B, H), dt)
+    Ymid = np.empty((min(Ls - 1, 2), R, H), dt)
+    # every (t, b) written when the rows cover all (a uniform batch): no zero fill
+    y = np.empty((B, T, H) if bm else (T, B, H), dt) if uniform else np.zeros((B, T, H) if bm else (T, B, H), dt)
+    if direct_rows(uniform, bm, B):
+        Yp = y.reshape(T * B, H)
+    else:
+        Yp = np.empty((R, H), dt)
+    hT = np.empty((Ls, B, H), dt)
+    whole = uniform and B % ROW_PARTS == 0
+    claims = np.zeros(1, np.int64)
+    scratch = np.empty((2, MAX_HEIGHT * panel_width(XG)), dt)
+    return order, lens_s, nb, base, hbase, uniform, whole, X, XG, XC, Hh, RH, Ymid, y, Yp, hT, claims, scratch
+
+
+def stack_applies(B, H, Ls, steps, nthreads, itemsize):
+    """Whether :func:`gru_stack_forward` runs a stack of ``Ls`` plain GRU layers of ``H``
+    units for inference: at least two layers, and each layer one the row split of
+    :func:`gru_forward_split` would take (:func:`split_applies`, :func:`_split_by_rows`)."""
+    return Ls >= 2 and split_applies(B, H, steps, True, nthreads) and _split_by_rows(B, H, itemsize)
+
+
+def gru_stack_forward(x, h0, gates_kernel0, cand_kernel0, gates_bias, cand_bias, packed_g, packed_c, packed_gi,
+                      packed_ci, lengths, reverse, bm=False):
+    """Inference through a stack of ``Ls`` plain GRU layers of ``H`` units (tanh, no state
+    mask: :func:`stack_applies`) in one two-thread job (:func:`gru_stack_rows_worker`), as
+    :func:`gru_forward_split` layer after layer computes it: the same per-element
+    arithmetic on the recurrent products and the gates; the input projections run on
+    other row blocks of the micro-kernel (a part's rows, not chunks of all rows), so
+    float32 results may round differently (bit for bit the same on the full-length
+    batches measured).
+
+    ``x`` the bottom layer's inputs (``[T, B, I]``, ``[B, T, I]`` when ``bm``); ``h0``
+    ``[Ls, B, H]`` the initial states; ``gates_kernel0`` / ``cand_kernel0`` the bottom
+    layer's kernels (only their input rows are read, and only when ``packed_gi`` /
+    ``packed_ci`` are empty); ``gates_bias`` ``[Ls, 2H]``, ``cand_bias`` ``[Ls, H]``;
+    ``packed_g`` / ``packed_c`` ``[Ls, n]`` every layer's packed recurrent rows
+    (:func:`._packed.pack_panels` of ``kernel[I:]``); ``packed_gi`` / ``packed_ci`` the
+    packed input rows: a tuple of the bottom layer's (possibly empty: packed here) and a
+    ``[Ls - 1, n]`` array of the others'. Returns ``(y, hT [Ls, B, H])``."""
+    bm = bool(bm)
+    T, B, I = dims(x, bm)
+    H = h0.shape[2]
+    dt = x.dtype
+    (order, lens_s, nb, base, hbase, uniform, whole, X, XG, XC, Hh, RH, Ymid, y, Yp, hT, claims,
+     scratch) = gru_stack_begin(x, h0, lengths, reverse, bm)
+    steps = nb.shape[0] - 1
+    KPgi0 = given_or_pack(packed_or_empty(packed_gi[0], dt), max(steps, PACK_MIN_STEPS), gates_kernel0, 0, 2 * H, I,
+                          2 * H, False)
+    KPci0 = given_or_pack(packed_or_empty(packed_ci[0], dt), max(steps, PACK_MIN_STEPS), cand_kernel0, 0, H, I, H,
+                          False)
+    run_pair(gru_stack_rows_worker, (claims, nb, base, hbase, order, lens_s, whole, X, KPgi0, KPci0, packed_gi[1],
+                                     packed_ci[1], packed_g, packed_c, gates_bias, cand_bias, h0, XG, XC, Hh, RH,
+                                     Ymid, Yp, hT, y, not direct_rows(uniform, bm, B), bool(reverse), bm, scratch,
+                                     ROW_PARTS))
+    return y, hT
+
+
 def gru_forward_split(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths, reverse, need_grad,
                       packed_g, packed_c, bm=False, packed_gi=None, packed_ci=None):
     """:func:`gru_forward` for the configurations of :func:`split_applies` (tanh, no state

@@ -92,6 +92,48 @@ class _Route:
         return y, final, _Workspace(ws, T, B, self.I, self.reverse, self.masks, dt, T if B else 0, self.bm)
 
 
+class _StackWeights:
+    """A GRU stack's weights as ``fastseq_kernels.gru.gru_stack_forward`` takes them: every
+    layer's recurrent rows and the upper layers' input rows packed and stacked, the
+    bottom layer's input rows packed, the biases stacked. Kept in the backend's table
+    (``kept``) like a :class:`_Route`: it refers to the weights weakly and leaves the table
+    when any of them is collected."""
+
+    __slots__ = ("refs", "packed_g", "packed_c", "packed_gi", "packed_ci", "gates_bias", "cand_bias", "__weakref__")
+
+    def __init__(self, table, key, ps, I, H, kept):
+        from fastseq_kernels._packed import pack_panels
+
+        H2 = 2 * H
+        self.packed_g = np.stack([pack_panels(p["gates/kernel"], (I if l == 0 else H) * H2, H2, H, H2)
+                                  for l, p in enumerate(ps)])
+        self.packed_c = np.stack([pack_panels(p["candidate/kernel"], (I if l == 0 else H) * H, H, H, H)
+                                  for l, p in enumerate(ps)])
+        self.packed_gi = (pack_panels(ps[0]["gates/kernel"], 0, H2, I, H2),
+                          np.stack([pack_panels(p["gates/kernel"], 0, H2, H, H2) for p in ps[1:]]))
+        self.packed_ci = (pack_panels(ps[0]["candidate/kernel"], 0, H, I, H),
+                          np.stack([pack_panels(p["candidate/kernel"], 0, H, H, H) for p in ps[1:]]))
+        self.gates_bias = np.stack([p["gates/bias"] for p in ps])
+        self.cand_bias = np.stack([p["candidate/bias"] for p in ps])
+        arrays = [a for p in ps for a in (p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
+                                          p["candidate/bias"])]
+        if not kept:
+            self.refs = ()
+            return
+        me = weakref.ref(self)
+
+        def gone(_ref):
+            if table.get(key) is me():
+                table.pop(key, None)
+
+        self.refs = tuple(weakref.ref(a, gone) for a in arrays)
+
+    def holds(self, arrays):
+        """Whether these are still the arrays it was made from, each still read-only."""
+        return (len(arrays) == len(self.refs)
+                and all(r() is a and not a.flags.writeable for r, a in zip(self.refs, arrays)))
+
+
 def _contig(a, dtype, name):
     a = np.asarray(a)
     if a.dtype != dtype:
@@ -137,6 +179,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
         self._empty = {}
         self.pack_cache = None  # packed recurrent weights of read-only arrays (_packcache)
         self._routes = {}  # (spec, shape, dtype, layout, reverse, need_grad, threads) -> _Route
+        self._stacks = {}  # ids of a GRU stack's weights -> _StackWeights
 
     # ------------------------------------------------------------ lifecycle
     def availability(self) -> Optional[str]:
@@ -179,24 +222,8 @@ class NumbaBackend(NumpyArrayOps, Backend):
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
         T, B, I = (x.shape[1], x.shape[0], x.shape[2]) if batch_major else x.shape
-        shapes = spec.param_shapes(I)
-        p = {}
-        for name, shape in shapes.items():
-            if name not in params:
-                raise ValueError(f"params: missing {name!r} for a {spec.kind} cell")
-            a = _weights(params[name], dtype, f"params[{name!r}]")
-            if a.shape != shape:
-                raise ValueError(f"params[{name!r}] must have shape {shape}, got {a.shape}")
-            p[name] = a
+        p, states = self._params_states(spec, params, initial_state, I, B, dtype)
         sizes = spec.state_sizes
-        if len(initial_state) != len(sizes):
-            raise ValueError(f"initial_state must be a tuple of {len(sizes)} arrays, got {len(initial_state)}")
-        states = []
-        for i, (s, n) in enumerate(zip(initial_state, sizes)):
-            s = _contig(s, dtype, f"initial_state[{i}]")
-            if s.shape != (B, n):
-                raise ValueError(f"initial_state[{i}] must have shape {(B, n)}, got {s.shape}")
-            states.append(s)
         if sequence_length is None:
             lengths = np.full(B, T, dtype=np.int64)
         else:
@@ -224,6 +251,30 @@ class NumbaBackend(NumpyArrayOps, Backend):
                 m = np.ascontiguousarray(np.broadcast_to(m, (m.shape[0], B, n)))
             masks.append(m)
         return x, (T, B, I), p, states, lengths, masks
+
+    @staticmethod
+    def _params_states(spec, params, initial_state, I, B, dtype, where=""):
+        """A layer's weights (read-only, C-ordered, of ``dtype``) and initial state, checked
+        against the shapes of ``spec`` on ``I`` inputs and ``B`` rows; ``where`` prefixes
+        the argument names in the errors (a layer of a stack)."""
+        p = {}
+        for name, shape in spec.param_shapes(I).items():
+            if name not in params:
+                raise ValueError(f"{where}params: missing {name!r} for a {spec.kind} cell")
+            a = _weights(params[name], dtype, f"{where}params[{name!r}]")
+            if a.shape != shape:
+                raise ValueError(f"{where}params[{name!r}] must have shape {shape}, got {a.shape}")
+            p[name] = a
+        sizes = spec.state_sizes
+        if len(initial_state) != len(sizes):
+            raise ValueError(f"{where}initial_state must be a tuple of {len(sizes)} arrays, got {len(initial_state)}")
+        states = []
+        for i, (s, n) in enumerate(zip(initial_state, sizes)):
+            s = _contig(s, dtype, f"{where}initial_state[{i}]")
+            if s.shape != (B, n):
+                raise ValueError(f"{where}initial_state[{i}] must have shape {(B, n)}, got {s.shape}")
+            states.append(s)
+        return p, states
 
     def _packed(self, a, steps, boff, ldb, k, n, transposed):
         """``a``'s recurrent rows packed for the kernels, from the cache when ``a`` is read-only
@@ -271,6 +322,61 @@ class NumbaBackend(NumpyArrayOps, Backend):
                                        bm, need_grad)
         workspace = _Workspace(ws, T, B, I, reverse, masks, x.dtype, steps, bm) if need_grad else None
         return y, final, workspace
+
+    #: Most stacks' packed weights kept (:class:`_StackWeights`); past it the table starts again empty.
+    MAX_STACKS = 16
+
+    def stack_forward(self, specs, params_list, inputs, initial_states, sequence_length=None, reverse=False,
+                      need_grad=False, batch_major=False):
+        """The contract's ``stack_forward`` for inference through a MultiRNNCell of plain
+        GRU layers of one size whose every layer the row-split two-thread loop would run
+        (``fastseq_kernels.gru.stack_applies``): one compiled two-thread job for the whole
+        stack (``gru.gru_stack_forward``), the same numbers as layer after layer. ``None``
+        (layer by layer) for anything else, training included. ``batch_major`` as in
+        :meth:`layer_forward`."""
+        if need_grad or len(specs) < 2:
+            return None
+        H = specs[0].num_units
+        if any(sp.kind != "gru" or sp.activation != "tanh" or sp.num_units != H for sp in specs):
+            return None
+        k = self._kernels()
+        nt = get_num_threads()
+        bm = bool(batch_major)
+        x, (T, B, I), p0, s0, lengths, _ = self._prepare(specs[0], params_list[0], inputs, initial_states[0],
+                                                         sequence_length, None, bm)
+        steps = int(lengths.max()) if B else 0
+        Ls = len(specs)
+        if not k["gru"].stack_applies(B, H, Ls, steps, nt, x.dtype.itemsize):
+            return None
+        ps, states = [p0], [s0[0]]
+        for l in range(1, Ls):
+            p, st = self._params_states(specs[l], params_list[l], initial_states[l], H, B, x.dtype, f"layer {l}: ")
+            ps.append(p)
+            states.append(st[0])
+        sw = self._stack_weights(ps, I, H, x.dtype)
+        y, hT = k["gru"].gru_stack_forward(x, np.stack(states), ps[0]["gates/kernel"], ps[0]["candidate/kernel"],
+                                           sw.gates_bias, sw.cand_bias, sw.packed_g, sw.packed_c, sw.packed_gi,
+                                           sw.packed_ci, lengths, bool(reverse), bm)
+        return y, tuple((hT[l],) for l in range(Ls)), None
+
+    def _stack_weights(self, ps, I, H, dtype):
+        """The packed weights and stacked biases of a GRU stack (:class:`_StackWeights`),
+        kept while every weight array is a live, read-only array that owns its data (the
+        rule of ``_packcache``), else made for this call."""
+        arrays = [a for p in ps for a in (p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
+                                          p["candidate/bias"])]
+        keep = all(PackCache.cacheable(a) for a in arrays)
+        key = (dtype.char, I, H) + tuple(id(a) for a in arrays)
+        if keep:
+            got = self._stacks.get(key)
+            if got is not None and got.holds(arrays):
+                return got
+        sw = _StackWeights(self._stacks, key, ps, I, H, keep)
+        if keep:
+            if len(self._stacks) >= self.MAX_STACKS:
+                self._stacks.clear()
+            self._stacks[key] = sw
+        return sw
 
     def _choose(self, k, spec, p, dtype, T, B, I, steps, masks, reverse, need_grad, nt, bm):
         """The kernel that runs this layer, with every argument bound but the inputs, the

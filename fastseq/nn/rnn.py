@@ -159,14 +159,18 @@ class _Acc:
 
 
 # ============================================================================ the sequence walk
-def _run_stack(cells, x, state, ctx, reverse):
+def _run_stack(cells, x, state, ctx, reverse, batch_major=False):
     """A MultiRNNCell of plain layers in one backend call (:meth:`Backend.stack_forward`);
-    ``None`` when the backend runs layers one by one."""
+    ``None`` when the backend runs layers one by one. ``batch_major``: ``x`` is ``[B, T,
+    I]`` and the backend takes that layout (``batch_major_layers``)."""
     b = ctx.backend
     specs = [c.spec for c in cells]
     params = [c._params(b, ctx.dtype) for c in cells]
     try:
-        got = b.stack_forward(specs, params, x, tuple(state), ctx.lengths, reverse, ctx.record)
+        if batch_major:
+            got = b.stack_forward(specs, params, x, tuple(state), ctx.lengths, reverse, ctx.record, batch_major=True)
+        else:
+            got = b.stack_forward(specs, params, x, tuple(state), ctx.lengths, reverse, ctx.record)
     except NotImplementedError:
         got = None
     if got is None:
@@ -409,6 +413,11 @@ def _run_batch_major(cell, x, state, ctx, reverse):
     arrays directly (the kernels gather and scatter rows anyway); anything else runs
     time-major between transposed copies."""
     b = ctx.backend
+    if (isinstance(cell, MultiRNNCell) and not ctx.record and getattr(b, "batch_major_layers", False)
+            and all(isinstance(sub, _LeafCell) for sub in cell._cells)):
+        stacked = _run_stack(cell._cells, x, state, ctx, reverse, batch_major=True)
+        if stacked is not None:
+            return stacked
     if isinstance(cell, _LeafCell) and getattr(b, "batch_major_layers", False):
         params = cell._params(b, ctx.dtype)
         try:
