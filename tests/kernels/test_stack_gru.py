@@ -278,3 +278,48 @@ def test_kept_stack_weights_are_bounded_and_go_with_their_weights():
         del cells, c
         gc.collect()
         assert len(table) == 0
+
+
+# ------------------------------------------------------------------ the API's direct path
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch_major", "time_major"])
+@pytest.mark.parametrize("given", ["plain", "lengths", "state"])
+def test_direct_stack_inference_equals_the_general_path(time_major, given, monkeypatch):
+    from fastseq.nn import rnn as rnn_mod
+
+    calls = _count(monkeypatch)
+    rng = np.random.default_rng(8)
+    B, T, I = 8, 9, 4
+    x = rng.normal(size=(T, B, I) if time_major else (B, T, I)).astype(np.float32)
+    cell = _stack_cell(32, 3)
+    kw = dict(dtype=np.float32, time_major=time_major)
+    if given == "lengths":
+        kw["sequence_length"] = np.array([9, 0, 6, 9, 1, 2, 8, 3])
+    with fastseq.use_backend("numba"), fastseq.threads.limit(2):
+        if given == "state":
+            kw["initial_state"] = tuple(rng.normal(size=(B, 32)).astype(np.float32) for _ in range(3))
+            kw.pop("dtype")
+        direct = nn.dynamic_rnn(cell, x, **kw)
+        monkeypatch.setattr(rnn_mod, "_stack_inference", lambda *a: None)
+        general = nn.dynamic_rnn(cell, x, **kw)
+    assert len(calls) == 2  # both took the stack
+    assert type(direct[1]) is type(general[1]) and len(direct[1]) == 3
+    np.testing.assert_array_equal(direct[0], general[0])
+    for a, c in zip(direct[1], general[1]):
+        np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (dict(dtype=np.float64), ValueError, "does not match the inputs' dtype"),
+    (dict(sequence_length=[3] * 7 + [99]), ValueError, "sequence_length must be <= the number of time steps"),
+    (dict(sequence_length=[3]), ValueError, "sequence_length must have shape"),
+    (dict(initial_state=(np.zeros((8, 32), np.float32),) * 2), ValueError, "initial_state"),
+    (dict(initial_state=(np.zeros((8, 32), np.float32),) * 2 + (np.zeros((8, 31), np.float32),)), ValueError,
+     "initial_state"),
+    (dict(time_major=1), TypeError, "time_major must be a bool"),
+])
+def test_direct_stack_inference_raises_the_general_paths_errors(bad, exc, match):
+    cell = _stack_cell(32, 3)
+    x = np.ones((8, 6, 3), np.float32)
+    with fastseq.use_backend("numba"), fastseq.threads.limit(2):
+        with pytest.raises(exc, match=match):
+            nn.dynamic_rnn(cell, x, **bad)
