@@ -52,6 +52,15 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         h8 = np.zeros((8, 32), dt)
         _, _, _, ws8 = lstm.lstm_forward_split(x8, k32, _ro(np.zeros(128, dt)), h8, h8, l8, False, 1.0, True, 2, e1)
         lstm.lstm_backward_split(ws8, k32, np.ones((T, 8, 32), dt), h8, h8, T, False, 1, e1)
+        # a stack of LSTM layers in one job (lstm.lstm_stack_forward), weights as the
+        # backend stacks them (backends/fastseq_numba: _StackWeights)
+        k2 = _ro(rng.standard_normal((64, 128)).astype(dt))
+        b32 = _ro(np.zeros(128, dt))
+        pk = _packed.pack_panels
+        s8 = np.zeros((2, 8, 32), dt)
+        lstm.lstm_stack_forward(x8, s8, s8, k32, np.stack([b32, b32]), np.ones(2),
+                                np.stack([pk(k32, I * 128, 128, 32, 128), pk(k2, 32 * 128, 128, 32, 128)]),
+                                (pk(k32, 0, 128, I, 128), np.stack([pk(k2, 0, 128, 32, 128)])), l8, False, False)
         timings[("lstm", name)] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -73,7 +82,6 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         # stacks them (backends/fastseq_numba: _StackWeights)
         g2 = _ro(rng.standard_normal((2 * H, 2 * H)).astype(dt))
         c2 = _ro(rng.standard_normal((2 * H, H)).astype(dt))
-        pk = _packed.pack_panels
         gru.gru_stack_forward(x8, np.zeros((2, 8, H), dt), gk, ck, np.stack([gb, gb]), np.stack([cb, cb]),
                               np.stack([pk(gk, I * 2 * H, 2 * H, H, 2 * H), pk(g2, H * 2 * H, 2 * H, H, 2 * H)]),
                               np.stack([pk(ck, I * H, H, H, H), pk(c2, H * H, H, H, H)]),

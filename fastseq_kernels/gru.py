@@ -23,6 +23,7 @@ from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, w
 from ._jit import kernel
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, given_or_pack, \
     packed_or_empty, panel_width, scratch_for, step_product
+from ._stack import initial_part, project_part, scatter_part, stack_buffers
 from ._team import PROJ_CHUNKS, run_pair
 
 
@@ -366,8 +367,6 @@ def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, KP
     if jb < 0:  # the caller finished this job without the helper
         return team_end(w, hand, jb)
     L = nb.shape[0] - 1
-    H = Hh.shape[1]
-    H2 = 2 * H
     scr = scratch[w]
     one = XG.dtype.type(1.0)
     _project_chunks(w, claims, done, 2 * L, X, KPgi, KPci, XG, XC, scr)
@@ -376,70 +375,34 @@ def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, KP
         p = take_chunk(claims, 2 * L + 1, S, w)
         if p < 0:
             break
-        for k in range(L):
-            n = nb[k]
-            m = (n - p + S - 1) // S  # rows p, p + S, ... below n
-            if m <= 0:
-                break  # active rows only shrink
-            nn = nb[k + 1]
-            gb = base[k]
-            hb = hbase[k]
-            nhb = hbase[k + 1]
-            rb = gb if need_grad else 0
-            gemm_acc_packed(m, H2, H, Hh, (hb + p) * H, S * H, KPg, XG, (gb + p) * H2, S * H2, scr)
-            for r in range(p, n, S):
-                _gates_cols(XG[gb + r], gates_bias, Hh[hb + r], RH[rb + r], H, 0, H2)
-            gemm_acc_packed(m, H, H, RH, (rb + p) * H, S * H, KPc, XC, (gb + p) * H, S * H, scr)
-            for r in range(p, n, S):
-                g = gb + r
-                hout = Hh[nhb + r] if r < nn else hT[order[r]]
-                _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H, 0, H)
+        _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, scr, one,
+                        need_grad)
     return team_end(w, hand, jb)
 
 
 @kernel(inline="always")
-def _stack_project(p, S, whole, nb, base, A, KPgi, KPci, XG, XC, scr):
-    """Both input projections of one layer for the rows of part ``p`` (sorted rows ``p``,
-    ``p + S``, ... of every step) from that part's input rows ``A``: one strided product
-    over all steps when every step's block holds the whole batch and ``S`` divides it
-    (``whole``: the part's rows lie ``S`` rows apart through ``A``), else one per step."""
-    I = A.shape[1]
-    H2 = XG.shape[1]
-    H = XC.shape[1]
-    if whole:
-        m = (A.shape[0] - p + S - 1) // S
-        if m > 0:
-            gemm_packed(m, H2, I, A, p * I, S * I, KPgi, XG, p * H2, S * H2, scr, 0)
-            gemm_packed(m, H, I, A, p * I, S * I, KPci, XC, p * H, S * H, scr, 0)
-        return
-    for k in range(nb.shape[0] - 1):
-        m = (nb[k] - p + S - 1) // S
-        if m <= 0:
-            break  # active rows only shrink
-        g = base[k] + p
-        gemm_packed(m, H2, I, A, g * I, S * I, KPgi, XG, g * H2, S * H2, scr, 0)
-        gemm_packed(m, H, I, A, g * I, S * I, KPci, XC, g * H, S * H, scr, 0)
-
-
-@kernel(inline="always")
-def _stack_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, scr, one):
-    """The time loop of one layer for the rows of part ``p``: the loop of
-    :func:`gru_forward_rows_worker` without the history (``Hh`` ping-pong rows)."""
+def _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, scr, one,
+                    need_grad):
+    """The time loop of one layer for the rows of part ``p`` (sorted rows ``p``, ``p + S``,
+    ...) of the row-split loops: each step the gate product of those rows, their gates
+    and ``r * h``, the candidate product, the new state. ``need_grad``: ``RH`` keeps every
+    step's rows (the history), else only the current step's."""
     H = Hh.shape[1]
     H2 = 2 * H
     for k in range(nb.shape[0] - 1):
         n = nb[k]
-        m = (n - p + S - 1) // S
+        m = (n - p + S - 1) // S  # rows p, p + S, ... below n
         if m <= 0:
-            break
+            break  # active rows only shrink
         nn = nb[k + 1]
         gb = base[k]
         hb = hbase[k]
         nhb = hbase[k + 1]
+        rb = gb if need_grad else 0
         gemm_acc_packed(m, H2, H, Hh, (hb + p) * H, S * H, KPg, XG, (gb + p) * H2, S * H2, scr)
         for r in range(p, n, S):
-            _gates_cols(XG[gb + r], gates_bias, Hh[hb + r], RH[r], H, 0, H2)
-        gemm_acc_packed(m, H, H, RH, p * H, S * H, KPc, XC, (gb + p) * H, S * H, scr)
+            _gates_cols(XG[gb + r], gates_bias, Hh[hb + r], RH[rb + r], H, 0, H2)
+        gemm_acc_packed(m, H, H, RH, (rb + p) * H, S * H, KPc, XC, (gb + p) * H, S * H, scr)
         for r in range(p, n, S):
             g = gb + r
             hout = Hh[nhb + r] if r < nn else hT[order[r]]
@@ -459,13 +422,12 @@ def gru_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whole
     each layer's projections and one at each layer's end, and a return to Python between
     layers). Layer ``l``'s outputs, in plan order, are layer ``l + 1``'s input rows
     (``Ymid[l % 2]``); the top layer writes ``Yp``, and with ``scatter`` each part then
-    copies its rows of ``Yp`` into ``y`` (the caller's layout). A late or absent worker leaves its part
-    to the other one, which claims it when done with its own."""
+    copies its rows of ``Yp`` into ``y`` (the caller's layout). A late or absent worker
+    leaves its part to the other one, which claims it when done with its own."""
     jb = team_begin(w, hand)
     if jb < 0:  # the caller finished this job without the helper
         return team_end(w, hand, jb)
     Ls = KPg.shape[0]
-    B = order.shape[0]
     n0 = nb[0] if nb.shape[0] > 1 else 0
     scr = scratch[w]
     one = XG.dtype.type(1.0)
@@ -475,55 +437,38 @@ def gru_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whole
         if p < 0:
             break
         for l in range(Ls):
-            for r in range(p, B, S):  # the layer's initial state of the part's rows
-                src = h0[l, order[r]]
-                dst = Hh[hbase[0] + r] if r < n0 else hT[l, order[r]]
-                for j in range(src.shape[0]):
-                    dst[j] = src[j]
+            initial_part(p, S, h0[l], order, n0, hbase[0], Hh, hT[l])
             if l == 0:
-                _stack_project(p, S, whole, nb, base, X, KPgi0, KPci0, XG, XC, scr)
+                project_part(p, S, whole, nb, base, X, KPgi0, XG, scr)
+                project_part(p, S, whole, nb, base, X, KPci0, XC, scr)
             else:
-                _stack_project(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPgi[l - 1], KPci[l - 1], XG, XC, scr)
+                project_part(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPgi[l - 1], XG, scr)
+                project_part(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPci[l - 1], XC, scr)
             if l == Ls - 1:
-                _stack_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias[l], cand_bias[l], KPg[l], KPc[l], Hh, RH,
-                            Yp, hT[l], scr, one)
-                if scatter:  # the part's outputs to their places in y
-                    for k in range(nb.shape[0] - 1):
-                        for r in range(p, nb[k], S):
-                            src = Yp[base[k] + r]
-                            dst = row3(y, time_index(k, r, lens_s, reverse), order[r], bm)
-                            for j in range(src.shape[0]):
-                                dst[j] = src[j]
+                _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias[l], cand_bias[l], KPg[l], KPc[l], Hh,
+                                RH, Yp, hT[l], scr, one, False)
+                if scatter:
+                    scatter_part(p, S, Yp, y, order, lens_s, nb, base, reverse, bm)
             else:
-                _stack_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias[l], cand_bias[l], KPg[l], KPc[l], Hh, RH,
-                            Ymid[l % 2], hT[l], scr, one)
+                _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias[l], cand_bias[l], KPg[l], KPc[l], Hh,
+                                RH, Ymid[l % 2], hT[l], scr, one, False)
     return team_end(w, hand, jb)
 
 
 @kernel
 def gru_stack_begin(x, h0, lengths, reverse, bm):
-    """Everything :func:`gru_stack_forward` needs before its workers: the row plan, the
-    input rows in plan order, the buffers shared by the layers (each part only ever
-    touches its own rows of them) and the task counter."""
-    T, B, I = dims(x, bm)
-    Ls, _, H = h0.shape
+    """Everything :func:`gru_stack_forward` needs before its workers
+    (:func:`._stack.stack_buffers`, and the gate, candidate and state rows shared by the
+    layers: each part only ever touches its own rows of them)."""
+    Ls, B, H = h0.shape
     dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, False, bm)
+    order, lens_s, nb, base, hbase, R, uniform, whole, X, Ymid, y, Yp, claims, scratch = stack_buffers(
+        x, Ls, H, lengths, reverse, bm, ROW_PARTS)
     XG = np.empty((R, 2 * H), dt)
     XC = np.empty((R, H), dt)
     Hh = np.empty((2 * B, H), dt)
     RH = np.empty((B, H), dt)
-    Ymid = np.empty((min(Ls - 1, 2), R, H), dt)
-    # every (t, b) written when the rows cover all (a uniform batch): no zero fill
-    y = np.empty((B, T, H) if bm else (T, B, H), dt) if uniform else np.zeros((B, T, H) if bm else (T, B, H), dt)
-    if direct_rows(uniform, bm, B):
-        Yp = y.reshape(T * B, H)
-    else:
-        Yp = np.empty((R, H), dt)
     hT = np.empty((Ls, B, H), dt)
-    whole = uniform and B % ROW_PARTS == 0
-    claims = np.zeros(1, np.int64)
-    scratch = np.empty((2, MAX_HEIGHT * panel_width(XG)), dt)
     return order, lens_s, nb, base, hbase, uniform, whole, X, XG, XC, Hh, RH, Ymid, y, Yp, hT, claims, scratch
 
 

@@ -39,6 +39,7 @@ from ._atomic import HAND_JOINED, atomic_add, atomic_load, atomic_store, chunk_c
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, TN_MAX_ROW_BYTES, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, \
     gemm_tn_panels, gemv_blocks, given_or_pack, pack_gemv_blocks, pack_panels, pack_panels_t, packed_or_empty, \
     panel_cols, panel_width, scratch_for, step_product
+from ._stack import initial_part, project_part, scatter_part, stack_buffers
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
 
@@ -1072,8 +1073,6 @@ def lstm_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, K
     if jb < 0:  # the caller finished this job without the helper
         return team_end(w, hand, jb)
     L = nb.shape[0] - 1
-    H = Ch.shape[1]
-    G4 = 4 * H
     scr = scratch[w]
     fbt = G.dtype.type(fb)
     _project_rows(w, claims, done, L, X, KPI, G, scr)
@@ -1082,36 +1081,143 @@ def lstm_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, K
         p = take_chunk(claims, 0, S, w)
         if p < 0:
             break
-        hp = hpart[p]
-        ldp = hp.shape[1]
-        n0 = nb[0] if L > 0 else 0
-        for j in range((n0 - p + S - 1) // S):  # the initial state of the part's rows
-            _copy_row(Hh[hbase[0] + p + S * j], hp[j], H)
-        for k in range(L):
-            n = nb[k]
-            m = (n - p + S - 1) // S  # rows p, p + S, ... below n
-            if m <= 0:
-                break  # active rows only shrink
-            nn = nb[k + 1]
-            gb = base[k]
-            hb = hbase[k]
-            nhb = hbase[k + 1]
-            gemm_acc_packed(m, G4, H, hp, 0, ldp, KP, G, (gb + p) * G4, S * G4, scr)
-            j = 0  # the row's place in the part
-            for r in range(p, n, S):
-                g = gb + r
-                if r < nn:
-                    cout = Ch[nhb + r]
-                    hout = Hh[nhb + r]
-                else:
-                    cout = cT[order[r]]
-                    hout = hT[order[r]]
-                _gates_tanh_units(G[g], bias, fbt, Ch[hb + r], cout, Yp[g], H, 0, H)
-                _copy_row(Yp[g], hout, H)
-                if r < nn:
-                    _copy_row(Yp[g], hp[j], H)
-                j += 1
+        _rows_part_loop(p, S, nb, base, hbase, order, G, bias, fbt, KP, Hh, Ch, hpart[p], Yp, cT, hT, scr)
     return team_end(w, hand, jb)
+
+
+@kernel(inline="always")
+def _rows_part_loop(p, S, nb, base, hbase, order, G, bias, fbt, KP, Hh, Ch, hp, Yp, cT, hT, scr):
+    """The time loop of one layer for the rows of part ``p`` (sorted rows ``p``, ``p + S``,
+    ...) of the row-split loops, from the initial state in ``Hh`` / ``Ch``: each step the
+    product of the part's ``h`` rows (kept contiguous in ``hp``) over all four gate
+    blocks, then their gates and new state."""
+    L = nb.shape[0] - 1
+    H = Ch.shape[1]
+    G4 = 4 * H
+    ldp = hp.shape[1]
+    n0 = nb[0] if L > 0 else 0
+    for j in range((n0 - p + S - 1) // S):  # the initial state of the part's rows
+        _copy_row(Hh[hbase[0] + p + S * j], hp[j], H)
+    for k in range(L):
+        n = nb[k]
+        m = (n - p + S - 1) // S  # rows p, p + S, ... below n
+        if m <= 0:
+            break  # active rows only shrink
+        nn = nb[k + 1]
+        gb = base[k]
+        hb = hbase[k]
+        nhb = hbase[k + 1]
+        gemm_acc_packed(m, G4, H, hp, 0, ldp, KP, G, (gb + p) * G4, S * G4, scr)
+        j = 0  # the row's place in the part
+        for r in range(p, n, S):
+            g = gb + r
+            if r < nn:
+                cout = Ch[nhb + r]
+                hout = Hh[nhb + r]
+            else:
+                cout = cT[order[r]]
+                hout = hT[order[r]]
+            _gates_tanh_units(G[g], bias, fbt, Ch[hb + r], cout, Yp[g], H, 0, H)
+            _copy_row(Yp[g], hout, H)
+            if r < nn:
+                _copy_row(Yp[g], hp[j], H)
+            j += 1
+
+
+@kernel
+def lstm_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whole, X, KPI0, KPI, KP, bias, fb, c0, h0,
+                           G, Hh, Ch, hpart, Ymid, Yp, cT, hT, y, scatter, reverse, bm, scratch, nparts):
+    """Worker ``w`` (0 or 1) of :func:`lstm_stack_forward`: a stack of ``Ls`` LSTM layers
+    (inference) split by batch rows, as :func:`.gru.gru_stack_rows_worker` does for GRU
+    layers (see :mod:`._stack`): each part it claims goes through every layer, the input
+    projection of its rows, then its time loop (:func:`_rows_part_loop`), with no wait on
+    the other worker between layers; the top layer's outputs go to ``Yp``, and with
+    ``scatter`` each part's rows of them into ``y``."""
+    jb = team_begin(w, hand)
+    if jb < 0:  # the caller finished this job without the helper
+        return team_end(w, hand, jb)
+    Ls = KP.shape[0]
+    n0 = nb[0] if nb.shape[0] > 1 else 0
+    scr = scratch[w]
+    S = nparts
+    while True:
+        p = take_chunk(claims, 0, S, w)
+        if p < 0:
+            break
+        for l in range(Ls):
+            initial_part(p, S, c0[l], order, n0, hbase[0], Ch, cT[l])
+            initial_part(p, S, h0[l], order, n0, hbase[0], Hh, hT[l])
+            if l == 0:
+                project_part(p, S, whole, nb, base, X, KPI0, G, scr)
+            else:
+                project_part(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPI[l - 1], G, scr)
+            fbt = G.dtype.type(fb[l])
+            if l == Ls - 1:
+                _rows_part_loop(p, S, nb, base, hbase, order, G, bias[l], fbt, KP[l], Hh, Ch, hpart[p], Yp, cT[l],
+                                hT[l], scr)
+                if scatter:
+                    scatter_part(p, S, Yp, y, order, lens_s, nb, base, reverse, bm)
+            else:
+                _rows_part_loop(p, S, nb, base, hbase, order, G, bias[l], fbt, KP[l], Hh, Ch, hpart[p], Ymid[l % 2],
+                                cT[l], hT[l], scr)
+    return team_end(w, hand, jb)
+
+
+@kernel
+def lstm_stack_begin(x, h0, lengths, reverse, bm):
+    """Everything :func:`lstm_stack_forward` needs before its workers
+    (:func:`._stack.stack_buffers`, and the gate and state rows shared by the layers: each
+    part only ever touches its own rows of them)."""
+    Ls, B, H = h0.shape
+    dt = x.dtype
+    order, lens_s, nb, base, hbase, R, uniform, whole, X, Ymid, y, Yp, claims, scratch = stack_buffers(
+        x, Ls, H, lengths, reverse, bm, ROW_PARTS)
+    G = np.empty((R, 4 * H), dt)
+    Hh = np.empty((2 * B, H), dt)
+    Ch = np.empty((2 * B, H), dt)
+    hpart = np.empty((ROW_PARTS, (B + ROW_PARTS - 1) // ROW_PARTS, H + ROW_PAD), dt)
+    cT = np.empty((Ls, B, H), dt)
+    hT = np.empty((Ls, B, H), dt)
+    return order, lens_s, nb, base, hbase, uniform, whole, X, G, Hh, Ch, hpart, Ymid, y, Yp, cT, hT, claims, scratch
+
+
+def stack_applies(B, H, Ls, steps, nthreads, itemsize):
+    """Whether :func:`lstm_stack_forward` runs a stack of ``Ls`` plain LSTM layers of ``H``
+    units (tanh, no peepholes, clipping or projection) for inference: at least two layers,
+    and each layer one the row split of :func:`lstm_forward_split` would take
+    (:func:`split_applies`, :func:`split_by_rows`)."""
+    return Ls >= 2 and split_applies(B, H, H, steps, True, nthreads, itemsize) and split_by_rows(B, H, itemsize)
+
+
+def lstm_stack_forward(x, c0, h0, kernel0, bias, forget_bias, packed, packed_in, lengths, reverse, bm=False):
+    """Inference through a stack of ``Ls`` plain LSTM layers of ``H`` units
+    (:func:`stack_applies`) in one two-thread job (:func:`lstm_stack_rows_worker`): the
+    arithmetic of :func:`lstm_forward_split` layer after layer (the same recurrent
+    products and gates; the input projections on the part's rows instead of chunks of
+    all rows, so float32 sums may round differently).
+
+    ``x`` the bottom layer's inputs (``[T, B, I]``, ``[B, T, I]`` when ``bm``); ``c0``,
+    ``h0`` ``[Ls, B, H]``; ``kernel0`` the bottom layer's kernel (its input rows are packed
+    from it when ``packed_in[0]`` is empty); ``bias`` ``[Ls, 4H]``; ``forget_bias``
+    ``[Ls]``; ``packed`` ``[Ls, n]`` every layer's packed recurrent rows
+    (:func:`._packed.pack_panels` of ``kernel[I:]``); ``packed_in`` a tuple of the bottom
+    layer's packed input rows and a ``[Ls - 1, n]`` array of the others'. Returns ``(y,
+    cT, hT)``, the final states ``[Ls, B, H]``."""
+    bm = bool(bm)
+    T, B, I = dims(x, bm)
+    H = h0.shape[2]
+    nr = panel_cols(x.dtype.itemsize)
+    if H % nr:
+        raise ValueError(f"lstm_stack_forward: units must be a multiple of {nr}, got {H}")
+    (order, lens_s, nb, base, hbase, uniform, whole, X, G, Hh, Ch, hpart, Ymid, y, Yp, cT, hT, claims,
+     scratch) = lstm_stack_begin(x, h0, lengths, reverse, bm)
+    steps = nb.shape[0] - 1
+    KPI0 = given_or_pack(packed_or_empty(packed_in[0], x.dtype), max(steps, PACK_MIN_STEPS), kernel0, 0, 4 * H, I,
+                         4 * H, False)
+    run_pair(lstm_stack_rows_worker, (claims, nb, base, hbase, order, lens_s, whole, X, KPI0, packed_in[1], packed,
+                                      bias, forget_bias, c0, h0, G, Hh, Ch, hpart, Ymid, Yp, cT, hT, y,
+                                      not direct_rows(uniform, bm, B), bool(reverse), bm, scratch, ROW_PARTS))
+    return y, cT, hT
 
 
 def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, need_grad, nthreads, packed, bm=False,

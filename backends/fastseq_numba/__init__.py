@@ -92,31 +92,36 @@ class _Route:
         return y, final, _Workspace(ws, T, B, self.I, self.reverse, self.masks, dt, T if B else 0, self.bm)
 
 
+#: The weights of a layer of each cell kind the stacked kernels take: its kernels (name,
+#: columns per unit) and biases.
+_STACK_LAYOUTS = {
+    "gru": ((("gates/kernel", 2), ("candidate/kernel", 1)), ("gates/bias", "candidate/bias")),
+    "lstm": ((("kernel", 4),), ("bias",)),
+}
+
+
 class _StackWeights:
-    """A GRU stack's weights as ``fastseq_kernels.gru.gru_stack_forward`` takes them: every
-    layer's recurrent rows and the upper layers' input rows packed and stacked, the
-    bottom layer's input rows packed, the biases stacked. Kept in the backend's table
-    (``kept``) like a :class:`_Route`: it refers to the weights weakly and leaves the table
-    when any of them is collected."""
+    """A stack's weights as ``fastseq_kernels.gru.gru_stack_forward`` and
+    ``lstm.lstm_stack_forward`` take them, per kernel name: every layer's recurrent rows
+    packed and stacked (``rec``), the bottom layer's input rows packed (``in0``), the upper
+    layers' packed and stacked (``ins``); the biases stacked (``bias``). Kept in the
+    backend's table like a :class:`_Route`: it refers to the weights weakly and leaves the
+    table when any of them is collected."""
 
-    __slots__ = ("refs", "packed_g", "packed_c", "packed_gi", "packed_ci", "gates_bias", "cand_bias", "__weakref__")
+    __slots__ = ("refs", "rec", "in0", "ins", "bias", "__weakref__")
 
-    def __init__(self, table, key, ps, I, H, kept):
+    def __init__(self, table, key, kind, ps, I, H, kept):
         from fastseq_kernels._packed import pack_panels
 
-        H2 = 2 * H
-        self.packed_g = np.stack([pack_panels(p["gates/kernel"], (I if l == 0 else H) * H2, H2, H, H2)
-                                  for l, p in enumerate(ps)])
-        self.packed_c = np.stack([pack_panels(p["candidate/kernel"], (I if l == 0 else H) * H, H, H, H)
-                                  for l, p in enumerate(ps)])
-        self.packed_gi = (pack_panels(ps[0]["gates/kernel"], 0, H2, I, H2),
-                          np.stack([pack_panels(p["gates/kernel"], 0, H2, H, H2) for p in ps[1:]]))
-        self.packed_ci = (pack_panels(ps[0]["candidate/kernel"], 0, H, I, H),
-                          np.stack([pack_panels(p["candidate/kernel"], 0, H, H, H) for p in ps[1:]]))
-        self.gates_bias = np.stack([p["gates/bias"] for p in ps])
-        self.cand_bias = np.stack([p["candidate/bias"] for p in ps])
-        arrays = [a for p in ps for a in (p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
-                                          p["candidate/bias"])]
+        mats, biases = _STACK_LAYOUTS[kind]
+        self.rec, self.in0, self.ins = {}, {}, {}
+        for name, per in mats:
+            n = per * H
+            self.rec[name] = np.stack([pack_panels(p[name], (I if l == 0 else H) * n, n, H, n)
+                                       for l, p in enumerate(ps)])
+            self.in0[name] = pack_panels(ps[0][name], 0, n, I, n)
+            self.ins[name] = np.stack([pack_panels(p[name], 0, n, H, n) for p in ps[1:]])
+        self.bias = {name: np.stack([p[name] for p in ps]) for name in biases}
         if not kept:
             self.refs = ()
             return
@@ -126,12 +131,17 @@ class _StackWeights:
             if table.get(key) is me():
                 table.pop(key, None)
 
-        self.refs = tuple(weakref.ref(a, gone) for a in arrays)
+        self.refs = tuple(weakref.ref(a, gone) for a in _stack_arrays(kind, ps))
 
     def holds(self, arrays):
         """Whether these are still the arrays it was made from, each still read-only."""
         return (len(arrays) == len(self.refs)
                 and all(r() is a and not a.flags.writeable for r, a in zip(self.refs, arrays)))
+
+
+def _stack_arrays(kind, ps):
+    mats, biases = _STACK_LAYOUTS[kind]
+    return [p[name] for p in ps for name in [m for m, _ in mats] + list(biases)]
 
 
 def _contig(a, dtype, name):
@@ -179,7 +189,7 @@ class NumbaBackend(NumpyArrayOps, Backend):
         self._empty = {}
         self.pack_cache = None  # packed recurrent weights of read-only arrays (_packcache)
         self._routes = {}  # (spec, shape, dtype, layout, reverse, need_grad, threads) -> _Route
-        self._stacks = {}  # ids of a GRU stack's weights -> _StackWeights
+        self._stacks = {}  # ids of a stack's weights -> _StackWeights
 
     # ------------------------------------------------------------ lifecycle
     def availability(self) -> Optional[str]:
@@ -329,15 +339,20 @@ class NumbaBackend(NumpyArrayOps, Backend):
     def stack_forward(self, specs, params_list, inputs, initial_states, sequence_length=None, reverse=False,
                       need_grad=False, batch_major=False):
         """The contract's ``stack_forward`` for inference through a MultiRNNCell of plain
-        GRU layers of one size whose every layer the row-split two-thread loop would run
-        (``fastseq_kernels.gru.stack_applies``): one compiled two-thread job for the whole
-        stack (``gru.gru_stack_forward``), the same numbers as layer after layer. ``None``
-        (layer by layer) for anything else, training included. ``batch_major`` as in
-        :meth:`layer_forward`."""
+        layers of one kind and size, GRU or LSTM (tanh; no peepholes, clipping or
+        projection), whose every layer the row-split two-thread loop would run
+        (``fastseq_kernels.gru.stack_applies``, ``lstm.stack_applies``): one compiled
+        two-thread job for the whole stack (``gru.gru_stack_forward``,
+        ``lstm.lstm_stack_forward``), the numbers of the layers run one after another.
+        ``None`` (layer by layer) for anything else, training included. ``batch_major`` as
+        in :meth:`layer_forward`."""
         if need_grad or len(specs) < 2:
             return None
-        H = specs[0].num_units
-        if any(sp.kind != "gru" or sp.activation != "tanh" or sp.num_units != H for sp in specs):
+        kind, H = specs[0].kind, specs[0].num_units
+        if kind not in _STACK_LAYOUTS or any(sp.kind != kind or sp.activation != "tanh" or sp.num_units != H
+                                             for sp in specs):
+            return None
+        if kind == "lstm" and any(sp.use_peepholes or sp.cell_clip is not None or sp.num_proj for sp in specs):
             return None
         k = self._kernels()
         nt = get_num_threads()
@@ -346,32 +361,39 @@ class NumbaBackend(NumpyArrayOps, Backend):
                                                          sequence_length, None, bm)
         steps = int(lengths.max()) if B else 0
         Ls = len(specs)
-        if not k["gru"].stack_applies(B, H, Ls, steps, nt, x.dtype.itemsize):
+        if not k[kind].stack_applies(B, H, Ls, steps, nt, x.dtype.itemsize):
             return None
-        ps, states = [p0], [s0[0]]
+        ps, states = [p0], [s0]
         for l in range(1, Ls):
             p, st = self._params_states(specs[l], params_list[l], initial_states[l], H, B, x.dtype, f"layer {l}: ")
             ps.append(p)
-            states.append(st[0])
-        sw = self._stack_weights(ps, I, H, x.dtype)
-        y, hT = k["gru"].gru_stack_forward(x, np.stack(states), ps[0]["gates/kernel"], ps[0]["candidate/kernel"],
-                                           sw.gates_bias, sw.cand_bias, sw.packed_g, sw.packed_c, sw.packed_gi,
-                                           sw.packed_ci, lengths, bool(reverse), bm)
-        return y, tuple((hT[l],) for l in range(Ls)), None
+            states.append(st)
+        sw = self._stack_weights(kind, ps, I, H, x.dtype)
+        if kind == "gru":
+            y, hT = k["gru"].gru_stack_forward(
+                x, np.stack([s[0] for s in states]), ps[0]["gates/kernel"], ps[0]["candidate/kernel"],
+                sw.bias["gates/bias"], sw.bias["candidate/bias"], sw.rec["gates/kernel"], sw.rec["candidate/kernel"],
+                (sw.in0["gates/kernel"], sw.ins["gates/kernel"]),
+                (sw.in0["candidate/kernel"], sw.ins["candidate/kernel"]), lengths, bool(reverse), bm)
+            return y, tuple((hT[l],) for l in range(Ls)), None
+        fb = np.array([float(sp.forget_bias) for sp in specs])
+        y, cT, hT = k["lstm"].lstm_stack_forward(
+            x, np.stack([s[0] for s in states]), np.stack([s[1] for s in states]), ps[0]["kernel"], sw.bias["bias"],
+            fb, sw.rec["kernel"], (sw.in0["kernel"], sw.ins["kernel"]), lengths, bool(reverse), bm)
+        return y, tuple((cT[l], hT[l]) for l in range(Ls)), None
 
-    def _stack_weights(self, ps, I, H, dtype):
-        """The packed weights and stacked biases of a GRU stack (:class:`_StackWeights`),
-        kept while every weight array is a live, read-only array that owns its data (the
-        rule of ``_packcache``), else made for this call."""
-        arrays = [a for p in ps for a in (p["gates/kernel"], p["gates/bias"], p["candidate/kernel"],
-                                          p["candidate/bias"])]
+    def _stack_weights(self, kind, ps, I, H, dtype):
+        """The packed weights and stacked biases of a stack (:class:`_StackWeights`), kept
+        while every weight array is a live, read-only array that owns its data (the rule of
+        ``_packcache``), else made for this call."""
+        arrays = _stack_arrays(kind, ps)
         keep = all(PackCache.cacheable(a) for a in arrays)
-        key = (dtype.char, I, H) + tuple(id(a) for a in arrays)
+        key = (kind, dtype.char, I, H) + tuple(id(a) for a in arrays)
         if keep:
             got = self._stacks.get(key)
             if got is not None and got.holds(arrays):
                 return got
-        sw = _StackWeights(self._stacks, key, ps, I, H, keep)
+        sw = _StackWeights(self._stacks, key, kind, ps, I, H, keep)
         if keep:
             if len(self._stacks) >= self.MAX_STACKS:
                 self._stacks.clear()

@@ -1,0 +1,78 @@
+"""Pieces shared by the stacked-layer inference kernels (``gru.gru_stack_forward``,
+``lstm.lstm_stack_forward``): a MultiRNNCell of plain layers in one two-thread job, each
+worker taking a part of the sorted batch rows (``p``, ``p + S``, ...) through every
+layer. Rows of a batch never meet in a recurrent layer and the row plan (see
+:mod:`._common`) is the same in every layer, so a part's outputs of one layer, in plan
+order, are its input rows in the next; no worker ever waits for the other between
+layers."""
+
+import numpy as np
+
+from ._common import direct_rows, dims, plan_and_inputs, row3, time_index
+from ._jit import kernel
+from ._packed import MAX_HEIGHT, gemm_packed, panel_width
+
+
+@kernel(inline="always")
+def project_part(p, S, whole, nb, base, A, KP, C, scr):
+    """``C = A @ B`` (``B`` packed in ``KP``) for the rows of part ``p`` of every step:
+    one product over all steps when ``whole`` (every step's block holds the whole batch
+    and ``S`` divides it, so the part's rows lie ``S`` rows apart through ``A``), else one
+    per step."""
+    I = A.shape[1]
+    N = C.shape[1]
+    if whole:
+        m = (A.shape[0] - p + S - 1) // S
+        if m > 0:
+            gemm_packed(m, N, I, A, p * I, S * I, KP, C, p * N, S * N, scr, 0)
+        return
+    for k in range(nb.shape[0] - 1):
+        m = (nb[k] - p + S - 1) // S
+        if m <= 0:
+            break  # active rows only shrink
+        g = base[k] + p
+        gemm_packed(m, N, I, A, g * I, S * I, KP, C, g * N, S * N, scr, 0)
+
+
+@kernel(inline="always")
+def initial_part(p, S, state0, order, n0, hbase0, rows, finals):
+    """The initial state ``state0 [B, H]`` of part ``p``'s rows in place: a row still
+    running at step 0 into the carried-state rows ``rows[hbase0 + r]``, a row of length 0
+    straight into its final state ``finals[order[r]]``."""
+    for r in range(p, order.shape[0], S):
+        src = state0[order[r]]
+        dst = rows[hbase0 + r] if r < n0 else finals[order[r]]
+        for j in range(src.shape[0]):
+            dst[j] = src[j]
+
+
+@kernel(inline="always")
+def scatter_part(p, S, Yp, y, order, lens_s, nb, base, reverse, bm):
+    """Part ``p``'s rows of the top layer's outputs ``Yp`` (plan order) to their places in
+    ``y`` (the caller's layout)."""
+    for k in range(nb.shape[0] - 1):
+        for r in range(p, nb[k], S):
+            src = Yp[base[k] + r]
+            dst = row3(y, time_index(k, r, lens_s, reverse), order[r], bm)
+            for j in range(src.shape[0]):
+                dst[j] = src[j]
+
+
+@kernel(inline="always")
+def stack_buffers(x, Ls, H, lengths, reverse, bm, parts):
+    """What a stack's workers share: the row plan, the bottom layer's input rows in plan
+    order, the two buffers of the middle layers' outputs (``Ymid``), the top layer's
+    outputs (``Yp``, the rows of ``y`` itself where :func:`._common.direct_rows`), ``y``
+    (zeros past each length when not every row runs ``T`` steps), the task counter and
+    the workers' scratch rows."""
+    T, B, _ = dims(x, bm)
+    dt = x.dtype
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, False, bm)
+    Ymid = np.empty((min(Ls - 1, 2), R, H), dt)
+    shape = (B, T, H) if bm else (T, B, H)
+    y = np.empty(shape, dt) if uniform else np.zeros(shape, dt)
+    Yp = y.reshape(T * B, H) if direct_rows(uniform, bm, B) else np.empty((R, H), dt)
+    whole = uniform and B % parts == 0
+    claims = np.zeros(1, np.int64)
+    scratch = np.empty((2, MAX_HEIGHT * panel_width(x)), dt)
+    return order, lens_s, nb, base, hbase, R, uniform, whole, X, Ymid, y, Yp, claims, scratch
