@@ -412,7 +412,7 @@ def _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias, cand_bias,
 @kernel
 def gru_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whole, X, KPgi0, KPci0, KPgi, KPci, KPg,
                           KPc, gates_bias, cand_bias, h0, XG, XC, Hh, RH, Ymid, Yp, hT, y, scatter, reverse, bm,
-                          scratch, nparts):
+                          scratch, pbuf, nparts):
     """Worker ``w`` (0 or 1) of :func:`gru_stack_forward`: a stack of ``Ls`` GRU layers
     (inference) split by batch rows. A part's rows (sorted rows ``p``, ``p + nparts``, ...)
     never meet another part's in any layer, and the plan (the sorted order and each step's
@@ -430,6 +430,7 @@ def gru_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whole
     Ls = KPg.shape[0]
     n0 = nb[0] if nb.shape[0] > 1 else 0
     scr = scratch[w]
+    buf = pbuf[w]
     one = XG.dtype.type(1.0)
     S = nparts
     while True:
@@ -439,11 +440,11 @@ def gru_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whole
         for l in range(Ls):
             initial_part(p, S, h0[l], order, n0, hbase[0], Hh, hT[l])
             if l == 0:
-                project_part(p, S, whole, nb, base, X, KPgi0, XG, scr)
-                project_part(p, S, whole, nb, base, X, KPci0, XC, scr)
+                project_part(p, S, whole, nb, base, X, KPgi0, XG, scr, buf)
+                project_part(p, S, whole, nb, base, X, KPci0, XC, scr, buf)
             else:
-                project_part(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPgi[l - 1], XG, scr)
-                project_part(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPci[l - 1], XC, scr)
+                project_part(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPgi[l - 1], XG, scr, buf)
+                project_part(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPci[l - 1], XC, scr, buf)
             if l == Ls - 1:
                 _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias[l], cand_bias[l], KPg[l], KPc[l], Hh,
                                 RH, Yp, hT[l], scr, one, False)
@@ -462,20 +463,22 @@ def gru_stack_begin(x, h0, lengths, reverse, bm):
     layers: each part only ever touches its own rows of them)."""
     Ls, B, H = h0.shape
     dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform, whole, X, Ymid, y, Yp, claims, scratch = stack_buffers(
+    order, lens_s, nb, base, hbase, R, uniform, whole, X, Ymid, y, Yp, claims, scratch, pbuf = stack_buffers(
         x, Ls, H, lengths, reverse, bm, ROW_PARTS)
     XG = np.empty((R, 2 * H), dt)
     XC = np.empty((R, H), dt)
     Hh = np.empty((2 * B, H), dt)
     RH = np.empty((B, H), dt)
     hT = np.empty((Ls, B, H), dt)
-    return order, lens_s, nb, base, hbase, uniform, whole, X, XG, XC, Hh, RH, Ymid, y, Yp, hT, claims, scratch
+    return order, lens_s, nb, base, hbase, uniform, whole, X, XG, XC, Hh, RH, Ymid, y, Yp, hT, claims, scratch, pbuf
 
 
-def stack_applies(B, H, Ls, steps, nthreads, itemsize):
+def stack_applies(B, H, Ls, steps, nthreads, itemsize, bm):
     """Whether :func:`gru_stack_forward` runs a stack of ``Ls`` plain GRU layers of ``H``
     units for inference: at least two layers, and each layer one the row split of
-    :func:`gru_forward_split` would take (:func:`split_applies`, :func:`_split_by_rows`)."""
+    :func:`gru_forward_split` would take (:func:`split_applies`, :func:`_split_by_rows`),
+    in either layout ``bm`` (measured on the Zen 4 machine, kernel calls of 3 x GRU(200)
+    B=32 T=28, layer by layer / stack: time-major 1.01-1.06, batch-major 1.05-1.10)."""
     return Ls >= 2 and split_applies(B, H, steps, True, nthreads) and _split_by_rows(B, H, itemsize)
 
 
@@ -501,8 +504,8 @@ def gru_stack_forward(x, h0, gates_kernel0, cand_kernel0, gates_bias, cand_bias,
     T, B, I = dims(x, bm)
     H = h0.shape[2]
     dt = x.dtype
-    (order, lens_s, nb, base, hbase, uniform, whole, X, XG, XC, Hh, RH, Ymid, y, Yp, hT, claims,
-     scratch) = gru_stack_begin(x, h0, lengths, reverse, bm)
+    (order, lens_s, nb, base, hbase, uniform, whole, X, XG, XC, Hh, RH, Ymid, y, Yp, hT, claims, scratch,
+     pbuf) = gru_stack_begin(x, h0, lengths, reverse, bm)
     steps = nb.shape[0] - 1
     KPgi0 = given_or_pack(packed_or_empty(packed_gi[0], dt), max(steps, PACK_MIN_STEPS), gates_kernel0, 0, 2 * H, I,
                           2 * H, False)
@@ -511,7 +514,7 @@ def gru_stack_forward(x, h0, gates_kernel0, cand_kernel0, gates_bias, cand_bias,
     run_pair(gru_stack_rows_worker, (claims, nb, base, hbase, order, lens_s, whole, X, KPgi0, KPci0, packed_gi[1],
                                      packed_ci[1], packed_g, packed_c, gates_bias, cand_bias, h0, XG, XC, Hh, RH,
                                      Ymid, Yp, hT, y, not direct_rows(uniform, bm, B), bool(reverse), bm, scratch,
-                                     ROW_PARTS))
+                                     pbuf, ROW_PARTS))
     return y, hT
 
 

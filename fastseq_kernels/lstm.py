@@ -1126,7 +1126,7 @@ def _rows_part_loop(p, S, nb, base, hbase, order, G, bias, fbt, KP, Hh, Ch, hp, 
 
 @kernel
 def lstm_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whole, X, KPI0, KPI, KP, bias, fb, c0, h0,
-                           G, Hh, Ch, hpart, Ymid, Yp, cT, hT, y, scatter, reverse, bm, scratch, nparts):
+                           G, Hh, Ch, hpart, Ymid, Yp, cT, hT, y, scatter, reverse, bm, scratch, pbuf, nparts):
     """Worker ``w`` (0 or 1) of :func:`lstm_stack_forward`: a stack of ``Ls`` LSTM layers
     (inference) split by batch rows, as :func:`.gru.gru_stack_rows_worker` does for GRU
     layers (see :mod:`._stack`): each part it claims goes through every layer, the input
@@ -1139,6 +1139,7 @@ def lstm_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whol
     Ls = KP.shape[0]
     n0 = nb[0] if nb.shape[0] > 1 else 0
     scr = scratch[w]
+    buf = pbuf[w]
     S = nparts
     while True:
         p = take_chunk(claims, 0, S, w)
@@ -1148,9 +1149,9 @@ def lstm_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whol
             initial_part(p, S, c0[l], order, n0, hbase[0], Ch, cT[l])
             initial_part(p, S, h0[l], order, n0, hbase[0], Hh, hT[l])
             if l == 0:
-                project_part(p, S, whole, nb, base, X, KPI0, G, scr)
+                project_part(p, S, whole, nb, base, X, KPI0, G, scr, buf)
             else:
-                project_part(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPI[l - 1], G, scr)
+                project_part(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPI[l - 1], G, scr, buf)
             fbt = G.dtype.type(fb[l])
             if l == Ls - 1:
                 _rows_part_loop(p, S, nb, base, hbase, order, G, bias[l], fbt, KP[l], Hh, Ch, hpart[p], Yp, cT[l],
@@ -1170,7 +1171,7 @@ def lstm_stack_begin(x, h0, lengths, reverse, bm):
     part only ever touches its own rows of them)."""
     Ls, B, H = h0.shape
     dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform, whole, X, Ymid, y, Yp, claims, scratch = stack_buffers(
+    order, lens_s, nb, base, hbase, R, uniform, whole, X, Ymid, y, Yp, claims, scratch, pbuf = stack_buffers(
         x, Ls, H, lengths, reverse, bm, ROW_PARTS)
     G = np.empty((R, 4 * H), dt)
     Hh = np.empty((2 * B, H), dt)
@@ -1178,15 +1179,30 @@ def lstm_stack_begin(x, h0, lengths, reverse, bm):
     hpart = np.empty((ROW_PARTS, (B + ROW_PARTS - 1) // ROW_PARTS, H + ROW_PAD), dt)
     cT = np.empty((Ls, B, H), dt)
     hT = np.empty((Ls, B, H), dt)
-    return order, lens_s, nb, base, hbase, uniform, whole, X, G, Hh, Ch, hpart, Ymid, y, Yp, cT, hT, claims, scratch
+    return (order, lens_s, nb, base, hbase, uniform, whole, X, G, Hh, Ch, hpart, Ymid, y, Yp, cT, hT, claims, scratch,
+            pbuf)
 
 
-def stack_applies(B, H, Ls, steps, nthreads, itemsize):
+#: Most bytes of a layer's recurrent weights (``4 H^2`` elements) for which a time-major
+#: stack runs as one job (:func:`stack_applies`; batch-major ones always do). Measured on
+#: the Zen 4 machine, kernel calls, layer by layer / stack: time-major 2 x LSTM(512) B=64
+#: T=50 0.97, 2 x LSTM(256) B=64 0.95-1.02, 3 x LSTM(128) B=64 T=40 1.04-1.08;
+#: batch-major 1.02-1.03, 1.10-1.11 and 1.10-1.18 (the stack gathers and scatters once,
+#: the layers each time). A time-major layer reads and writes its rows in place, so a
+#: stack saves it only the barriers and returns to Python, which large layers hardly
+#: notice, while its part-by-part input projections run a little slower than the
+#: layer's chunks of contiguous rows.
+STACK_TIME_MAJOR_MAX_WEIGHT_BYTES = 1 << 18
+
+
+def stack_applies(B, H, Ls, steps, nthreads, itemsize, bm):
     """Whether :func:`lstm_stack_forward` runs a stack of ``Ls`` plain LSTM layers of ``H``
     units (tanh, no peepholes, clipping or projection) for inference: at least two layers,
-    and each layer one the row split of :func:`lstm_forward_split` would take
-    (:func:`split_applies`, :func:`split_by_rows`)."""
-    return Ls >= 2 and split_applies(B, H, H, steps, True, nthreads, itemsize) and split_by_rows(B, H, itemsize)
+    each layer one the row split of :func:`lstm_forward_split` would take
+    (:func:`split_applies`, :func:`split_by_rows`), and batch-major inputs (``bm``) or
+    small layers (:data:`STACK_TIME_MAJOR_MAX_WEIGHT_BYTES`)."""
+    return (Ls >= 2 and split_applies(B, H, H, steps, True, nthreads, itemsize) and split_by_rows(B, H, itemsize)
+            and (bm or 4 * H * H * itemsize <= STACK_TIME_MAJOR_MAX_WEIGHT_BYTES))
 
 
 def lstm_stack_forward(x, c0, h0, kernel0, bias, forget_bias, packed, packed_in, lengths, reverse, bm=False):
@@ -1209,14 +1225,14 @@ def lstm_stack_forward(x, c0, h0, kernel0, bias, forget_bias, packed, packed_in,
     nr = panel_cols(x.dtype.itemsize)
     if H % nr:
         raise ValueError(f"lstm_stack_forward: units must be a multiple of {nr}, got {H}")
-    (order, lens_s, nb, base, hbase, uniform, whole, X, G, Hh, Ch, hpart, Ymid, y, Yp, cT, hT, claims,
-     scratch) = lstm_stack_begin(x, h0, lengths, reverse, bm)
+    (order, lens_s, nb, base, hbase, uniform, whole, X, G, Hh, Ch, hpart, Ymid, y, Yp, cT, hT, claims, scratch,
+     pbuf) = lstm_stack_begin(x, h0, lengths, reverse, bm)
     steps = nb.shape[0] - 1
     KPI0 = given_or_pack(packed_or_empty(packed_in[0], x.dtype), max(steps, PACK_MIN_STEPS), kernel0, 0, 4 * H, I,
                          4 * H, False)
     run_pair(lstm_stack_rows_worker, (claims, nb, base, hbase, order, lens_s, whole, X, KPI0, packed_in[1], packed,
                                       bias, forget_bias, c0, h0, G, Hh, Ch, hpart, Ymid, Yp, cT, hT, y,
-                                      not direct_rows(uniform, bm, B), bool(reverse), bm, scratch, ROW_PARTS))
+                                      not direct_rows(uniform, bm, B), bool(reverse), bm, scratch, pbuf, ROW_PARTS))
     return y, cT, hT
 
 

@@ -357,11 +357,19 @@ class NumbaBackend(NumpyArrayOps, Backend):
         k = self._kernels()
         nt = get_num_threads()
         bm = bool(batch_major)
+        Ls = len(specs)
+        if type(inputs) is np.ndarray and inputs.ndim == 3 and inputs.dtype in _FLOATS and (
+                sequence_length is None or type(sequence_length) is np.ndarray):
+            # refused before the checks where the shapes already say no (the drivers then
+            # run the layers one by one, checking each)
+            T, B = (inputs.shape[1], inputs.shape[0]) if bm else inputs.shape[:2]
+            most = T if sequence_length is None or not B else int(sequence_length.max())
+            if not k[kind].stack_applies(B, H, Ls, most, nt, inputs.dtype.itemsize, bm):
+                return None
         x, (T, B, I), p0, s0, lengths, _ = self._prepare(specs[0], params_list[0], inputs, initial_states[0],
                                                          sequence_length, None, bm)
         steps = int(lengths.max()) if B else 0
-        Ls = len(specs)
-        if not k[kind].stack_applies(B, H, Ls, steps, nt, x.dtype.itemsize):
+        if not k[kind].stack_applies(B, H, Ls, steps, nt, x.dtype.itemsize, bm):
             return None
         ps, states = [p0], [s0]
         for l in range(1, Ls):

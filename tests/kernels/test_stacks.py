@@ -173,17 +173,20 @@ def test_stacks_apply_only_where_they_can(monkeypatch):
     from fastseq_kernels import gru, lstm
 
     monkeypatch.undo()  # the modules' own thresholds
-    assert gru.stack_applies(32, 200, 3, 28, 2, 4)  # P2
-    assert not gru.stack_applies(32, 200, 1, 28, 2, 4)  # one layer: layer_forward
-    assert not gru.stack_applies(32, 200, 3, 28, 1, 4)  # one thread allowed
-    assert not gru.stack_applies(32, 200, 3, 28, 2, 8)  # float64: the column split per layer
-    assert not gru.stack_applies(32, 200, 3, 3, 2, 4)  # too few steps
-    assert not gru.stack_applies(4, 200, 3, 28, 2, 4)  # too few rows to halve
-    assert lstm.stack_applies(64, 512, 2, 50, 2, 4)  # P3's layer, twice
-    assert not lstm.stack_applies(64, 200, 2, 50, 2, 4)  # units not whole panels
-    assert not lstm.stack_applies(64, 512, 1, 50, 2, 4)
-    assert not lstm.stack_applies(64, 512, 2, 50, 1, 4)
-    assert not lstm.stack_applies(4, 512, 2, 50, 2, 4)  # too few rows: the unit split
+    for bm in (False, True):
+        assert gru.stack_applies(32, 200, 3, 28, 2, 4, bm)  # P2
+        assert not gru.stack_applies(32, 200, 1, 28, 2, 4, bm)  # one layer: layer_forward
+        assert not gru.stack_applies(32, 200, 3, 28, 1, 4, bm)  # one thread allowed
+        assert not gru.stack_applies(32, 200, 3, 28, 2, 8, bm)  # float64: the column split per layer
+        assert not gru.stack_applies(32, 200, 3, 3, 2, 4, bm)  # too few steps
+        assert not gru.stack_applies(4, 200, 3, 28, 2, 4, bm)  # too few rows to halve
+        assert lstm.stack_applies(64, 128, 2, 50, 2, 4, bm)
+        assert not lstm.stack_applies(64, 200, 2, 50, 2, 4, bm)  # units not whole panels
+        assert not lstm.stack_applies(64, 512, 1, 50, 2, 4, bm)
+        assert not lstm.stack_applies(64, 512, 2, 50, 1, 4, bm)
+        assert not lstm.stack_applies(4, 512, 2, 50, 2, 4, bm)  # too few rows: the unit split
+    assert lstm.stack_applies(64, 512, 2, 50, 2, 4, True)  # P3's layer, twice, batch-major
+    assert not lstm.stack_applies(64, 512, 2, 50, 2, 4, False)  # time-major: large layers one by one
 
 
 # ---------------------------------------------------------------------------- the backend
