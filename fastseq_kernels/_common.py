@@ -304,6 +304,17 @@ def plan_and_inputs(x, lengths, reverse, need_grad, bm):
     return order, lens_s, nb, base, hbase, R, uniform, X
 
 
+@kernel(inline="always")
+def part_step(k, p, S, nb, base, hbase):
+    """Step ``k`` of the row part ``p`` of ``S`` (sorted rows ``p``, ``p + S``, ...) in the
+    row-split loops: ``(n, m, nn, gb, hb, nhb)``, the rows active at step ``k``, how many of
+    them are the part's (0: the part is done, active rows only shrink), the rows active at
+    step ``k + 1``, the step's first row in the per-step buffers, and the carried-state
+    blocks before and after the step."""
+    n = nb[k]
+    return n, (n - p + S - 1) // S, nb[k + 1], base[k], hbase[k], hbase[k + 1]
+
+
 @kernel
 def gather_rows(x, order, lens_s, nb, base, R, reverse, bm):
     """Pack the valid rows of ``x`` (``[T, B, D]``, or ``[B, T, D]`` when ``bm``) step by

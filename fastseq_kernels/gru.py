@@ -17,7 +17,7 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import TANH, act, column_sums, dact, dims, direct_rows, ftanh, output_activation_stored, \
+from ._common import TANH, act, column_sums, dact, dims, direct_rows, ftanh, output_activation_stored, part_step, \
     plan_and_inputs, row3, rows_out, scatter_rows, sigmoid, time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._jit import kernel
@@ -390,14 +390,9 @@ def _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias, cand_bias,
     H = Hh.shape[1]
     H2 = 2 * H
     for k in range(nb.shape[0] - 1):
-        n = nb[k]
-        m = (n - p + S - 1) // S  # rows p, p + S, ... below n
+        n, m, nn, gb, hb, nhb = part_step(k, p, S, nb, base, hbase)
         if m <= 0:
-            break  # active rows only shrink
-        nn = nb[k + 1]
-        gb = base[k]
-        hb = hbase[k]
-        nhb = hbase[k + 1]
+            break
         rb = gb if need_grad else 0
         gemm_acc_packed(m, H2, H, Hh, (hb + p) * H, S * H, KPg, XG, (gb + p) * H2, S * H2, scr)
         for r in range(p, n, S):

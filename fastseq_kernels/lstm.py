@@ -31,7 +31,7 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, output_activation_stored, \
+from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, output_activation_stored, part_step, \
     plan_and_inputs, row3, rows_out, scatter_rows, sigmoid, time_index
 from ._jit import kernel
 from ._atomic import HAND_JOINED, atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, \
@@ -1037,12 +1037,7 @@ def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, 
                 gemm_acc_packed(n, u1 - u0, H, Hh, hb * H, H, KP[(c0 // NR) * H * NR:], G, gb * G4 + c0, G4, scr)
             for r in range(n):
                 g = gb + r
-                if r < nn:
-                    cout = Ch[nhb + r]
-                    hout = Hh[nhb + r]
-                else:
-                    cout = cT[order[r]]
-                    hout = hT[order[r]]
+                cout, hout = _state_out(r, nn, nhb, order, Ch, Hh, cT, hT)
                 _gates_tanh_units(G[g], bias, fbt, Ch[hb + r], cout, Yp[g], H, u0, u1)
                 ys = Yp[g, u0:u1]
                 hs = hout[u0:u1]
@@ -1086,6 +1081,15 @@ def lstm_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, K
 
 
 @kernel(inline="always")
+def _state_out(r, nn, nhb, order, Ch, Hh, cT, hT):
+    """Where sorted row ``r``'s new ``c`` and ``h`` go: the carried-state rows of the next
+    step (block ``nhb``) while it runs on (``r < nn``), else its final state."""
+    if r < nn:
+        return Ch[nhb + r], Hh[nhb + r]
+    return cT[order[r]], hT[order[r]]
+
+
+@kernel(inline="always")
 def _rows_part_loop(p, S, nb, base, hbase, order, G, bias, fbt, KP, Hh, Ch, hp, Yp, cT, hT, scr):
     """The time loop of one layer for the rows of part ``p`` (sorted rows ``p``, ``p + S``,
     ...) of the row-split loops, from the initial state in ``Hh`` / ``Ch``: each step the
@@ -1099,24 +1103,14 @@ def _rows_part_loop(p, S, nb, base, hbase, order, G, bias, fbt, KP, Hh, Ch, hp, 
     for j in range((n0 - p + S - 1) // S):  # the initial state of the part's rows
         _copy_row(Hh[hbase[0] + p + S * j], hp[j], H)
     for k in range(L):
-        n = nb[k]
-        m = (n - p + S - 1) // S  # rows p, p + S, ... below n
+        n, m, nn, gb, hb, nhb = part_step(k, p, S, nb, base, hbase)
         if m <= 0:
-            break  # active rows only shrink
-        nn = nb[k + 1]
-        gb = base[k]
-        hb = hbase[k]
-        nhb = hbase[k + 1]
+            break
         gemm_acc_packed(m, G4, H, hp, 0, ldp, KP, G, (gb + p) * G4, S * G4, scr)
         j = 0  # the row's place in the part
         for r in range(p, n, S):
             g = gb + r
-            if r < nn:
-                cout = Ch[nhb + r]
-                hout = Hh[nhb + r]
-            else:
-                cout = cT[order[r]]
-                hout = hT[order[r]]
+            cout, hout = _state_out(r, nn, nhb, order, Ch, Hh, cT, hT)
             _gates_tanh_units(G[g], bias, fbt, Ch[hb + r], cout, Yp[g], H, 0, H)
             _copy_row(Yp[g], hout, H)
             if r < nn:

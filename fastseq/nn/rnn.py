@@ -498,17 +498,23 @@ def _zeros_like(backend, internal, dt):
 
 
 # ============================================================================ dynamic_rnn
-def _leaf_inference(cell, inputs, sequence_length, initial_state, dtype, time_major):
-    """``dynamic_rnn``'s most common call in fewer steps: a plain cell (no wrapper or
-    stack) on a NumPy array, inference, on a backend that runs a layer in the caller's
-    layout (``batch_major_layers``: numba). The checks are the general path's (the same
-    functions, in the same order); what it skips is the general path's machinery (its
-    context, the layout dispatch, the closures, the conversion of the results), ~30 us of
-    a small layer's call on the 2-vCPU machines (P1: 438 against 355 us through the API and
-    alone, before this path). Returns None where the general path must run: any other
-    call, or a layer the backend refuses (``NotImplementedError``: the general path then
-    falls back to the reference)."""
-    if type(inputs) is not np.ndarray or not isinstance(cell, _LeafCell) or type(time_major) is not bool:
+def _direct_inference(cell, inputs, sequence_length, initial_state, dtype, time_major):
+    """``dynamic_rnn``'s most common calls in fewer steps: inference on a NumPy array, on a
+    backend that runs layers in the caller's layout (``batch_major_layers``: numba), of a
+    plain cell (no wrapper or stack: ``layer_forward``) or of a MultiRNNCell of plain cells
+    the backend runs as one stack (``stack_forward``). The checks are the general path's
+    (the same functions, in the same order); what it skips is the general path's machinery
+    (its context, the layout dispatch, the closures, the conversion of the results): ~30 us
+    of a small layer's call on the 2-vCPU machines (P1: 438 against 355 us through the API
+    and alone, before this path), and for P2's stack ~190 against ~165 us right after a few
+    milliseconds elsewhere (the interpreter's code and data out of the caches, as between a
+    benchmark's calls; ~57 against ~51 us back to back). Returns None where the general
+    path must run: any other call, a layer the backend refuses (``NotImplementedError``:
+    the general path then falls back to the reference), a stack it runs layer by layer."""
+    if type(inputs) is not np.ndarray or type(time_major) is not bool:
+        return None
+    leaf = isinstance(cell, _LeafCell)
+    if not leaf and not (type(cell) is MultiRNNCell and all(isinstance(sub, _LeafCell) for sub in cell._cells)):
         return None
     backend = _registry.current()
     if (not getattr(backend, "batch_major_layers", False) or not backend.is_native(inputs) or inputs.ndim != 3
@@ -521,38 +527,12 @@ def _leaf_inference(cell, inputs, sequence_length, initial_state, dtype, time_ma
     if initial_state is not None:
         state = _native_state(backend, state)
     try:
-        y, final, _ = backend.layer_forward(cell.spec, cell._params(backend, dt), inputs, state, lengths, False, None,
-                                            False, batch_major=not time_major)
-    except NotImplementedError:
-        return None
-    return y, cell._to_public(tuple(final))
-
-
-def _stack_inference(cell, inputs, sequence_length, initial_state, dtype, time_major):
-    """:func:`_leaf_inference` for a MultiRNNCell of plain cells: the stack in one backend
-    call (``stack_forward`` in the caller's layout), with the general path's checks and
-    none of its machinery; None where the backend runs the layers one by one (the general
-    path then does). The general path's own cost around the stack's call, after a few
-    milliseconds elsewhere (its code and data out of the caches, as between a benchmark's
-    calls): ~170 us on the 2-vCPU Zen 4 machine, ~60 us here."""
-    if (type(inputs) is not np.ndarray or type(cell) is not MultiRNNCell or type(time_major) is not bool
-            or not all(isinstance(sub, _LeafCell) for sub in cell._cells)):
-        return None
-    backend = _registry.current()
-    if (not getattr(backend, "batch_major_layers", False) or not backend.is_native(inputs) or inputs.ndim != 3
-            or inputs.dtype not in _FLOATS or inputs.shape[2] == 0):
-        return None
-    dt = inputs.dtype
-    T, B = (inputs.shape[0], inputs.shape[1]) if time_major else (inputs.shape[1], inputs.shape[0])
-    lengths = _check_lengths(backend, sequence_length, B, T)
-    state = _setup(cell, inputs, dt, lengths, initial_state, dtype, time_major, backend, False)
-    if initial_state is not None:
-        state = _native_state(backend, state)
-    specs = [c.spec for c in cell._cells]
-    params = [c._params(backend, dt) for c in cell._cells]
-    try:
-        got = backend.stack_forward(specs, params, inputs, tuple(state), lengths, False, False,
-                                    batch_major=not time_major)
+        if leaf:
+            y, final, _ = backend.layer_forward(cell.spec, cell._params(backend, dt), inputs, state, lengths, False,
+                                                None, False, batch_major=not time_major)
+            return y, cell._to_public(tuple(final))
+        got = backend.stack_forward([c.spec for c in cell._cells], [c._params(backend, dt) for c in cell._cells],
+                                    inputs, tuple(state), lengths, False, False, batch_major=not time_major)
     except NotImplementedError:
         return None
     if got is None:
@@ -563,9 +543,7 @@ def _stack_inference(cell, inputs, sequence_length, initial_state, dtype, time_m
 
 def _dynamic_rnn(cell, inputs, sequence_length, initial_state, dtype, time_major, record):
     if not record:
-        result = _leaf_inference(cell, inputs, sequence_length, initial_state, dtype, time_major)
-        if result is None:
-            result = _stack_inference(cell, inputs, sequence_length, initial_state, dtype, time_major)
+        result = _direct_inference(cell, inputs, sequence_length, initial_state, dtype, time_major)
         if result is not None:
             return result, None
     _check_cell(cell)

@@ -5,7 +5,7 @@ route gives the same numbers as the first call and the reference, forward and ba
 that new weights, writeable weights, other shapes or thread counts never reuse a route;
 that bad arguments still get the full path's errors; and that routes go with their
 weights. And the API's direct path for a plain cell's inference (fastseq/nn/rnn.py,
-``_leaf_inference``) against the general path."""
+``_direct_inference``) against the general path."""
 
 import gc
 
@@ -214,7 +214,7 @@ def test_direct_inference_equals_the_general_path(name, time_major, given, numba
             kw["initial_state"] = cell.zero_state(B, np.float32)
             kw.pop("dtype")
         direct = nn.dynamic_rnn(cell, x, **kw)
-        monkeypatch.setattr(rnn_mod, "_leaf_inference", lambda *a: None)
+        monkeypatch.setattr(rnn_mod, "_direct_inference", lambda *a: None)
         general = nn.dynamic_rnn(cell, x, **kw)
     assert type(direct[1]) is type(general[1])
     np.testing.assert_array_equal(direct[0], general[0])

@@ -357,7 +357,7 @@ def test_direct_stack_inference_equals_the_general_path(time_major, given, monke
             kw["initial_state"] = tuple(rng.normal(size=(B, 32)).astype(np.float32) for _ in range(3))
             kw.pop("dtype")
         direct = nn.dynamic_rnn(cell, x, **kw)
-        monkeypatch.setattr(rnn_mod, "_stack_inference", lambda *a: None)
+        monkeypatch.setattr(rnn_mod, "_direct_inference", lambda *a: None)
         general = nn.dynamic_rnn(cell, x, **kw)
     assert len(calls) == 2  # both took the stack
     assert type(direct[1]) is type(general[1]) and len(direct[1]) == 3
