@@ -381,3 +381,31 @@ def test_direct_stack_inference_raises_the_general_paths_errors(bad, exc, match)
     with fastseq.use_backend("numba"), fastseq.threads.limit(2):
         with pytest.raises(exc, match=match):
             nn.dynamic_rnn(cell, x, **bad)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+def test_no_memory_growth_over_many_stack_calls(monkeypatch):
+    """10,000 stack calls (both kinds, with and without sequence_length) hold no memory."""
+    import os
+
+    calls = _count(monkeypatch)
+
+    def rss():
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(8, 5, 3)).astype(np.float32)
+    lengths = np.array([5, 0, 3, 5, 1, 2, 4, 5])
+    cells = [_stack_cell(UNITS[kind], 2, kind) for kind in KINDS]
+    with fastseq.use_backend("numba"), fastseq.threads.limit(2):
+        for i in range(200):
+            for c in cells:
+                nn.dynamic_rnn(c, x, sequence_length=lengths if i % 2 else None, dtype=np.float32)
+        before = rss()
+        for i in range(5_000):
+            for c in cells:
+                nn.dynamic_rnn(c, x, sequence_length=lengths if i % 2 else None, dtype=np.float32)
+        grown = rss() - before
+    assert len(calls) == 2 * 5_200
+    assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 10,000 stack calls"
