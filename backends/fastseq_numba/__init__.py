@@ -358,13 +358,19 @@ class NumbaBackend(NumpyArrayOps, Backend):
         nt = get_num_threads()
         bm = bool(batch_major)
         Ls = len(specs)
-        if type(inputs) is np.ndarray and inputs.ndim == 3 and inputs.dtype in _FLOATS and (
-                sequence_length is None or type(sequence_length) is np.ndarray):
+        if type(inputs) is np.ndarray and inputs.ndim == 3 and inputs.dtype in _FLOATS:
             # refused before the checks where the shapes already say no (the drivers then
-            # run the layers one by one, checking each)
+            # run the layers one by one, checking each); lengths of any other kind or
+            # shape go to the checks first, for their errors
             T, B = (inputs.shape[1], inputs.shape[0]) if bm else inputs.shape[:2]
-            most = T if sequence_length is None or not B else int(sequence_length.max())
-            if not k[kind].stack_applies(B, H, Ls, most, nt, inputs.dtype.itemsize, bm):
+            L = sequence_length
+            if L is None or not B:
+                most = T
+            elif type(L) is np.ndarray and L.shape == (B,) and L.dtype.kind in "iu":
+                most = int(L.max())
+            else:
+                most = None
+            if most is not None and not k[kind].stack_applies(B, H, Ls, most, nt, inputs.dtype.itemsize, bm):
                 return None
         x, (T, B, I), p0, s0, lengths, _ = self._prepare(specs[0], params_list[0], inputs, initial_states[0],
                                                          sequence_length, None, bm)

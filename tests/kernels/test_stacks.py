@@ -409,3 +409,26 @@ def test_no_memory_growth_over_many_stack_calls(monkeypatch):
         grown = rss() - before
     assert len(calls) == 2 * 5_200
     assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 10,000 stack calls"
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (np.zeros(0, np.int64), ValueError, "sequence_length must have shape"),
+    (np.array([3.5] * 8), TypeError, "sequence_length must be integers"),
+    (np.array([9] * 8), ValueError, r"sequence_length must lie in \[0, 6\]"),
+])
+def test_backend_stack_forward_checks_its_lengths(bad, exc, match):
+    """``stack_forward`` called directly (a backend user, not the drivers) gets the layer
+    checks' errors for bad lengths, never a NumPy error from the early refusal."""
+    from fastseq import backend as registry
+
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(8, 6, 3)).astype(np.float32)
+    cell = _stack_cell(32, 2)
+    with fastseq.use_backend("numba"), fastseq.threads.limit(2):
+        nn.dynamic_rnn(cell, x, dtype=np.float32)  # builds the weights
+        b = registry.current()
+        specs = [c.spec for c in cell._cells]
+        params = [c._params(b, np.float32) for c in cell._cells]
+        states = tuple((np.zeros((8, 32), np.float32),) for _ in range(2))
+        with pytest.raises(exc, match=match):
+            b.stack_forward(specs, params, x, states, bad, False, False, batch_major=True)
