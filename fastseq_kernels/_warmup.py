@@ -58,7 +58,7 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         b32 = _ro(np.zeros(128, dt))
         pk = _packed.pack_panels
         s8 = np.zeros((2, 8, 32), dt)
-        lstm.lstm_stack_forward(x8, s8, s8, k32, np.stack([b32, b32]), np.ones(2),
+        lstm.lstm_stack_forward(x8, s8, s8, np.stack([b32, b32]), np.ones(2),
                                 np.stack([pk(k32, I * 128, 128, 32, 128), pk(k2, 32 * 128, 128, 32, 128)]),
                                 (pk(k32, 0, 128, I, 128), np.stack([pk(k2, 0, 128, 32, 128)])), l8, False, False)
         timings[("lstm", name)] = time.perf_counter() - t0
@@ -82,7 +82,7 @@ def warmup(dtypes=("float32", "float64"), verbose=False):
         # stacks them (backends/fastseq_numba: _StackWeights)
         g2 = _ro(rng.standard_normal((2 * H, 2 * H)).astype(dt))
         c2 = _ro(rng.standard_normal((2 * H, H)).astype(dt))
-        gru.gru_stack_forward(x8, np.zeros((2, 8, H), dt), gk, ck, np.stack([gb, gb]), np.stack([cb, cb]),
+        gru.gru_stack_forward(x8, np.zeros((2, 8, H), dt), np.stack([gb, gb]), np.stack([cb, cb]),
                               np.stack([pk(gk, I * 2 * H, 2 * H, H, 2 * H), pk(g2, H * 2 * H, 2 * H, H, 2 * H)]),
                               np.stack([pk(ck, I * H, H, H, H), pk(c2, H * H, H, H, H)]),
                               (pk(gk, 0, 2 * H, I, 2 * H), np.stack([pk(g2, 0, 2 * H, H, 2 * H)])),

@@ -477,8 +477,8 @@ def stack_applies(B, H, Ls, steps, nthreads, itemsize, bm):
     return Ls >= 2 and split_applies(B, H, steps, True, nthreads) and _split_by_rows(B, H, itemsize)
 
 
-def gru_stack_forward(x, h0, gates_kernel0, cand_kernel0, gates_bias, cand_bias, packed_g, packed_c, packed_gi,
-                      packed_ci, lengths, reverse, bm=False):
+def gru_stack_forward(x, h0, gates_bias, cand_bias, packed_g, packed_c, packed_gi, packed_ci, lengths, reverse,
+                      bm=False):
     """Inference through a stack of ``Ls`` plain GRU layers of ``H`` units (tanh, no state
     mask: :func:`stack_applies`) in one two-thread job (:func:`gru_stack_rows_worker`), as
     :func:`gru_forward_split` layer after layer computes it: the same per-element
@@ -488,25 +488,17 @@ def gru_stack_forward(x, h0, gates_kernel0, cand_kernel0, gates_bias, cand_bias,
     batches measured).
 
     ``x`` the bottom layer's inputs (``[T, B, I]``, ``[B, T, I]`` when ``bm``); ``h0``
-    ``[Ls, B, H]`` the initial states; ``gates_kernel0`` / ``cand_kernel0`` the bottom
-    layer's kernels (only their input rows are read, and only when ``packed_gi`` /
-    ``packed_ci`` are empty); ``gates_bias`` ``[Ls, 2H]``, ``cand_bias`` ``[Ls, H]``;
+    ``[Ls, B, H]`` the initial states; ``gates_bias`` ``[Ls, 2H]``, ``cand_bias`` ``[Ls, H]``;
     ``packed_g`` / ``packed_c`` ``[Ls, n]`` every layer's packed recurrent rows
     (:func:`._packed.pack_panels` of ``kernel[I:]``); ``packed_gi`` / ``packed_ci`` the
-    packed input rows: a tuple of the bottom layer's (possibly empty: packed here) and a
-    ``[Ls - 1, n]`` array of the others'. Returns ``(y, hT [Ls, B, H])``."""
+    packed input rows: a tuple of the bottom layer's and a ``[Ls - 1, n]`` array of the
+    others'. Returns ``(y, hT [Ls, B, H])``."""
     bm = bool(bm)
-    T, B, I = dims(x, bm)
-    H = h0.shape[2]
-    dt = x.dtype
+    B = dims(x, bm)[1]
     (order, lens_s, nb, base, hbase, uniform, whole, X, XG, XC, Hh, RH, Ymid, y, Yp, hT, claims, scratch,
      pbuf) = gru_stack_begin(x, h0, lengths, reverse, bm)
-    steps = nb.shape[0] - 1
-    KPgi0 = given_or_pack(packed_or_empty(packed_gi[0], dt), max(steps, PACK_MIN_STEPS), gates_kernel0, 0, 2 * H, I,
-                          2 * H, False)
-    KPci0 = given_or_pack(packed_or_empty(packed_ci[0], dt), max(steps, PACK_MIN_STEPS), cand_kernel0, 0, H, I, H,
-                          False)
-    run_pair(gru_stack_rows_worker, (claims, nb, base, hbase, order, lens_s, whole, X, KPgi0, KPci0, packed_gi[1],
+    run_pair(gru_stack_rows_worker, (claims, nb, base, hbase, order, lens_s, whole, X, packed_gi[0], packed_ci[0],
+                                     packed_gi[1],
                                      packed_ci[1], packed_g, packed_c, gates_bias, cand_bias, h0, XG, XC, Hh, RH,
                                      Ymid, Yp, hT, y, not direct_rows(uniform, bm, B), bool(reverse), bm, scratch,
                                      pbuf, ROW_PARTS))

@@ -1199,7 +1199,7 @@ def stack_applies(B, H, Ls, steps, nthreads, itemsize, bm):
             and (bm or 4 * H * H * itemsize <= STACK_TIME_MAJOR_MAX_WEIGHT_BYTES))
 
 
-def lstm_stack_forward(x, c0, h0, kernel0, bias, forget_bias, packed, packed_in, lengths, reverse, bm=False):
+def lstm_stack_forward(x, c0, h0, bias, forget_bias, packed, packed_in, lengths, reverse, bm=False):
     """Inference through a stack of ``Ls`` plain LSTM layers of ``H`` units
     (:func:`stack_applies`) in one two-thread job (:func:`lstm_stack_rows_worker`): the
     arithmetic of :func:`lstm_forward_split` layer after layer (the same recurrent
@@ -1207,24 +1207,21 @@ def lstm_stack_forward(x, c0, h0, kernel0, bias, forget_bias, packed, packed_in,
     all rows, so float32 sums may round differently).
 
     ``x`` the bottom layer's inputs (``[T, B, I]``, ``[B, T, I]`` when ``bm``); ``c0``,
-    ``h0`` ``[Ls, B, H]``; ``kernel0`` the bottom layer's kernel (its input rows are packed
-    from it when ``packed_in[0]`` is empty); ``bias`` ``[Ls, 4H]``; ``forget_bias``
+    ``h0`` ``[Ls, B, H]``; ``bias`` ``[Ls, 4H]``; ``forget_bias``
     ``[Ls]``; ``packed`` ``[Ls, n]`` every layer's packed recurrent rows
     (:func:`._packed.pack_panels` of ``kernel[I:]``); ``packed_in`` a tuple of the bottom
     layer's packed input rows and a ``[Ls - 1, n]`` array of the others'. Returns ``(y,
     cT, hT)``, the final states ``[Ls, B, H]``."""
     bm = bool(bm)
-    T, B, I = dims(x, bm)
+    B = dims(x, bm)[1]
     H = h0.shape[2]
     nr = panel_cols(x.dtype.itemsize)
     if H % nr:
         raise ValueError(f"lstm_stack_forward: units must be a multiple of {nr}, got {H}")
     (order, lens_s, nb, base, hbase, uniform, whole, X, G, Hh, Ch, hpart, Ymid, y, Yp, cT, hT, claims, scratch,
      pbuf) = lstm_stack_begin(x, h0, lengths, reverse, bm)
-    steps = nb.shape[0] - 1
-    KPI0 = given_or_pack(packed_or_empty(packed_in[0], x.dtype), max(steps, PACK_MIN_STEPS), kernel0, 0, 4 * H, I,
-                         4 * H, False)
-    run_pair(lstm_stack_rows_worker, (claims, nb, base, hbase, order, lens_s, whole, X, KPI0, packed_in[1], packed,
+    run_pair(lstm_stack_rows_worker, (claims, nb, base, hbase, order, lens_s, whole, X, packed_in[0], packed_in[1],
+                                      packed,
                                       bias, forget_bias, c0, h0, G, Hh, Ch, hpart, Ymid, Yp, cT, hT, y,
                                       not direct_rows(uniform, bm, B), bool(reverse), bm, scratch, pbuf, ROW_PARTS))
     return y, cT, hT

@@ -385,14 +385,14 @@ class NumbaBackend(NumpyArrayOps, Backend):
         sw = self._stack_weights(kind, ps, I, H, x.dtype)
         if kind == "gru":
             y, hT = k["gru"].gru_stack_forward(
-                x, np.stack([s[0] for s in states]), ps[0]["gates/kernel"], ps[0]["candidate/kernel"],
-                sw.bias["gates/bias"], sw.bias["candidate/bias"], sw.rec["gates/kernel"], sw.rec["candidate/kernel"],
+                x, np.stack([s[0] for s in states]), sw.bias["gates/bias"], sw.bias["candidate/bias"],
+                sw.rec["gates/kernel"], sw.rec["candidate/kernel"],
                 (sw.in0["gates/kernel"], sw.ins["gates/kernel"]),
                 (sw.in0["candidate/kernel"], sw.ins["candidate/kernel"]), lengths, bool(reverse), bm)
             return y, tuple((hT[l],) for l in range(Ls)), None
         fb = np.array([float(sp.forget_bias) for sp in specs])
         y, cT, hT = k["lstm"].lstm_stack_forward(
-            x, np.stack([s[0] for s in states]), np.stack([s[1] for s in states]), ps[0]["kernel"], sw.bias["bias"],
+            x, np.stack([s[0] for s in states]), np.stack([s[1] for s in states]), sw.bias["bias"],
             fb, sw.rec["kernel"], (sw.in0["kernel"], sw.ins["kernel"]), lengths, bool(reverse), bm)
         return y, tuple((cT[l], hT[l]) for l in range(Ls)), None
 

@@ -58,7 +58,7 @@ def _stack_call(kind, x, s0, layers, lengths, reverse, bm):
     if kind == "gru":
         H2 = 2 * H
         y, hT = gru.gru_stack_forward(
-            x, s0[0], layers[0][0], layers[0][2], np.stack([L[1] for L in layers]), np.stack([L[3] for L in layers]),
+            x, s0[0], np.stack([L[1] for L in layers]), np.stack([L[3] for L in layers]),
             np.stack([pk(L[0], i * H2, H2, H, H2) for L, i in zip(layers, ins)]),
             np.stack([pk(L[2], i * H, H, H, H) for L, i in zip(layers, ins)]),
             (pk(layers[0][0], 0, H2, I, H2), np.stack([pk(L[0], 0, H2, H, H2) for L in layers[1:]])),
@@ -67,7 +67,7 @@ def _stack_call(kind, x, s0, layers, lengths, reverse, bm):
         return y, (hT,)
     H4 = 4 * H
     y, cT, hT = lstm.lstm_stack_forward(
-        x, s0[0], s0[1], layers[0][0], np.stack([L[1] for L in layers]), np.array([L[2] for L in layers]),
+        x, s0[0], s0[1], np.stack([L[1] for L in layers]), np.array([L[2] for L in layers]),
         np.stack([pk(L[0], i * H4, H4, H, H4) for L, i in zip(layers, ins)]),
         (pk(layers[0][0], 0, H4, I, H4), np.stack([pk(L[0], 0, H4, H, H4) for L in layers[1:]])),
         lengths, reverse, bm)
