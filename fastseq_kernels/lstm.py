@@ -36,8 +36,8 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, outpu
 from ._jit import kernel
 from ._atomic import HAND_JOINED, atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, \
     team_end, wait_at_least
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, TN_MAX_ROW_BYTES, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, \
-    gemm_tn_panels, gemv_blocks, given_or_pack, pack_gemv_blocks, pack_panels, pack_panels_t, packed_or_empty, \
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, ROW_PROJ_ROWS, TN_MAX_ROW_BYTES, WIDE, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, \
+    gemm_tn_panels, gemv_block_proj, gemv_blocks, given_or_pack, pack_gemv_blocks, pack_panels, pack_panels_t, packed_or_empty, \
     panel_cols, panel_width, scratch_for, step_product
 from ._stack import initial_part, project_part, scatter_part, stack_buffers
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
@@ -615,12 +615,44 @@ def _project_steps(k0, k1, nb, base, X, KI, Gv, scr):
 
 
 @kernel(inline="always")
-def _pair_product(k, nb, base, hbase, Hh, KW, oa, orr, Gv, scr):
+def _pair_fuses(nb, Gv):
+    """Whether a half's one-row products carry its next chunk's input projection
+    (:func:`._packed.gemv_block_proj`, the projection's multiply-adds beside the product's
+    stream of weights from L2): 512-bit vectors (the accumulators fit), one row at every
+    step, and the half's gate columns one block of 16 vectors, i.e. ``PAIR_PROJ_STEPS``
+    panels, one for each step of a chunk (P1's shape: H = 128 float32, 64 float64)."""
+    NR = panel_width(Gv)
+    return (WIDE and nb[0] == 1 and Gv.shape[1] == 8 * NR and PAIR_PROJ_STEPS * NR == Gv.shape[1]
+            and ROW_PROJ_ROWS == PAIR_PROJ_STEPS)
+
+
+@kernel(inline="always")
+def _chunk_carried(fz, c, L):
+    """Whether chunk ``c`` of a half's input projection is made by the products of chunk
+    ``c - 1`` (one panel a step, :func:`_pair_product`) rather than in one piece at its
+    first step: where the half fuses and both chunks are whole."""
+    return fz and c >= 1 and (c + 1) * PAIR_PROJ_STEPS <= L
+
+
+@kernel(inline="always")
+def _pair_project(k, L, fz, nb, base, X, KW, oi, Gv, scr):
+    """At the first step of a chunk, the chunk's input projection for one half (the
+    half's input rows packed at ``oi`` in ``KW``), unless the last chunk's products made
+    it (:func:`_chunk_carried`)."""
+    S = PAIR_PROJ_STEPS
+    if k % S == 0 and not _chunk_carried(fz, k // S, L):
+        _project_steps(k, min(L, k + S), nb, base, X, KW[oi:], Gv, scr)
+
+
+@kernel(inline="always")
+def _pair_product(k, L, fz, nb, base, hbase, Hh, KW, oa, orr, oi, X, Gv, scr):
     """Step ``k``'s recurrent product for one half, added to its projected gate rows
     ``Gv``: the whole ``h`` of step ``k - 1`` times the half's recurrent columns. A step of
     one row goes through :func:`._packed.gemv_blocks` over the column blocks (at ``orr`` in
-    ``KW``), several rows through the packed micro-kernel (at ``oa``). (Measured and not
-    kept, P1 cycle counts per step: the one-row product in two parts, the rows of the
+    ``KW``), carrying panel ``k % PAIR_PROJ_STEPS`` of the next chunk's input projection
+    where :func:`_chunk_carried` says so (:func:`._packed.gemv_block_proj`, the same
+    numbers); several rows go through the packed micro-kernel (at ``oa``). (Measured and
+    not kept, P1 cycle counts per step: the one-row product in two parts, the rows of the
     half's own units before the wait for the other half's ``h`` and the rest after it,
     cost 1.37-1.43 us against 1.25-1.30 in one call, for 30-50 ns less waiting.)"""
     H = Hh.shape[1]
@@ -628,7 +660,16 @@ def _pair_product(k, nb, base, hbase, Hh, KW, oa, orr, Gv, scr):
     n4 = Gv.shape[1]
     gb = base[k]
     hb = hbase[k]
-    if n == 1:
+    S = PAIR_PROJ_STEPS
+    if _chunk_carried(fz, k // S + 1, L):
+        I = X.shape[1]
+        NR = panel_width(Gv)
+        k1 = (k // S + 1) * S
+        r0 = min(base[k1], base[k1 + S - 1])
+        j = k % S
+        gemv_block_proj(H, Hh, hb * H, k % 2 == 1, KW, orr, Gv, gb * n4, I, X, r0 * I, KW, oi + j * I * NR,
+                        Gv, r0 * n4 + j * NR, n4)
+    elif n == 1:
         # odd steps read the weights backwards (serpentine: each step starts on what the last one read last, in L1)
         gemv_blocks(H, Hh.reshape(Hh.size), hb * H, KW, orr, n4, Gv.reshape(Gv.size), gb * n4, scr, k % 2 == 1)
     else:
@@ -674,7 +715,8 @@ def lstm_forward_pair_worker(w, hand, ctl, nb, base, hbase, order, X, KW, G0, G1
     state rows are safe as the waits order them: a half writes the ``h`` of step ``k`` into
     the rows that held step ``k - 2`` only after the other worker has finished step
     ``k - 1``, its last read of them. Half ``v``'s input projection, chunk by chunk of ``PAIR_PROJ_STEPS`` steps, is
-    made by whoever runs half ``v`` at the chunk's first step. Alone or paired, each half
+    made by whoever runs half ``v`` at the chunk's first step, or panel by panel by
+    whoever runs its steps of the chunk before (:func:`_chunk_carried`). Alone or paired, each half
     does the same arithmetic in the same order, so the results do not depend on when (or
     whether) the helper joins."""
     jb = team_begin(w, hand)
@@ -686,16 +728,16 @@ def lstm_forward_pair_worker(w, hand, ctl, nb, base, hbase, order, X, KW, G0, G1
     NR = panel_width(G0)
     oi0, oa0, oi1, oa1, or0, or1, _ = _halves_layout(I, H, NR)
     scr = scratch[w]
-    S = PAIR_PROJ_STEPS
+    fz0 = _pair_fuses(nb, G0)
+    fz1 = _pair_fuses(nb, G1)
     if w == 1:
         wait_at_least(ctl, _PAIR_START, 0)
         k0 = atomic_load(ctl, _PAIR_START)
         for k in range(k0, L):
-            if k % S == 0:
-                _project_steps(k, min(L, k + S), nb, base, X, KW[oi1:], G1, scr)
+            _pair_project(k, L, fz1, nb, base, X, KW, oi1, G1, scr)
             if k > k0:
                 wait_at_least(ctl, _PAIR_DONE0, k)
-            _pair_product(k, nb, base, hbase, Hh, KW, oa1, or1, G1, scr)
+            _pair_product(k, L, fz1, nb, base, hbase, Hh, KW, oa1, or1, oi1, X, G1, scr)
             _pair_gates(1, k, nb, base, hbase, order, Hh, Ch, Yp, cT, hT, G1, b1, fb)
             atomic_store(ctl, _PAIR_DONE1, k + 1)
         return team_end(w, hand, jb)
@@ -706,18 +748,17 @@ def lstm_forward_pair_worker(w, hand, ctl, nb, base, hbase, order, X, KW, G0, G1
             paired = True
             k0 = k
             atomic_store(ctl, _PAIR_START, k)
-        if k % S == 0:
-            _project_steps(k, min(L, k + S), nb, base, X, KW[oi0:], G0, scr)
-            if not paired:
-                _project_steps(k, min(L, k + S), nb, base, X, KW[oi1:], G1, scr)
+        _pair_project(k, L, fz0, nb, base, X, KW, oi0, G0, scr)
+        if not paired:
+            _pair_project(k, L, fz1, nb, base, X, KW, oi1, G1, scr)
         if paired and k > k0:
             wait_at_least(ctl, _PAIR_DONE1, k)
-        _pair_product(k, nb, base, hbase, Hh, KW, oa0, or0, G0, scr)
+        _pair_product(k, L, fz0, nb, base, hbase, Hh, KW, oa0, or0, oi0, X, G0, scr)
         if paired:
             _pair_gates(0, k, nb, base, hbase, order, Hh, Ch, Yp, cT, hT, G0, b0, fb)
             atomic_store(ctl, _PAIR_DONE0, k + 1)
         else:
-            _pair_product(k, nb, base, hbase, Hh, KW, oa1, or1, G1, scr)
+            _pair_product(k, L, fz1, nb, base, hbase, Hh, KW, oa1, or1, oi1, X, G1, scr)
             _pair_gates(0, k, nb, base, hbase, order, Hh, Ch, Yp, cT, hT, G0, b0, fb)
             _pair_gates(1, k, nb, base, hbase, order, Hh, Ch, Yp, cT, hT, G1, b1, fb)
     if not paired:

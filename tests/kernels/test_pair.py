@@ -55,6 +55,101 @@ def test_pair_chunk_edges(T):
     _compare(got, want, np.float64, f"T={T}")
 
 
+
+def _fusing_case(dtype, T, lengths, bm, I, seed=0):
+    """One or two rows with only one ever active at a step (``nb[0] == 1``), and the units
+    whose halves are one block of 16 vectors (float32 128, float64 64): the shape where a
+    half's products carry the next chunk's input projection (P1's)."""
+    from _kernel_helpers import lstm_kernel_args
+
+    H = 128 if dtype == np.float32 else 64
+    # weights of scale 0.3 * sqrt(16 / H), as the H = 16 cases' 0.3: at 0.3 itself a
+    # 128-unit float32 state is chaotic over 100 steps (rounding grows to 1e-4 between any
+    # two summation orders, the one-thread kernel against float64 included)
+    x, k, b, c0, h0, L = lstm_kernel_args(dtype, T, len(lengths), I, H, lengths, seed=seed,
+                                          scale=0.3 * np.sqrt(16 / H))
+    if bm:
+        x = np.ascontiguousarray(x.transpose(1, 0, 2))
+    return x, k, b, c0, h0, L
+
+
+def test_pair_fusing_shape_is_p1s():
+    """The fused product runs on 512-bit vector machines for one-row steps of P1's half."""
+    from fastseq_kernels import lstm
+    from fastseq_kernels._packed import WIDE
+
+    one, two = np.array([1, 1, 0], np.int64), np.array([2, 1, 0], np.int64)
+    assert lstm._pair_fuses(one, np.empty((1, 256), np.float32)) == WIDE
+    assert lstm._pair_fuses(one, np.empty((1, 128), np.float64)) == WIDE
+    assert not lstm._pair_fuses(two, np.empty((1, 256), np.float32))
+    assert not lstm._pair_fuses(one, np.empty((1, 128), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("T", [7, 8, 16, 17, 24, 41, 100])
+@pytest.mark.parametrize("lengths", ["full", "inside", "zero", "two-rows"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("bm", [False, True], ids=["time", "batch"])
+def test_pair_with_projection_carried_by_the_products(dtype, T, lengths, reverse, bm):
+    """P1's shape: chunks of the input projection made panel by panel during the previous
+    chunk's products. Same results as the one-thread kernel, with whole and partial last
+    chunks, lengths ending inside a chunk, length 0, and a second row that never runs;
+    every call the same bit for bit wherever the helper joins."""
+    from fastseq_kernels import lstm
+
+    lens = {"full": [T], "inside": [T // 2 + 3], "zero": [0], "two-rows": [0, T]}[lengths]
+    for I in (5, 64, 150):  # the projection's depth shorter than, equal to, longer than half the product's
+        x, k, b, c0, h0, L = _fusing_case(dtype, T, lens, bm, I, seed=T + I)
+        want = lstm_one_thread(x, k, b, c0, h0, L, reverse, bm=bm)
+        first = lstm.lstm_forward_pair(x, k, b, c0, h0, L, reverse, 1.0, None, bm)
+        _compare(first, want, dtype, f"I={I}")
+        kw = lstm.pack_halves(k, I, k.shape[1] // 4)
+        for i in range(6):
+            got = lstm.lstm_forward_pair(x, k, b, c0, h0, L, reverse, 1.0, kw, bm)
+            for a, e, name in zip(got, first, ("y", "c_T", "h_T")):
+                np.testing.assert_array_equal(a, e, err_msg=f"I={I} call {i}: {name}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_gemv_block_proj_is_gemv_blocks_and_gemm_packed(dtype):
+    """``_packed.gemv_block_proj`` gives what its two parts give alone, bit for bit: the
+    one-row product of ``gemv_blocks`` (forwards and backwards) and the 8-row projection
+    of ``gemm_packed`` on one panel; both against numpy to rounding."""
+    from fastseq_kernels._packed import ROW_PROJ_ROWS, gemm_packed, gemv_block_proj, gemv_blocks, pack_gemv_blocks, \
+        pack_panels, panel_cols
+
+    NR = panel_cols(np.dtype(dtype).itemsize)
+    n = 8 * NR
+    R = ROW_PROJ_ROWS
+    rng = np.random.default_rng(7)
+    for k in (0, 1, 7, 64, 127, 128):
+        for kp in (0, 1, 5, 64, 200):
+            a = rng.normal(size=k + 3).astype(dtype)
+            bm = rng.normal(size=(k, n)).astype(dtype)
+            b = np.zeros(k * n + 11, dtype)
+            pack_gemv_blocks(bm, b, 11)
+            x = rng.normal(size=(R + 2) * max(kp, 1)).astype(dtype)
+            wm = rng.normal(size=(kp, 3 * NR)).astype(dtype)
+            wp = pack_panels(wm, 0, 3 * NR, kp, 3 * NR)
+            for rev in (False, True):
+                c0 = rng.normal(size=n + 5).astype(dtype)
+                c, c_ref = c0.copy(), c0.copy()
+                g = np.full((R + 1, 3 * NR), np.nan, dtype)
+                g_ref = g.copy()
+                gemv_block_proj(k, a, 3, rev, b, 11, c, 5, kp, x, kp, wp, kp * NR, g.reshape(-1), 3 * NR + NR, 3 * NR)
+                gemv_blocks(k, a, 3, b, 11, n, c_ref, 5, np.empty(12 * NR, dtype), rev)
+                gemm_packed(R, NR, kp, x, kp, kp, wp[kp * NR:], g_ref.reshape(-1), 3 * NR + NR, 3 * NR,
+                            np.empty(12 * NR, dtype), 0)
+                what = f"k={k} kp={kp} rev={rev}"
+                np.testing.assert_array_equal(c, c_ref, err_msg=what)
+                np.testing.assert_array_equal(g, g_ref, err_msg=what)
+                tol = TOL[dtype] * 10
+                np.testing.assert_allclose(c[5:], c0[5:] + a[3:3 + k] @ bm, rtol=tol, atol=tol * 10, err_msg=what)
+                xr = x[kp:kp + R * kp].reshape(R, kp) if kp else np.zeros((R, 0), dtype)
+                np.testing.assert_allclose(g[1:, NR:2 * NR], xr @ wm[:, NR:2 * NR], rtol=tol, atol=tol * 10,
+                                           err_msg=what)
+                assert np.isnan(g[0]).all() and np.isnan(g[1:, :NR]).all() and np.isnan(g[1:, 2 * NR:]).all(), what
+
 def test_pair_wherever_the_helper_joins():
     """The helper joins a call a few steps in, at a step that changes from call to call (or
     not at all): every call gives the one-thread results."""
