@@ -619,10 +619,11 @@ def _pair_fuses(nb, Gv):
     """Whether a half's one-row products carry its next chunk's input projection
     (:func:`._packed.gemv_block_proj`, the projection's multiply-adds beside the product's
     stream of weights from L2): 512-bit vectors (the accumulators fit), one row at every
-    step, and the half's gate columns one block of 16 vectors, i.e. ``PAIR_PROJ_STEPS``
-    panels, one for each step of a chunk (P1's shape: H = 128 float32, 64 float64)."""
+    step, and the half's gate columns whole blocks of 16 vectors (8 panels each: one panel
+    of each block at each step of a chunk of ``PAIR_PROJ_STEPS = 8``). P1's shape (H = 128
+    float32, 64 float64) has one block per half, H = 256 float32 two."""
     NR = panel_width(Gv)
-    return (WIDE and nb[0] == 1 and Gv.shape[1] == 8 * NR and PAIR_PROJ_STEPS * NR == Gv.shape[1]
+    return (WIDE and nb[0] == 1 and Gv.shape[1] % (8 * NR) == 0 and PAIR_PROJ_STEPS == 8
             and ROW_PROJ_ROWS == PAIR_PROJ_STEPS)
 
 
@@ -649,8 +650,8 @@ def _pair_product(k, L, fz, nb, base, hbase, Hh, KW, oa, orr, oi, X, Gv, scr):
     """Step ``k``'s recurrent product for one half, added to its projected gate rows
     ``Gv``: the whole ``h`` of step ``k - 1`` times the half's recurrent columns. A step of
     one row goes through :func:`._packed.gemv_blocks` over the column blocks (at ``orr`` in
-    ``KW``), carrying panel ``k % PAIR_PROJ_STEPS`` of the next chunk's input projection
-    where :func:`_chunk_carried` says so (:func:`._packed.gemv_block_proj`, the same
+    ``KW``), each block carrying one panel of the next chunk's input projection where
+    :func:`_chunk_carried` says so (:func:`._packed.gemv_block_proj`, the same
     numbers); several rows go through the packed micro-kernel (at ``oa``). (Measured and
     not kept, P1 cycle counts per step: the one-row product in two parts, the rows of the
     half's own units before the wait for the other half's ``h`` and the rest after it,
@@ -664,11 +665,16 @@ def _pair_product(k, L, fz, nb, base, hbase, Hh, KW, oa, orr, oi, X, Gv, scr):
     if _chunk_carried(fz, k // S + 1, L):
         I = X.shape[1]
         NR = panel_width(Gv)
+        w = 8 * NR
+        nblk = n4 // w
         k1 = (k // S + 1) * S
         r0 = min(base[k1], base[k1 + S - 1])
-        j = k % S
-        gemv_block_proj(H, Hh, hb * H, k % 2 == 1, KW, orr, Gv, gb * n4, I, X, r0 * I, KW, oi + j * I * NR,
-                        Gv, r0 * n4 + j * NR, n4)
+        rev = k % 2 == 1
+        for q in range(nblk):
+            qq = nblk - 1 - q if rev else q  # the blocks in gemv_blocks' order (serpentine)
+            pn = k % S * nblk + qq  # the panel of the next chunk this block carries
+            gemv_block_proj(H, Hh, hb * H, rev, KW, orr + qq * H * w, Gv, gb * n4 + qq * w, I, X, r0 * I, KW,
+                            oi + pn * I * NR, Gv, r0 * n4 + pn * NR, n4)
     elif n == 1:
         # odd steps read the weights backwards (serpentine: each step starts on what the last one read last, in L1)
         gemv_blocks(H, Hh.reshape(Hh.size), hb * H, KW, orr, n4, Gv.reshape(Gv.size), gb * n4, scr, k % 2 == 1)

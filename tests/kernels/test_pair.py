@@ -56,13 +56,12 @@ def test_pair_chunk_edges(T):
 
 
 
-def _fusing_case(dtype, T, lengths, bm, I, seed=0):
-    """One or two rows with only one ever active at a step (``nb[0] == 1``), and the units
-    whose halves are one block of 16 vectors (float32 128, float64 64): the shape where a
-    half's products carry the next chunk's input projection (P1's)."""
+def _fusing_case(dtype, H, T, lengths, bm, I, seed=0):
+    """One or two rows with only one ever active at a step (``nb[0] == 1``), and units
+    whose halves are whole blocks of 16 vectors (float32 128 and 256, float64 64): the
+    shapes where a half's products carry the next chunk's input projection (P1's)."""
     from _kernel_helpers import lstm_kernel_args
 
-    H = 128 if dtype == np.float32 else 64
     # weights of scale 0.3 * sqrt(16 / H), as the H = 16 cases' 0.3: at 0.3 itself a
     # 128-unit float32 state is chaotic over 100 steps (rounding grows to 1e-4 between any
     # two summation orders, the one-thread kernel against float64 included)
@@ -74,23 +73,27 @@ def _fusing_case(dtype, T, lengths, bm, I, seed=0):
 
 
 def test_pair_fusing_shape_is_p1s():
-    """The fused product runs on 512-bit vector machines for one-row steps of P1's half."""
+    """The fused product runs on 512-bit vector machines for one-row steps of halves of
+    whole 16-vector blocks (P1's: one block)."""
     from fastseq_kernels import lstm
     from fastseq_kernels._packed import WIDE
 
     one, two = np.array([1, 1, 0], np.int64), np.array([2, 1, 0], np.int64)
     assert lstm._pair_fuses(one, np.empty((1, 256), np.float32)) == WIDE
     assert lstm._pair_fuses(one, np.empty((1, 128), np.float64)) == WIDE
+    assert lstm._pair_fuses(one, np.empty((1, 512), np.float32)) == WIDE  # H = 256: two blocks
+    assert not lstm._pair_fuses(one, np.empty((1, 384), np.float32))
     assert not lstm._pair_fuses(two, np.empty((1, 256), np.float32))
     assert not lstm._pair_fuses(one, np.empty((1, 128), np.float32))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype,H", [(np.float32, 128), (np.float32, 256), (np.float64, 64)],
+                         ids=["f32-128", "f32-256", "f64-64"])
 @pytest.mark.parametrize("T", [7, 8, 16, 17, 24, 41, 100])
 @pytest.mark.parametrize("lengths", ["full", "inside", "zero", "two-rows"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("bm", [False, True], ids=["time", "batch"])
-def test_pair_with_projection_carried_by_the_products(dtype, T, lengths, reverse, bm):
+def test_pair_with_projection_carried_by_the_products(dtype, H, T, lengths, reverse, bm):
     """P1's shape: chunks of the input projection made panel by panel during the previous
     chunk's products. Same results as the one-thread kernel, with whole and partial last
     chunks, lengths ending inside a chunk, length 0, and a second row that never runs;
@@ -99,7 +102,7 @@ def test_pair_with_projection_carried_by_the_products(dtype, T, lengths, reverse
 
     lens = {"full": [T], "inside": [T // 2 + 3], "zero": [0], "two-rows": [0, T]}[lengths]
     for I in (5, 64, 150):  # the projection's depth shorter than, equal to, longer than half the product's
-        x, k, b, c0, h0, L = _fusing_case(dtype, T, lens, bm, I, seed=T + I)
+        x, k, b, c0, h0, L = _fusing_case(dtype, H, T, lens, bm, I, seed=T + I)
         want = lstm_one_thread(x, k, b, c0, h0, L, reverse, bm=bm)
         first = lstm.lstm_forward_pair(x, k, b, c0, h0, L, reverse, 1.0, None, bm)
         _compare(first, want, dtype, f"I={I}")
