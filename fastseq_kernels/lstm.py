@@ -36,9 +36,9 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, outpu
 from ._jit import kernel
 from ._atomic import HAND_JOINED, atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, \
     team_end, wait_at_least
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, ROW_PROJ_ROWS, TN_MAX_ROW_BYTES, WIDE, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, \
-    gemm_tn_panels, gemv_block_proj, gemv_blocks, given_or_pack, pack_gemv_blocks, pack_panels, pack_panels_t, packed_or_empty, \
-    panel_cols, panel_width, scratch_for, step_product
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, ROW_PROJ_ROWS, TN_MAX_ROW_BYTES, WIDE, gemm_acc_packed, gemm_nt, \
+    gemm_packed, gemm_tn, gemm_tn_panels, gemv_block_proj, gemv_blocks, given_or_pack, pack_gemv_blocks, pack_panels, \
+    pack_panels_t, packed_or_empty, panel_cols, panel_width, scratch_for, step_product
 from ._stack import initial_part, project_part, scatter_part, stack_buffers
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
