@@ -585,6 +585,14 @@ class MultiRNNCell(RNNCell):
             c._ensure_built(depth, dtype)
             depth = c.output_size
 
+    def zero_state(self, batch_size, dtype):
+        """Each layer's own ``zero_state`` (as TF1's MultiRNNCell: a layer that overrides it
+        starts from its own state), or one concatenated array of zeros when
+        ``state_is_tuple=False``."""
+        if self._state_is_tuple:
+            return tuple(c.zero_state(batch_size, dtype) for c in self._cells)
+        return super().zero_state(batch_size, dtype)
+
     def _to_internal(self, state, batch, argname):
         n = len(self._cells)
         if self._state_is_tuple:
@@ -630,6 +638,10 @@ class _Wrapper(RNNCell):
 
     def _ensure_built(self, input_depth, dtype):
         self._cell._ensure_built(input_depth, dtype)
+
+    def zero_state(self, batch_size, dtype):
+        """The wrapped cell's (as TF1's wrappers)."""
+        return self._cell.zero_state(batch_size, dtype)
 
     def _to_internal(self, state, batch, argname):
         return self._cell._to_internal(state, batch, argname)

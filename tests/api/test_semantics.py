@@ -239,3 +239,33 @@ def test_single_step_call_matches_sequence(backend_name):
         o, state = cell(x[:, t], state)
         np.testing.assert_allclose(np.asarray(o), out_seq[:, t], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(np.asarray(state[1]), st_seq[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_stack_without_initial_state_starts_from_each_layers_zero_state(backend_name, dtype):
+    """A MultiRNNCell run without initial_state starts every layer from its zero_state, as
+    TF1's MultiRNNCell.zero_state asks each layer (and wrappers their cell): zeros for the
+    library's cells (made directly for stacks of plain layers), a layer's own zero_state
+    where a subclass overrides it, also under a wrapper; equal to passing that state."""
+
+    class OnesGRU(rnn_cell.GRUCell):
+        def zero_state(self, batch_size, dtype):
+            return np.full((batch_size, self.num_units), 0.5, dtype)
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 6, 5)).astype(dtype)
+    for cls in (rnn_cell.GRUCell, OnesGRU, "wrapped"):
+        fastseq.set_seed(1)
+        first = rnn_cell.DropoutWrapper(OnesGRU(8)) if cls == "wrapped" else cls(8)
+        cell = rnn_cell.MultiRNNCell([first, rnn_cell.GRUCell(8)])
+        cls = OnesGRU if cls == "wrapped" else cls
+        y, st = dynamic_rnn(cell, x, dtype=dtype)
+        start = 0.5 if cls is OnesGRU else 0.0
+        s0 = (np.full((4, 8), start, dtype), np.zeros((4, 8), dtype))
+        y2, st2 = dynamic_rnn(cell, x, initial_state=s0, dtype=dtype)
+        np.testing.assert_array_equal(y, y2)
+        for a, b in zip(st, st2):
+            np.testing.assert_array_equal(a, b)
+        if cls is OnesGRU:  # the override matters: not the zero-state results
+            y0, _ = dynamic_rnn(cell, x, initial_state=(np.zeros((4, 8), dtype),) * 2, dtype=dtype)
+            assert not np.allclose(y, y0)
