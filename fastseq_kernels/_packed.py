@@ -34,7 +34,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._blas import PARALLEL_MIN_MACS, gemm, step_gemm_acc
 from ._jit import kernel
@@ -348,6 +348,48 @@ def _add_scratch(cf, co, ldc, scratch, NR, h, w):
     for r in range(h):
         for j in range(w):
             cf[co + r * ldc + j] += scratch[r * NR + j]
+
+
+def _bits(a):
+    """``a`` (float32 / float64) seen as integers of its width, the mask of the exponent's
+    bits (all ones: inf or nan) and the mask of every bit but the sign."""
+
+
+@overload(_bits, inline="always")
+def _bits_ov(a):
+    if a.dtype == types.float32:
+        return lambda a: (a.view(np.int32), np.int32(0x7F800000), np.int32(0x7FFFFFFF))
+    return lambda a: (a.view(np.int64), np.int64(0x7FF0000000000000), np.int64(0x7FFFFFFFFFFFFFFF))
+
+
+@kernel(inline="always")
+def acc_adds_nothing(m, n, k, a, aoff, lda, bp):
+    """Whether :func:`gemm_acc_packed` with these operands would add exactly nothing to
+    ``C``: every element of the ``m`` rows of ``A`` (``k`` each, ``lda`` apart from
+    ``aoff``) is zero and every element of ``B``'s ``ceil(n / NR)`` panels is finite
+    (``0 * inf`` is nan, so an inf or nan weight still reaches ``C``). Then the product is
+    ``+-0`` element by element and ``C + 0 == C``: skipping it leaves ``C`` the same
+    except for the sign of a zero. The time loops ask this at their first step, whose
+    product multiplies the initial state: the zero state of every layer not given one.
+    Both scans are integer reductions over the bits (vectorised, no branch per
+    element): ~7 us for 480 KB of float32 weights in L2, where the product they replace
+    takes ~40 (P2's step); a non-zero ``A`` stops after its first row."""
+    af, _e, mag = _bits(a.reshape(a.size))
+    z = mag & 0
+    for i in range(m):
+        row = af[aoff + i * lda:aoff + i * lda + k]
+        acc = z
+        for j in range(row.shape[0]):
+            acc |= row[j]
+        if acc & mag != 0:  # the sign bit alone is -0.0
+            return False
+    bi, e, _m = _bits(bp)
+    NR = panel_width(bp)
+    panels = bi[:((n + NR - 1) // NR) * k * NR]
+    mx = z
+    for j in range(panels.shape[0]):
+        mx = max(mx, panels[j] & e)
+    return mx != e
 
 
 @kernel(inline="always")

@@ -21,8 +21,8 @@ from ._common import TANH, act, column_sums, dact, dims, direct_rows, ftanh, out
     plan_and_inputs, row3, rows_out, scatter_rows, sigmoid, time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._jit import kernel
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, given_or_pack, \
-    packed_or_empty, panel_width, scratch_for, step_product
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, acc_adds_nothing, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, \
+    given_or_pack, packed_or_empty, panel_width, scratch_for, step_product
 from ._stack import initial_part, project_part, scatter_part, stack_buffers
 from ._team import PROJ_CHUNKS, run_pair
 
@@ -315,7 +315,9 @@ def gru_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, K
             if k > 0:
                 wait_at_least(done, 2 * k - 1, ncc)
             j0, j1 = chunk_cols(c, ncg, H2, NR)
-            gemm_acc_packed(n, j1 - j0, H, Hh, hb * H, H, KPg[(j0 // NR) * H * NR:], XG, gb * H2 + j0, H2, scr)
+            KPj = KPg[(j0 // NR) * H * NR:]
+            if k > 0 or not acc_adds_nothing(n, j1 - j0, H, Hh, hb * H, H, KPj):
+                gemm_acc_packed(n, j1 - j0, H, Hh, hb * H, H, KPj, XG, gb * H2 + j0, H2, scr)
             for r in range(n):
                 _gates_cols(XG[gb + r], gates_bias, Hh[hb + r], RH[rb + r], H, j0, j1)
             atomic_add(done, 2 * k, 1)
@@ -325,7 +327,9 @@ def gru_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, K
                 break
             wait_at_least(done, 2 * k, ncg)
             u0, u1 = chunk_cols(c, ncc, H, NR)
-            gemm_acc_packed(n, u1 - u0, H, RH, rb * H, H, KPc[(u0 // NR) * H * NR:], XC, gb * H + u0, H, scr)
+            KPu = KPc[(u0 // NR) * H * NR:]
+            if k > 0 or not acc_adds_nothing(n, u1 - u0, H, RH, rb * H, H, KPu):
+                gemm_acc_packed(n, u1 - u0, H, RH, rb * H, H, KPu, XC, gb * H + u0, H, scr)
             for r in range(n):
                 g = gb + r
                 hout = Hh[nhb + r] if r < nn else hT[order[r]]
@@ -394,10 +398,12 @@ def _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias, cand_bias,
         if m <= 0:
             break
         rb = gb if need_grad else 0
-        gemm_acc_packed(m, H2, H, Hh, (hb + p) * H, S * H, KPg, XG, (gb + p) * H2, S * H2, scr)
+        if k > 0 or not acc_adds_nothing(m, H2, H, Hh, (hb + p) * H, S * H, KPg):
+            gemm_acc_packed(m, H2, H, Hh, (hb + p) * H, S * H, KPg, XG, (gb + p) * H2, S * H2, scr)
         for r in range(p, n, S):
             _gates_cols(XG[gb + r], gates_bias, Hh[hb + r], RH[rb + r], H, 0, H2)
-        gemm_acc_packed(m, H, H, RH, (rb + p) * H, S * H, KPc, XC, (gb + p) * H, S * H, scr)
+        if k > 0 or not acc_adds_nothing(m, H, H, RH, (rb + p) * H, S * H, KPc):
+            gemm_acc_packed(m, H, H, RH, (rb + p) * H, S * H, KPc, XC, (gb + p) * H, S * H, scr)
         for r in range(p, n, S):
             g = gb + r
             hout = Hh[nhb + r] if r < nn else hT[order[r]]

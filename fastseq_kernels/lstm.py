@@ -36,9 +36,9 @@ from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, outpu
 from ._jit import kernel
 from ._atomic import HAND_JOINED, atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, \
     team_end, wait_at_least
-from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, ROW_PROJ_ROWS, TN_MAX_ROW_BYTES, WIDE, gemm_acc_packed, gemm_nt, \
-    gemm_packed, gemm_tn, gemm_tn_panels, gemv_block_proj, gemv_blocks, given_or_pack, pack_gemv_blocks, pack_panels, \
-    pack_panels_t, packed_or_empty, panel_cols, panel_width, scratch_for, step_product
+from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, ROW_PROJ_ROWS, TN_MAX_ROW_BYTES, WIDE, acc_adds_nothing, \
+    gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, gemm_tn_panels, gemv_block_proj, gemv_blocks, given_or_pack, \
+    pack_gemv_blocks, pack_panels, pack_panels_t, packed_or_empty, panel_cols, panel_width, scratch_for, step_product
 from ._stack import initial_part, project_part, scatter_part, stack_buffers
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
 
@@ -1081,7 +1081,9 @@ def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, 
             nhb = hbase[k + 1]
             for q in range(4):
                 c0 = q * H + u0
-                gemm_acc_packed(n, u1 - u0, H, Hh, hb * H, H, KP[(c0 // NR) * H * NR:], G, gb * G4 + c0, G4, scr)
+                KPq = KP[(c0 // NR) * H * NR:]
+                if k > 0 or not acc_adds_nothing(n, u1 - u0, H, Hh, hb * H, H, KPq):
+                    gemm_acc_packed(n, u1 - u0, H, Hh, hb * H, H, KPq, G, gb * G4 + c0, G4, scr)
             for r in range(n):
                 g = gb + r
                 cout, hout = _state_out(r, nn, nhb, order, Ch, Hh, cT, hT)
@@ -1153,7 +1155,8 @@ def _rows_part_loop(p, S, nb, base, hbase, order, G, bias, fbt, KP, Hh, Ch, hp, 
         n, m, nn, gb, hb, nhb = part_step(k, p, S, nb, base, hbase)
         if m <= 0:
             break
-        gemm_acc_packed(m, G4, H, hp, 0, ldp, KP, G, (gb + p) * G4, S * G4, scr)
+        if k > 0 or not acc_adds_nothing(m, G4, H, hp, 0, ldp, KP):
+            gemm_acc_packed(m, G4, H, hp, 0, ldp, KP, G, (gb + p) * G4, S * G4, scr)
         j = 0  # the row's place in the part
         for r in range(p, n, S):
             g = gb + r
