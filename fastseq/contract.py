@@ -274,6 +274,16 @@ class Backend:
         """
         return None
 
+    def stack_route(self, specs, params_list, inputs, initial_states, batch_major=False):
+        """Optional: for an inference call :meth:`stack_forward` would run in one call, with
+        no ``sequence_length`` and no ``reverse``, a callable ``run(x) -> (outputs, final
+        states per layer)`` that runs it again for inputs ``x`` of the same shape and dtype
+        (C-ordered), with these weights and initial states bound: the checks and the
+        set-up made once. ``None`` (the default) where :meth:`stack_forward` would not
+        run the stack. The drivers keep a route per cell, input shape, dtype and layout
+        while the cell's layers and weight arrays stay the same (``fastseq.nn.rnn``)."""
+        return None
+
     def stack_backward(self, specs, params_list, workspace, d_outputs, d_final_states):
         """Gradients of :meth:`stack_forward`: ``(d_inputs, d_initial_states per layer,
         [d_params dict per layer])``; ``d_final_states`` per layer, entries never None."""

@@ -346,6 +346,31 @@ class NumbaBackend(NumpyArrayOps, Backend):
         ``lstm.lstm_stack_forward``), the numbers of the layers run one after another.
         ``None`` (layer by layer) for anything else, training included. ``batch_major`` as
         in :meth:`layer_forward`."""
+        got = self._stack_runner(specs, params_list, inputs, initial_states, sequence_length, reverse, need_grad,
+                                 batch_major)
+        if got is None:
+            return None
+        run, x = got
+        y, finals = run(x)
+        return y, finals, None
+
+    def stack_route(self, specs, params_list, inputs, initial_states, batch_major=False):
+        """The contract's ``stack_route``: for a call :meth:`stack_forward` runs as one job
+        with no ``sequence_length`` (inference), ``run(x) -> (outputs, final states)`` for
+        later inputs ``x`` of the same shape and dtype, C-ordered, with these weights and
+        initial states bound (checked now, packed once); ``None`` where it would not run.
+        The drivers keep it while the cell's weights are the same read-only arrays
+        (``fastseq.nn.rnn``): P2's call after milliseconds of kernel spends ~0.5 ms of
+        cold Python in the checks and the set-up that the route does once."""
+        got = self._stack_runner(specs, params_list, inputs, initial_states, None, False, False, batch_major)
+        return None if got is None else got[0]
+
+    def _stack_runner(self, specs, params_list, inputs, initial_states, sequence_length, reverse, need_grad,
+                      batch_major):
+        """``(run, x)`` for :meth:`stack_forward`: every check made, the weights packed (kept,
+        :meth:`_stack_weights`) and the initial states stacked; ``run(x)`` the kernel call
+        on the checked inputs ``x`` or others of their shape and dtype. ``None`` where the
+        stack runs layer by layer."""
         if need_grad or len(specs) < 2:
             return None
         kind, H = specs[0].kind, specs[0].num_units
@@ -383,18 +408,27 @@ class NumbaBackend(NumpyArrayOps, Backend):
             ps.append(p)
             states.append(st)
         sw = self._stack_weights(kind, ps, I, H, x.dtype)
+        s0 = np.stack([s[0] for s in states])  # GRU: h; LSTM: c
+        reverse = bool(reverse)
         if kind == "gru":
-            y, hT = k["gru"].gru_stack_forward(
-                x, np.stack([s[0] for s in states]), sw.bias["gates/bias"], sw.bias["candidate/bias"],
-                sw.rec["gates/kernel"], sw.rec["candidate/kernel"],
-                (sw.in0["gates/kernel"], sw.ins["gates/kernel"]),
-                (sw.in0["candidate/kernel"], sw.ins["candidate/kernel"]), lengths, bool(reverse), bm)
-            return y, tuple((hT[l],) for l in range(Ls)), None
-        fb = np.array([float(sp.forget_bias) for sp in specs])
-        y, cT, hT = k["lstm"].lstm_stack_forward(
-            x, np.stack([s[0] for s in states]), np.stack([s[1] for s in states]), sw.bias["bias"],
-            fb, sw.rec["kernel"], (sw.in0["kernel"], sw.ins["kernel"]), lengths, bool(reverse), bm)
-        return y, tuple((cT[l], hT[l]) for l in range(Ls)), None
+            fwd = k["gru"].gru_stack_forward
+            rest = (sw.bias["gates/bias"], sw.bias["candidate/bias"], sw.rec["gates/kernel"], sw.rec["candidate/kernel"],
+                    (sw.in0["gates/kernel"], sw.ins["gates/kernel"]),
+                    (sw.in0["candidate/kernel"], sw.ins["candidate/kernel"]), lengths, reverse, bm)
+
+            def run(x):
+                y, hT = fwd(x, s0, *rest)
+                return y, tuple((hT[l],) for l in range(Ls))
+            return run, x
+        fwd = k["lstm"].lstm_stack_forward
+        h0 = np.stack([s[1] for s in states])
+        rest = (sw.bias["bias"], np.array([float(sp.forget_bias) for sp in specs]), sw.rec["kernel"],
+                (sw.in0["kernel"], sw.ins["kernel"]), lengths, reverse, bm)
+
+        def run(x):
+            y, cT, hT = fwd(x, s0, h0, *rest)
+            return y, tuple((cT[l], hT[l]) for l in range(Ls))
+        return run, x
 
     def _stack_weights(self, kind, ps, I, H, dtype):
         """The packed weights and stacked biases of a stack (:class:`_StackWeights`), kept

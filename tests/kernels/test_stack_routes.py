@@ -1,0 +1,204 @@
+"""The routes of a MultiRNNCell's inference (``fastseq.nn.rnn._StackRoute``, the numba
+backend's ``stack_route``): a call with no ``sequence_length`` and no ``initial_state``
+whose stack the backend runs as one job keeps what its checks and set-up found, and later
+calls of the same input shape, dtype and layout run the job straight away. Held here: the
+later calls take the route (the backend's checks do not run again) and give the NumPy
+reference's numbers; anything the route stands on that changes sends the call back through
+the checks, with the new numbers or the same errors: new weights (``set_weights``), a
+weight array made writable and changed in place, a layer swapped, another thread count,
+another ``dtype`` argument, another shape or layout; a layer whose ``zero_state`` differs
+gets no route; several Python threads at once."""
+
+import numpy as np
+import pytest
+
+import fastseq
+from fastseq import nn
+from fastseq.nn import rnn as rnn_mod
+from fastseq.testing import flatten
+
+from _kernel_helpers import assert_close, run_in_threads
+
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+UNITS = {"gru": 40, "lstm": 64}
+
+
+@pytest.fixture(autouse=True)
+def rows_everywhere(monkeypatch):
+    """Small shapes take the row split (and so the stacks) as P2's do."""
+    from fastseq_kernels import gru, lstm
+
+    for mod in (gru, lstm):
+        monkeypatch.setattr(mod, "ROWS_MIN_B", 1)
+        monkeypatch.setattr(mod, "ROWS_MAX_WEIGHT_BYTES", 1 << 62)
+        monkeypatch.setattr(mod, "SPLIT_MIN_MACS", 0)
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    """How many times the numba backend checked and set up a stack (its ``_stack_runner``)."""
+    import fastseq_numba
+
+    calls = []
+    real = fastseq_numba.NumbaBackend._stack_runner
+
+    def counted(self, *a):
+        calls.append(1)
+        return real(self, *a)
+
+    monkeypatch.setattr(fastseq_numba.NumbaBackend, "_stack_runner", counted)
+    return calls
+
+
+def _stack(kind, Ls=3, seed=0):
+    make = nn.rnn_cell.GRUCell if kind == "gru" else nn.rnn_cell.LSTMCell
+    fastseq.set_seed(seed)
+    return nn.rnn_cell.MultiRNNCell([make(UNITS[kind]) for _ in range(Ls)])
+
+
+def _run(cell, x, backend, time_major=False, dtype=None):
+    with fastseq.use_backend(backend):
+        y, s = nn.dynamic_rnn(cell, x, dtype=dtype, time_major=time_major)
+    return [y] + flatten(s)
+
+
+def _same(got, want, dtype, what):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, TOL[dtype], f"{what}: output {i}")
+
+
+def _x(dtype, shape, seed=1):
+    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch", "time"])
+def test_later_calls_take_the_route(kind, dtype, time_major, checks):
+    cell = _stack(kind)
+    x = _x(dtype, (7, 8, 5) if time_major else (8, 7, 5))
+    want = _run(cell, x, "numpy", time_major)
+    first = _run(cell, x, "numba", time_major, dtype)
+    assert len(checks) == 1
+    _same(first, want, dtype, "first call")
+    for i in range(3):
+        x2 = _x(dtype, x.shape, seed=10 + i)  # other inputs of the same shape
+        got = _run(cell, x2, "numba", time_major, dtype)
+        _same(got, _run(cell, x2, "numpy", time_major), dtype, f"call {i + 2}")
+    assert len(checks) == 1, "later calls went through the checks again"
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_new_weights_are_used(kind, checks):
+    cell = _stack(kind)
+    x = _x(np.float32, (8, 6, 5))
+    _run(cell, x, "numba")
+    ws = cell.get_weights()
+    for name in ws:
+        ws[name] = ws[name] * 0.5 + 0.1
+    cell.set_weights(ws)
+    _same(_run(cell, x, "numba"), _run(cell, x, "numpy"), np.float32, "after set_weights")
+    assert len(checks) == 2
+    _run(cell, x, "numba")
+    assert len(checks) == 2, "the new weights' route was not kept"
+
+
+def test_weights_changed_in_place_are_used():
+    """A stored weight made writable and changed: the route no longer holds, and the
+    backend's kept packed weights are not used either."""
+    cell = _stack("gru")
+    x = _x(np.float32, (8, 6, 5))
+    before = _run(cell, x, "numba")
+    leaf = cell._cells[2]
+    arr = next(iter(leaf._weights.values()))
+    arr.flags.writeable = True
+    arr *= -1.0
+    got = _run(cell, x, "numba")
+    _same(got, _run(cell, x, "numpy"), np.float32, "after an in-place change")
+    assert not np.allclose(got[0], before[0])
+
+
+def test_a_swapped_layer_is_used(checks):
+    cell = _stack("gru")
+    x = _x(np.float32, (8, 6, 5))
+    _run(cell, x, "numba")
+    other = _stack("gru", seed=7)
+    _run(other, x, "numba")  # builds its weights
+    cell._cells[1] = other._cells[1]
+    _same(_run(cell, x, "numba"), _run(cell, x, "numpy"), np.float32, "after the swap")
+    assert len(checks) == 3
+
+
+def test_other_thread_counts_and_shapes(checks):
+    cell = _stack("lstm")
+    x = _x(np.float64, (8, 6, 5))
+    _run(cell, x, "numba")
+    with fastseq.threads.limit(1):  # one thread: no two-thread stack, layer by layer
+        _same(_run(cell, x, "numba"), _run(cell, x, "numpy"), np.float64, "one thread")
+    for shape in ((8, 9, 5), (9, 6, 5), (8, 6, 5)):
+        x2 = _x(np.float64, shape, seed=shape[1])
+        _same(_run(cell, x2, "numba"), _run(cell, x2, "numpy"), np.float64, f"shape {shape}")
+    x3 = _x(np.float32, (8, 6, 5))
+    _same(_run(cell, x3, "numba"), _run(cell, x3, "numpy"), np.float32, "float32 inputs")
+    n = len(checks)
+    _run(cell, x, "numba")
+    _run(cell, x2, "numba")
+    assert len(checks) == n, "a kept route was not taken"
+
+
+def test_the_dtype_argument_is_still_checked():
+    cell = _stack("gru")
+    x = _x(np.float32, (8, 6, 5))
+    _run(cell, x, "numba", dtype=np.float32)
+    _run(cell, x, "numba", dtype=np.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        _run(cell, x, "numba", dtype=np.float64)
+    _same(_run(cell, x, "numba", dtype="float32"), _run(cell, x, "numpy"), np.float32, "dtype given as a string")
+
+
+def test_non_contiguous_inputs_and_lengths_take_the_checks(checks):
+    cell = _stack("gru")
+    x = _x(np.float32, (8, 6, 5))
+    _run(cell, x, "numba")
+    xs = _x(np.float32, (8, 6, 10))[:, :, ::2]
+    _same(_run(cell, xs, "numba"), _run(cell, np.ascontiguousarray(xs), "numpy"), np.float32, "strided inputs")
+    assert len(checks) == 2
+    lengths = np.array([6, 0, 3, 6, 1, 5, 2, 6])
+    with fastseq.use_backend("numba"):
+        y, _ = nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=np.float32)
+    with fastseq.use_backend("numpy"):
+        y0, _ = nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=np.float32)
+    assert_close(y, y0, 1e-5, "with sequence_length")
+    assert len(checks) == 3
+
+
+def test_a_layer_with_its_own_zero_state_gets_no_route():
+    class Ones(nn.rnn_cell.GRUCell):
+        def zero_state(self, batch_size, dtype):
+            return np.ones((batch_size, self.state_size), dtype)
+
+    fastseq.set_seed(3)
+    cell = nn.rnn_cell.MultiRNNCell([nn.rnn_cell.GRUCell(40), Ones(40), nn.rnn_cell.GRUCell(40)])
+    x = _x(np.float32, (8, 6, 5))
+    for _ in range(2):
+        got = _run(cell, x, "numba")
+        _same(got, _run(cell, x, "numpy"), np.float32, "own zero_state")
+    assert cell not in rnn_mod._STACK_ROUTES
+
+
+def test_routes_from_several_threads():
+    cell = _stack("gru")
+    xs = [_x(np.float32, (8, 6, 5), seed=20 + i) for i in range(4)]
+    want = [_run(cell, x, "numpy") for x in xs]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                _same(_run(cell, xs[i], "numba"), want[i], np.float32, f"thread {i}")
+        except AssertionError as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    run_in_threads(work, 4)
+    assert not errors, errors[0]
