@@ -274,6 +274,12 @@ class Backend:
         """
         return None
 
+    def layer_route(self, spec, params, inputs, initial_state, batch_major=False):
+        """Optional: :meth:`stack_route` for one layer (an inference call of
+        :meth:`layer_forward` with no ``sequence_length``, ``state_mask`` or ``reverse``):
+        ``run(x) -> (outputs, final state)``, or ``None`` (the default)."""
+        return None
+
     def stack_route(self, specs, params_list, inputs, initial_states, batch_major=False):
         """Optional: for an inference call :meth:`stack_forward` would run in one call, with
         no ``sequence_length`` and no ``reverse``, a callable ``run(x) -> (outputs, final

@@ -333,6 +333,26 @@ class NumbaBackend(NumpyArrayOps, Backend):
         workspace = _Workspace(ws, T, B, I, reverse, masks, x.dtype, steps, bm) if need_grad else None
         return y, final, workspace
 
+    def layer_route(self, spec, params, inputs, initial_state, batch_major=False):
+        """The contract's ``layer_route``: for an inference call of one layer with no
+        ``sequence_length``, ``state_mask`` or ``reverse`` whose weights are read-only
+        arrays (a cell's), ``run(x) -> (outputs, final state)`` for later inputs ``x`` of
+        the same shape and dtype, C-ordered: the kernel :meth:`_choose` picks with these
+        weights (packed once, from the cache) and this initial state bound, the checks
+        made now. ``None`` for weights that are not kept."""
+        k = self._kernels()
+        bm = bool(batch_major)
+        x, (T, B, I), p, states, lengths, masks = self._prepare(spec, params, inputs, initial_state, None, None, bm)
+        if not all(PackCache.cacheable(a) for a in p.values()):
+            return None
+        call = self._choose(k, spec, p, x.dtype, T, B, I, T if B else 0, masks, False, False, get_num_threads(), bm)
+        states = tuple(states)
+
+        def run(x):
+            y, final, _ = call(x, states, np.full(B, T, dtype=np.int64), p)
+            return y, tuple(final)
+        return run
+
     #: Most stacks' packed weights kept (:class:`_StackWeights`); past it the table starts again empty.
     MAX_STACKS = 16
 

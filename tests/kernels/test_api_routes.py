@@ -1,13 +1,14 @@
-"""The routes of a MultiRNNCell's inference (``fastseq.nn.rnn._StackRoute``, the numba
-backend's ``stack_route``): a call with no ``sequence_length`` and no ``initial_state``
-whose stack the backend runs as one job keeps what its checks and set-up found, and later
-calls of the same input shape, dtype and layout run the job straight away. Held here: the
-later calls take the route (the backend's checks do not run again) and give the NumPy
-reference's numbers; anything the route stands on that changes sends the call back through
-the checks, with the new numbers or the same errors: new weights (``set_weights``), a
-weight array made writable and changed in place, a layer swapped, another thread count,
-another ``dtype`` argument, another shape or layout; a layer whose ``zero_state`` differs
-gets no route; several Python threads at once."""
+"""The routes of ``dynamic_rnn``'s inference (``fastseq.nn.rnn._Route``; the numba
+backend's ``layer_route`` and ``stack_route``): a call with no ``sequence_length`` and no
+``initial_state``, of a plain cell or of a MultiRNNCell the backend runs as one job,
+keeps what its checks and set-up found, and later calls of the same input shape, dtype
+and layout run the kernel straight away. Held here: the later calls take the route (the
+backend's checks do not run again) and give the NumPy reference's numbers; anything the
+route stands on that changes sends the call back through the checks, with the new
+numbers or the same errors: new weights (``set_weights``), a weight array made writable
+and changed in place, a layer swapped, another thread count, another ``dtype`` argument,
+another shape or layout, strided inputs, ``sequence_length``; a layer whose
+``zero_state`` differs gets no route; several Python threads at once."""
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from _kernel_helpers import assert_close, run_in_threads
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 UNITS = {"gru": 40, "lstm": 64}
+#: Stacks of three layers, and single layers (the LSTM one on the two-half loop: one row).
+KINDS = ["gru", "lstm", "gru-leaf", "lstm-leaf"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,24 +39,32 @@ def rows_everywhere(monkeypatch):
 
 @pytest.fixture
 def checks(monkeypatch):
-    """How many times the numba backend checked and set up a stack (its ``_stack_runner``)."""
+    """How many times the numba backend checked a call's arguments (its ``_prepare``)."""
     import fastseq_numba
 
     calls = []
-    real = fastseq_numba.NumbaBackend._stack_runner
+    real = fastseq_numba.NumbaBackend._prepare
 
     def counted(self, *a):
         calls.append(1)
         return real(self, *a)
 
-    monkeypatch.setattr(fastseq_numba.NumbaBackend, "_stack_runner", counted)
+    monkeypatch.setattr(fastseq_numba.NumbaBackend, "_prepare", counted)
     return calls
 
 
 def _stack(kind, Ls=3, seed=0):
-    make = nn.rnn_cell.GRUCell if kind == "gru" else nn.rnn_cell.LSTMCell
+    base = kind.split("-")[0]
+    make = nn.rnn_cell.GRUCell if base == "gru" else nn.rnn_cell.LSTMCell
     fastseq.set_seed(seed)
-    return nn.rnn_cell.MultiRNNCell([make(UNITS[kind]) for _ in range(Ls)])
+    if kind.endswith("-leaf"):
+        return make(UNITS[base])
+    return nn.rnn_cell.MultiRNNCell([make(UNITS[base]) for _ in range(Ls)])
+
+
+def _batch(kind):
+    """Rows of the batch: one for the single LSTM layer (the two-half loop), else eight."""
+    return 1 if kind == "lstm-leaf" else 8
 
 
 def _run(cell, x, backend, time_major=False, dtype=None):
@@ -72,12 +83,13 @@ def _x(dtype, shape, seed=1):
     return np.random.default_rng(seed).normal(size=shape).astype(dtype)
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("time_major", [False, True], ids=["batch", "time"])
 def test_later_calls_take_the_route(kind, dtype, time_major, checks):
     cell = _stack(kind)
-    x = _x(dtype, (7, 8, 5) if time_major else (8, 7, 5))
+    B = _batch(kind)
+    x = _x(dtype, (7, B, 5) if time_major else (B, 7, 5))
     want = _run(cell, x, "numpy", time_major)
     first = _run(cell, x, "numba", time_major, dtype)
     assert len(checks) == 1
@@ -89,10 +101,10 @@ def test_later_calls_take_the_route(kind, dtype, time_major, checks):
     assert len(checks) == 1, "later calls went through the checks again"
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_new_weights_are_used(kind, checks):
     cell = _stack(kind)
-    x = _x(np.float32, (8, 6, 5))
+    x = _x(np.float32, (_batch(kind), 6, 5))
     _run(cell, x, "numba")
     ws = cell.get_weights()
     for name in ws:
@@ -104,13 +116,14 @@ def test_new_weights_are_used(kind, checks):
     assert len(checks) == 2, "the new weights' route was not kept"
 
 
-def test_weights_changed_in_place_are_used():
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_changed_in_place_are_used(kind):
     """A stored weight made writable and changed: the route no longer holds, and the
     backend's kept packed weights are not used either."""
-    cell = _stack("gru")
-    x = _x(np.float32, (8, 6, 5))
+    cell = _stack(kind)
+    x = _x(np.float32, (_batch(kind), 6, 5))
     before = _run(cell, x, "numba")
-    leaf = cell._cells[2]
+    leaf = cell if kind.endswith("-leaf") else cell._cells[2]
     arr = next(iter(leaf._weights.values()))
     arr.flags.writeable = True
     arr *= -1.0
@@ -130,16 +143,18 @@ def test_a_swapped_layer_is_used(checks):
     assert len(checks) == 3
 
 
-def test_other_thread_counts_and_shapes(checks):
-    cell = _stack("lstm")
-    x = _x(np.float64, (8, 6, 5))
+@pytest.mark.parametrize("kind", ["lstm", "lstm-leaf"])
+def test_other_thread_counts_and_shapes(kind, checks):
+    cell = _stack(kind)
+    x = _x(np.float64, (_batch(kind), 6, 5))
     _run(cell, x, "numba")
     with fastseq.threads.limit(1):  # one thread: no two-thread stack, layer by layer
         _same(_run(cell, x, "numba"), _run(cell, x, "numpy"), np.float64, "one thread")
-    for shape in ((8, 9, 5), (9, 6, 5), (8, 6, 5)):
+    B = _batch(kind)
+    for shape in ((B, 9, 5), (B + 1, 6, 5), (B, 6, 5)):
         x2 = _x(np.float64, shape, seed=shape[1])
         _same(_run(cell, x2, "numba"), _run(cell, x2, "numpy"), np.float64, f"shape {shape}")
-    x3 = _x(np.float32, (8, 6, 5))
+    x3 = _x(np.float32, (B, 6, 5))
     _same(_run(cell, x3, "numba"), _run(cell, x3, "numpy"), np.float32, "float32 inputs")
     n = len(checks)
     _run(cell, x, "numba")
@@ -147,9 +162,10 @@ def test_other_thread_counts_and_shapes(checks):
     assert len(checks) == n, "a kept route was not taken"
 
 
-def test_the_dtype_argument_is_still_checked():
-    cell = _stack("gru")
-    x = _x(np.float32, (8, 6, 5))
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_dtype_argument_is_still_checked(kind):
+    cell = _stack(kind)
+    x = _x(np.float32, (_batch(kind), 6, 5))
     _run(cell, x, "numba", dtype=np.float32)
     _run(cell, x, "numba", dtype=np.float32)
     with pytest.raises(ValueError, match="dtype"):
@@ -157,20 +173,24 @@ def test_the_dtype_argument_is_still_checked():
     _same(_run(cell, x, "numba", dtype="float32"), _run(cell, x, "numpy"), np.float32, "dtype given as a string")
 
 
-def test_non_contiguous_inputs_and_lengths_take_the_checks(checks):
-    cell = _stack("gru")
-    x = _x(np.float32, (8, 6, 5))
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_contiguous_inputs_and_lengths_take_the_checks(kind, checks):
+    cell = _stack(kind)
+    B = _batch(kind)
+    x = _x(np.float32, (B, 6, 5))
     _run(cell, x, "numba")
-    xs = _x(np.float32, (8, 6, 10))[:, :, ::2]
+    n = len(checks)
+    xs = _x(np.float32, (B, 6, 10))[:, :, ::2]
     _same(_run(cell, xs, "numba"), _run(cell, np.ascontiguousarray(xs), "numpy"), np.float32, "strided inputs")
-    assert len(checks) == 2
-    lengths = np.array([6, 0, 3, 6, 1, 5, 2, 6])
+    assert len(checks) > n
+    n = len(checks)
+    lengths = np.array([6, 0, 3, 6, 1, 5, 2, 6])[:B]
     with fastseq.use_backend("numba"):
         y, _ = nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=np.float32)
     with fastseq.use_backend("numpy"):
         y0, _ = nn.dynamic_rnn(cell, x, sequence_length=lengths, dtype=np.float32)
     assert_close(y, y0, 1e-5, "with sequence_length")
-    assert len(checks) == 3
+    assert len(checks) > n
 
 
 def test_a_layer_with_its_own_zero_state_gets_no_route():
@@ -184,12 +204,27 @@ def test_a_layer_with_its_own_zero_state_gets_no_route():
     for _ in range(2):
         got = _run(cell, x, "numba")
         _same(got, _run(cell, x, "numpy"), np.float32, "own zero_state")
-    assert cell not in rnn_mod._STACK_ROUTES
+    assert cell not in rnn_mod._ROUTES
 
 
-def test_routes_from_several_threads():
-    cell = _stack("gru")
-    xs = [_x(np.float32, (8, 6, 5), seed=20 + i) for i in range(4)]
+def test_a_single_layer_with_its_own_zero_state_gets_no_route():
+    class Halves(nn.rnn_cell.LSTMCell):
+        def zero_state(self, batch_size, dtype):
+            half = np.full((batch_size, self.num_units), 0.5, dtype)
+            return nn.rnn_cell.LSTMStateTuple(half, half)
+
+    fastseq.set_seed(3)
+    cell = Halves(64)
+    x = _x(np.float32, (1, 6, 5))
+    for _ in range(2):
+        _same(_run(cell, x, "numba"), _run(cell, x, "numpy"), np.float32, "own zero_state")
+    assert cell not in rnn_mod._ROUTES
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_routes_from_several_threads(kind):
+    cell = _stack(kind)
+    xs = [_x(np.float32, (_batch(kind), 6, 5), seed=20 + i) for i in range(4)]
     want = [_run(cell, x, "numpy") for x in xs]
     errors = []
 
@@ -202,3 +237,22 @@ def test_routes_from_several_threads():
 
     run_in_threads(work, 4)
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cell_and_its_weights_go_with_their_routes(kind):
+    """The routes are kept by cell, weakly: a cell no one holds any more is collected,
+    with its weights and its routes."""
+    import gc
+    import weakref
+
+    cell = _stack(kind)
+    x = _x(np.float32, (_batch(kind), 6, 5))
+    _run(cell, x, "numba")
+    _run(cell, x, "numba")
+    assert cell in rnn_mod._ROUTES
+    leaf = cell if kind.endswith("-leaf") else cell._cells[0]
+    refs = [weakref.ref(cell)] + [weakref.ref(a) for a in leaf._weights.values()]
+    del cell, leaf
+    gc.collect()
+    assert all(r() is None for r in refs), "a route kept its cell or the cell's weights alive"
