@@ -67,6 +67,19 @@ LENGTHS = {
 }
 
 
+def gru_kernel_args(dtype, T, B, I, H, lengths, seed=0):
+    """Time-major inputs, GRU weights of scale 0.2 (gates kernel and bias, candidate kernel
+    and bias), an initial state and int64 lengths: a case of the GRU loop tests."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(T, B, I)).astype(dtype)
+    gk = (rng.normal(size=(I + H, 2 * H)) * 0.2).astype(dtype)
+    gb = (rng.normal(size=2 * H) * 0.2).astype(dtype)
+    ck = (rng.normal(size=(I + H, H)) * 0.2).astype(dtype)
+    cb = (rng.normal(size=H) * 0.2).astype(dtype)
+    h0 = rng.normal(size=(B, H)).astype(dtype)
+    return x, gk, gb, ck, cb, h0, np.asarray(lengths, np.int64)
+
+
 def lstm_kernel_args(dtype, T, B, I, H, lengths, seed=0, scale=0.1):
     """Arguments of the LSTM kernels: ``x [T, B, I]``, kernel ``[I+H, 4H]`` and bias
     (``scale`` times normal), ``c0``, ``h0``, int64 lengths."""

@@ -18,3 +18,14 @@ def numba_backend():
 @pytest.fixture(scope="session")
 def ref_backend():
     return NumpyBackend()
+
+
+@pytest.fixture
+def rows_everywhere(monkeypatch):
+    """Small shapes take the two-thread loops' row split (and so the stacks) as P2's do."""
+    from fastseq_kernels import gru, lstm
+
+    for mod in (gru, lstm):
+        monkeypatch.setattr(mod, "ROWS_MIN_B", 1)
+        monkeypatch.setattr(mod, "ROWS_MAX_WEIGHT_BYTES", 1 << 62)
+        monkeypatch.setattr(mod, "SPLIT_MIN_MACS", 0)

@@ -26,15 +26,8 @@ UNITS = {"gru": 40, "lstm": 64}
 KINDS = ["gru", "lstm", "gru-leaf", "lstm-leaf"]
 
 
-@pytest.fixture(autouse=True)
-def rows_everywhere(monkeypatch):
-    """Small shapes take the row split (and so the stacks) as P2's do."""
-    from fastseq_kernels import gru, lstm
-
-    for mod in (gru, lstm):
-        monkeypatch.setattr(mod, "ROWS_MIN_B", 1)
-        monkeypatch.setattr(mod, "ROWS_MAX_WEIGHT_BYTES", 1 << 62)
-        monkeypatch.setattr(mod, "SPLIT_MIN_MACS", 0)
+#: Small shapes take the row split (and so the stacks) as P2's do (conftest.py).
+pytestmark = pytest.mark.usefixtures("rows_everywhere")
 
 
 @pytest.fixture
@@ -256,3 +249,32 @@ def test_a_cell_and_its_weights_go_with_their_routes(kind):
     del cell, leaf
     gc.collect()
     assert all(r() is None for r in refs), "a route kept its cell or the cell's weights alive"
+
+
+#: Single layers of every kind and option the backend runs, with unit counts that reach the
+#: two-thread loops (64 units, several rows) and the one-thread ones.
+LEAVES = {
+    "rnn": lambda: nn.rnn_cell.BasicRNNCell(32),
+    "rnn_relu": lambda: nn.rnn_cell.BasicRNNCell(32, activation="relu"),
+    "gru": lambda: nn.rnn_cell.GRUCell(64),
+    "basic_lstm": lambda: nn.rnn_cell.BasicLSTMCell(64, forget_bias=0.5),
+    "lstm": lambda: nn.rnn_cell.LSTMCell(64),
+    "lstm_full": lambda: nn.rnn_cell.LSTMCell(16, use_peepholes=True, cell_clip=0.8, num_proj=8, proj_clip=0.5),
+    "lstm_concat": lambda: nn.rnn_cell.LSTMCell(16, num_proj=8, state_is_tuple=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEAVES))
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_routes_of_every_layer_kind_keep_their_initial_state(name, B, threads):
+    """A route binds the zero initial state it checked: no kernel may write into it, or the
+    next call would start from another state. Three calls with other inputs each, every
+    one against the reference."""
+    fastseq.set_seed(11)
+    cell = LEAVES[name]()
+    with fastseq.threads.limit(threads):
+        for i in range(3):
+            x = _x(np.float32, (B, 12, 5), seed=30 + i)
+            _same(_run(cell, x, "numba"), _run(cell, x, "numpy"), np.float32, f"{name} call {i + 1}")
+    assert cell in rnn_mod._ROUTES

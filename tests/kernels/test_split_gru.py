@@ -13,7 +13,7 @@ import pytest
 import fastseq
 from fastseq import nn
 
-from _kernel_helpers import assert_close, LENGTHS, run_in_threads, training_against_reference
+from _kernel_helpers import assert_close, gru_kernel_args, LENGTHS, run_in_threads, training_against_reference
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
@@ -29,15 +29,7 @@ def scheme(request, monkeypatch):
     return request.param
 
 
-def _args(dtype, T, B, I, H, lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(T, B, I)).astype(dtype)
-    gk = (rng.normal(size=(I + H, 2 * H)) * 0.2).astype(dtype)
-    gb = (rng.normal(size=2 * H) * 0.2).astype(dtype)
-    ck = (rng.normal(size=(I + H, H)) * 0.2).astype(dtype)
-    cb = (rng.normal(size=H) * 0.2).astype(dtype)
-    h0 = rng.normal(size=(B, H)).astype(dtype)
-    return x, gk, gb, ck, cb, h0, np.asarray(lengths, np.int64)
+_args = gru_kernel_args
 
 
 def _one_thread(x, gk, gb, ck, cb, h0, L, reverse, need_grad):

@@ -22,15 +22,8 @@ KINDS = ["gru", "lstm"]
 UNITS = {"gru": 40, "lstm": 64}  # the LSTM loops need whole panels of units
 
 
-@pytest.fixture(autouse=True)
-def rows_everywhere(monkeypatch):
-    """Small shapes take the row split (and so the stacks) as P2's do."""
-    from fastseq_kernels import gru, lstm
-
-    for mod in (gru, lstm):
-        monkeypatch.setattr(mod, "ROWS_MIN_B", 1)
-        monkeypatch.setattr(mod, "ROWS_MAX_WEIGHT_BYTES", 1 << 62)
-        monkeypatch.setattr(mod, "SPLIT_MIN_MACS", 0)
+#: Small shapes take the row split (and so the stacks) as P2's do (conftest.py).
+pytestmark = pytest.mark.usefixtures("rows_everywhere")
 
 
 def _layers(kind, dtype, I, H, Ls, rng):

@@ -12,7 +12,7 @@ float64, time- and batch-major."""
 import numpy as np
 import pytest
 
-from _kernel_helpers import assert_close, lstm_one_thread
+from _kernel_helpers import assert_close, gru_kernel_args, lstm_one_thread
 
 #: The spoilt weights' nans in the reference's matmul are the point of those cases.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -77,16 +77,6 @@ def test_acc_adds_nothing(dtype):
 
 
 # --------------------------------------------------------------------------- the loops
-def _gru_case(dtype, T, B, I, H, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(T, B, I)).astype(dtype)
-    gk = (rng.normal(size=(I + H, 2 * H)) * 0.2).astype(dtype)
-    gb = (rng.normal(size=2 * H) * 0.2).astype(dtype)
-    ck = (rng.normal(size=(I + H, H)) * 0.2).astype(dtype)
-    cb = (rng.normal(size=H) * 0.2).astype(dtype)
-    return x, gk, gb, ck, cb
-
-
 def _gru_pair(x, gk, gb, ck, cb, h0, L, reverse, need_grad):
     from fastseq_kernels import gru
 
@@ -129,20 +119,26 @@ def _state(kind, B, H, dtype, seed):
     return s
 
 
+def FIRST_STEP_CASES(test):
+    """Both dtypes, every initial state and weight case, full and mixed lengths, with and
+    without the training workspace."""
+    for mark in (DTYPES, pytest.mark.parametrize("state", STATES), pytest.mark.parametrize("weights", WEIGHTS),
+                 pytest.mark.parametrize("lengths", ["full", "mixed"]),
+                 pytest.mark.parametrize("need_grad", [False, True], ids=["infer", "grad"])):
+        test = mark(test)
+    return test
+
+
 def _spoil(kernel, I, weights, col):
     """One recurrent weight (row ``I + 1`` of the kernel, column ``col``) made inf or nan."""
     if weights != "finite":
         kernel[I + 1, col] = np.inf if weights == "inf" else np.nan
 
 
-@DTYPES
-@pytest.mark.parametrize("state", STATES)
-@pytest.mark.parametrize("weights", WEIGHTS)
-@pytest.mark.parametrize("lengths", ["full", "mixed"])
-@pytest.mark.parametrize("need_grad", [False, True], ids=["infer", "grad"])
+@FIRST_STEP_CASES
 def test_gru_first_step(dtype, state, weights, lengths, need_grad, scheme):
     T, B, I, H = 6, 8, 5, 64
-    x, gk, gb, ck, cb = _gru_case(dtype, T, B, I, H)
+    x, gk, gb, ck, cb = gru_kernel_args(dtype, T, B, I, H, [T] * B)[:5]
     # a gate column, then a candidate column: each product's skip is refused on its own
     for which in ("gates", "candidate"):
         g2, c2 = gk.copy(), ck.copy()
@@ -155,11 +151,7 @@ def test_gru_first_step(dtype, state, weights, lengths, need_grad, scheme):
                 assert np.isnan(got[0][0, L > 0]).any(axis=-1).all(), "a nan in every row at t=0, as 0 * inf gives"
 
 
-@DTYPES
-@pytest.mark.parametrize("state", STATES)
-@pytest.mark.parametrize("weights", WEIGHTS)
-@pytest.mark.parametrize("lengths", ["full", "mixed"])
-@pytest.mark.parametrize("need_grad", [False, True], ids=["infer", "grad"])
+@FIRST_STEP_CASES
 def test_lstm_first_step(dtype, state, weights, lengths, need_grad, scheme):
     T, B, I, H = 6, 8, 5, 64
     rng = np.random.default_rng(3)
@@ -174,16 +166,6 @@ def test_lstm_first_step(dtype, state, weights, lengths, need_grad, scheme):
         for reverse in (False, True):
             got, want = _lstm_pair(x, k2, b, c0, _state(state, B, H, dtype, 2), L, reverse, need_grad)
             _same(got, want, dtype, f"{scheme} col={col} reverse={reverse}")
-
-
-@pytest.fixture
-def rows_everywhere(monkeypatch):
-    from fastseq_kernels import gru, lstm
-
-    for mod in (gru, lstm):
-        monkeypatch.setattr(mod, "ROWS_MIN_B", 1)
-        monkeypatch.setattr(mod, "ROWS_MAX_WEIGHT_BYTES", 1 << 62)
-        monkeypatch.setattr(mod, "SPLIT_MIN_MACS", 0)
 
 
 @DTYPES
