@@ -340,11 +340,12 @@ class NumbaBackend(NumpyArrayOps, Backend):
         the same shape and dtype, C-ordered: the kernel :meth:`_choose` picks with these
         weights (packed once, from the cache) and this initial state bound, the checks
         made now. ``None`` for weights that are not kept."""
+        dt = getattr(inputs, "dtype", None)
+        if not all(type(a) is np.ndarray and a.dtype == dt and PackCache.cacheable(a) for a in params.values()):
+            return None  # before the checks: the drivers' layer_forward makes them next
         k = self._kernels()
         bm = bool(batch_major)
         x, (T, B, I), p, states, lengths, masks = self._prepare(spec, params, inputs, initial_state, None, None, bm)
-        if not all(PackCache.cacheable(a) for a in p.values()):
-            return None
         call = self._choose(k, spec, p, x.dtype, T, B, I, T if B else 0, masks, False, False, get_num_threads(), bm)
         states = tuple(states)
 

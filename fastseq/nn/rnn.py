@@ -364,13 +364,19 @@ def _setup(cell, x, dt, sequence_length, initial_state, dtype, time_major, backe
     return state
 
 
+def _library_zero_state(cell):
+    """Whether ``cell`` starts from the library's zero state (does not override
+    ``zero_state``)."""
+    return type(cell).zero_state is RNNCell.zero_state
+
+
 def _zero_internal(cell, batch, dt, backend):
     # A leaf's internal state is one array per entry of its spec's state sizes: for leaves
     # with the library's zero_state, alone or stacked, made directly (the public structure
     # of zero_state, then its checks, cost ~5 us a leaf; P2's stack after milliseconds of
     # kernel, when the interpreter runs cold: ~85 against ~57 us)
     def plain(c):
-        return isinstance(c, _LeafCell) and type(c).zero_state is RNNCell.zero_state
+        return isinstance(c, _LeafCell) and _library_zero_state(c)
 
     def zeros(c):
         return tuple(backend.zeros((batch, n), dt) for n in c.spec.state_sizes)
@@ -541,7 +547,7 @@ class _Route:
         state (an overriding ``zero_state`` may give other states each call) and every
         stored weight is a read-only NumPy array (not a variable that can change in
         place)."""
-        return all(type(c).zero_state is RNNCell.zero_state
+        return all(_library_zero_state(c)
                    and all(type(a) is np.ndarray and not a.flags.writeable for a in c._weights.values())
                    for c in cells)
 
@@ -551,7 +557,7 @@ class _Route:
         arrays = self.arrays
         i = 0
         for c, was in zip(cells, self.cells):
-            if c is not was() or type(c).zero_state is not RNNCell.zero_state:
+            if c is not was() or not _library_zero_state(c):
                 return False
             for a in c._weights.values():
                 if i == len(arrays) or a is not arrays[i] or a.flags.writeable:
@@ -608,14 +614,18 @@ def _direct_inference(cell, inputs, sequence_length, initial_state, dtype, time_
     if initial_state is not None:
         state = _native_state(backend, state)
     try:
+        if leaf:
+            params = cell._params(backend, dt)
+        else:
+            specs = [c.spec for c in cell._cells]
+            params = [c._params(backend, dt) for c in cell._cells]
         if routable and _Route.possible(layers):
             if leaf:
-                run = getattr(backend, "layer_route", _no_route)(cell.spec, cell._params(backend, dt), inputs, state,
+                run = getattr(backend, "layer_route", _no_route)(cell.spec, params, inputs, state,
                                                                  batch_major=not time_major)
             else:
-                run = getattr(backend, "stack_route", _no_route)(
-                    [c.spec for c in layers], [c._params(backend, dt) for c in layers], inputs, tuple(state),
-                    batch_major=not time_major)
+                run = getattr(backend, "stack_route", _no_route)(specs, params, inputs, tuple(state),
+                                                                 batch_major=not time_major)
             if run is not None:
                 routes = _ROUTES.setdefault(cell, {})
                 if len(routes) >= _MAX_ROUTES:
@@ -624,11 +634,11 @@ def _direct_inference(cell, inputs, sequence_length, initial_state, dtype, time_
                 y, final = run(inputs)
                 return y, cell._to_public(final)
         if leaf:
-            y, final, _ = backend.layer_forward(cell.spec, cell._params(backend, dt), inputs, state, lengths, False,
-                                                None, False, batch_major=not time_major)
+            y, final, _ = backend.layer_forward(cell.spec, params, inputs, state, lengths, False, None, False,
+                                                batch_major=not time_major)
             return y, cell._to_public(tuple(final))
-        got = backend.stack_forward([c.spec for c in cell._cells], [c._params(backend, dt) for c in cell._cells],
-                                    inputs, tuple(state), lengths, False, False, batch_major=not time_major)
+        got = backend.stack_forward(specs, params, inputs, tuple(state), lengths, False, False,
+                                    batch_major=not time_major)
     except NotImplementedError:
         return None
     if got is None:
