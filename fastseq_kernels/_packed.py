@@ -374,6 +374,16 @@ def acc_adds_nothing(m, n, k, a, aoff, lda, bp):
     Both scans are integer reductions over the bits (vectorised, no branch per
     element): ~7 us for 480 KB of float32 weights in L2, where the product they replace
     takes ~40 (P2's step); a non-zero ``A`` stops after its first row."""
+    if not rows_zero(m, k, a, aoff, lda):
+        return False
+    NR = panel_width(bp)
+    return all_finite(bp, 0, ((n + NR - 1) // NR) * k * NR)
+
+
+@kernel(inline="always")
+def rows_zero(m, k, a, aoff, lda):
+    """Whether the ``m`` rows of ``k`` elements of ``a`` (``lda`` apart from ``aoff``) are
+    all ``+-0`` (an integer reduction over the bits per row; a non-zero row ends it)."""
     af, _e, mag = _bits(a.reshape(a.size))
     z = mag & 0
     for i in range(m):
@@ -383,12 +393,18 @@ def acc_adds_nothing(m, n, k, a, aoff, lda, bp):
             acc |= row[j]
         if acc & mag != 0:  # the sign bit alone is -0.0
             return False
-    bi, e, _m = _bits(bp)
-    NR = panel_width(bp)
-    panels = bi[:((n + NR - 1) // NR) * k * NR]
-    mx = z
-    for j in range(panels.shape[0]):
-        mx = max(mx, panels[j] & e)
+    return True
+
+
+@kernel(inline="always")
+def all_finite(a, off, n):
+    """Whether the ``n`` elements of the flat array ``a`` from ``off`` are all finite (the
+    largest exponent field over them, an integer reduction, is not all ones)."""
+    bi, e, _m = _bits(a)
+    seg = bi[off:off + n]
+    mx = e & 0
+    for j in range(seg.shape[0]):
+        mx = max(mx, seg[j] & e)
     return mx != e
 
 
@@ -769,7 +785,7 @@ def gemm_tn_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc):
     right edge narrower than a panel is copied (zero-padded) first, so that no load reads
     past ``B``. Measured on the Zen 4 machine, one thread, float32 [200, 896] x [896, 400]
     (P2's gate weight gradient): 104 GFLOP/s against OpenBLAS's 78."""
-    _gemm_tn(m, n, k, a, aoff, lda, b, boff, ldb, panel_width(c), c, coff, ldc)
+    _gemm_tn(m, n, k, a, aoff, lda, b, boff, ldb, panel_width(c), c, coff, ldc, 1)
 
 
 @kernel(inline="always")
@@ -785,16 +801,32 @@ def gemm_tn_panels(m, n, k, a, aoff, lda, bp, q0, c, coff, ldc):
     machine, one thread, float32 [320, 13046] x [13046, 1024] (P4's weight gradient):
     110 GFLOP/s against 98-102 for the row-major ``B`` of :func:`gemm_tn_acc`."""
     NR = panel_width(c)
-    _gemm_tn(m, n, k, a, aoff, lda, bp, q0 * k * NR, NR, k * NR, c, coff, ldc)
+    _gemm_tn(m, n, k, a, aoff, lda, bp, q0 * k * NR, NR, k * NR, c, coff, ldc, 1)
+
+
+@kernel(inline="always")
+def gemm_tn_panel_rows(m, n, K, d0, d1, a, lda, bp, q0, c, coff, ldc, beta):
+    """``C[m, n] = A^T @ B + beta * C`` (``beta`` 0 or 1) over the depth rows ``d0:d1``
+    only: :func:`gemm_tn_panels` for ``B`` stored panel-major ``K`` rows deep, ``A`` from
+    its row ``d0`` (element 0 of row 0 at offset 0, rows ``lda`` apart). With ``beta = 0``
+    the first depth block stores instead of adding (no zeroing pass over ``C``)."""
+    NR = panel_width(c)
+    _gemm_tn(m, n, d1 - d0, a, d0 * lda, lda, bp, q0 * K * NR + d0 * NR, NR, K * NR, c, coff, ldc, beta)
 
 
 @kernel
-def _gemm_tn(m, n, k, a, aoff, lda, b, boff, ldb, qstride, c, coff, ldc):
+def _gemm_tn(m, n, k, a, aoff, lda, b, boff, ldb, qstride, c, coff, ldc, beta):
     """The kernel of :func:`gemm_tn_acc` and :func:`gemm_tn_panels`: panel ``q`` of ``B``
     (columns ``q*NR:(q+1)*NR``) starts ``q * qstride`` elements after ``boff`` and its rows
     are ``ldb`` apart (row-major ``B``: ``qstride = NR``; panel-major: ``k * NR`` and
-    ``NR``)."""
-    if m <= 0 or n <= 0 or k <= 0:
+    ``NR``). ``beta`` 1 adds into ``C``; 0 overwrites it: whole panels are stored by the
+    first depth block's micro-kernel calls (what ``C`` held is not read), a right-edge
+    panel is zeroed first."""
+    if m <= 0 or n <= 0:
+        return
+    if k <= 0:
+        if beta == 0:
+            _zero_block(c, coff, ldc, m, n)
         return
     NR = panel_width(c)
     VW = NR // 2
@@ -814,6 +846,8 @@ def _gemm_tn(m, n, k, a, aoff, lda, b, boff, ldb, qstride, c, coff, ldc):
     restride = (lda * c.itemsize) % TN_BAD_STRIDE == 0
     ldp = ((m + VW - 1) // VW + 1) * VW if restride else lda
     apk = np.empty(kc * ldp if restride else 0, c.dtype)
+    if beta == 0 and wl < NR:
+        _zero_block(c, coff + (npan - 1) * NR, ldc, m, wl)
     for p0 in range(0, k, kc):
         kb = min(kc, k - p0)
         if restride:
@@ -833,7 +867,7 @@ def _gemm_tn(m, n, k, a, aoff, lda, b, boff, ldb, qstride, c, coff, ldc):
         for q in range(npan):
             j0 = q * NR
             w = min(NR, n - j0)
-            full = 1 if w == NR else 0
+            full = (2 if beta == 0 and p0 == 0 else 1) if w == NR else 0
             if full:
                 bb, bo, lb = bf, boff + q * qstride + p0 * ldb, ldb
             else:
@@ -896,8 +930,7 @@ def gemm_tn(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, nthreads):
     of ``C`` up to :data:`TN_MAX_ROW_BYTES`, :func:`gemm_tn_acc`; else BLAS on
     ``nthreads`` threads."""
     if nthreads <= 1 and m * c.itemsize <= TN_MAX_ROW_BYTES and k > 0:
-        _zero_block(c, coff, ldc, m, n)
-        gemm_tn_acc(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc)
+        _gemm_tn(m, n, k, a, aoff, lda, b, boff, ldb, panel_width(c), c, coff, ldc, 0)
     else:
         gemm(1, 0, m, n, k, 1.0, a, aoff, lda, b, boff, ldb, 0.0, c, coff, ldc, nthreads)
 

@@ -213,6 +213,45 @@ def test_gemm_tn_panels_against_numpy(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("beta", [0, 1])
+def test_gemm_tn_panel_rows_against_numpy(dtype, beta):
+    """``C = A^T B + beta C`` over the depth rows ``d0:d1`` of a panel-major ``B`` (the LSTM
+    backward's kernel gradient without the rows of a zero ``h_0``): ranges from the
+    start, to the end, inside, across depth blocks (``TN_KC``), one row and none; with
+    ``beta = 0`` what ``C`` held (nan) does not reach the result and an empty range
+    leaves zeros; only the ``m x n`` block is written."""
+    from numba import njit
+
+    from fastseq_kernels._packed import TN_KC, gemm_tn_panel_rows, panel_cols
+
+    @njit
+    def call(m, n, K, d0, d1, a, lda, bp, q0, c, coff, ldc, beta):
+        gemm_tn_panel_rows(m, n, K, d0, d1, a, lda, bp, q0, c, coff, ldc, beta)
+
+    rng = np.random.default_rng(13)
+    nr = panel_cols(np.dtype(dtype).itemsize)
+    K = TN_KC + 40
+    for m in (1, 5, 12, 29):
+        a = rng.normal(size=(K, m + 2)).astype(dtype)  # A's rows m + 2 apart
+        for n, q0 in ((nr, 0), (2 * nr, 1)):
+            b = rng.normal(size=(K, 3 * nr)).astype(dtype)
+            bp = np.ascontiguousarray(b.reshape(K, 3, nr).transpose(1, 0, 2)).reshape(-1)
+            for d0, d1 in ((0, K), (0, 7), (K - 9, K), (3, TN_KC + 5), (10, 11), (6, 6)):
+                c0 = rng.normal(size=(m + 1, n + 3)).astype(dtype)
+                if beta == 0:
+                    c0[1:, 2:n + 2] = np.nan
+                c = c0.copy()
+                call(m, n, K, d0, d1, a, m + 2, bp, q0, c, (n + 3) + 2, n + 3, beta)
+                want = a[d0:d1, :m].T.astype(np.float64) @ b[d0:d1, q0 * nr:q0 * nr + n].astype(np.float64)
+                if beta:
+                    want += c0[1:, 2:n + 2]
+                assert _rel_err(c[1:, 2:n + 2], want) <= TOL[dtype], f"m={m} n={n} rows {d0}:{d1}"
+                np.testing.assert_array_equal(c[0], c0[0])
+                np.testing.assert_array_equal(c[1:, :2], c0[1:, :2])
+                np.testing.assert_array_equal(c[1:, n + 2:], c0[1:, n + 2:])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_gemm_tn_restrided_a_against_numpy(dtype):
     """Rows of ``A`` a multiple of ``TN_BAD_STRIDE`` bytes apart: both ``A^T B`` kernels
     copy each depth block of ``A`` with a padded stride first. Row blocks of every height
@@ -249,18 +288,20 @@ def test_gemm_tn_paths(dtype, m, nthreads):
     """gemm_tn overwrites ``C`` (stale values, NaN included, do not leak in) by the strided
     kernel (one thread, rows of C up to TN_MAX_ROW_BYTES) or BLAS (otherwise): same
     product. The parameters cover both paths in both dtypes."""
-    from fastseq_kernels._packed import TN_MAX_ROW_BYTES, gemm_tn
+    from fastseq_kernels._packed import TN_KC, TN_MAX_ROW_BYTES, gemm_tn
 
     itemsize = np.dtype(dtype).itemsize
     assert 7 * itemsize <= TN_MAX_ROW_BYTES < 400 * itemsize
     rng = np.random.default_rng(3)
-    k, n = 45, 70
-    a = rng.normal(size=(k, m)).astype(dtype)
-    b = rng.normal(size=(k, n)).astype(dtype)
-    c = np.full((m + 1, n), np.nan, dtype)
-    gemm_tn(m, n, k, a, 0, m, b, 0, n, c, n, n, nthreads)
-    assert np.isnan(c[0]).all()
-    assert _rel_err(c[1:], a.T.astype(np.float64) @ b) <= TOL[dtype]
+    # the strided kernel stores its first depth block (no zeroing pass): whole panels, a
+    # narrow and a wide right edge, depth within one block and across two
+    for k, n in ((45, 70), (TN_KC + 9, 90), (3, 64)):
+        a = rng.normal(size=(k, m)).astype(dtype)
+        b = rng.normal(size=(k, n)).astype(dtype)
+        c = np.full((m + 1, n), np.nan, dtype)
+        gemm_tn(m, n, k, a, 0, m, b, 0, n, c, n, n, nthreads)
+        assert np.isnan(c[0]).all()
+        assert _rel_err(c[1:], a.T.astype(np.float64) @ b) <= TOL[dtype], f"k={k} n={n}"
     c2 = np.full((m, n), np.nan, dtype)
     gemm_tn(m, n, 0, a, 0, m, b, 0, n, c2, 0, n, nthreads)  # no rows to sum: zeros
     assert not c2.any()
