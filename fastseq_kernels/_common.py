@@ -331,6 +331,64 @@ def gather_rows(x, order, lens_s, nb, base, R, reverse, bm):
 
 
 @kernel(inline="always")
+def _range_start(g0, nb, base, uniform):
+    """The step ``k`` and sorted row ``r`` of plan row ``g0`` (:func:`_range_row` walks on
+    from there)."""
+    k = 0
+    r = 0
+    if not uniform:
+        while base[k] + nb[k] <= g0:
+            k += 1
+        r = g0 - base[k]
+    return k, r
+
+
+@kernel(inline="always")
+def _range_row(g, k, r, order, lens_s, nb, uniform, reverse):
+    """Plan row ``g``'s time and batch row, and the cursor ``(k, r)`` moved past it. In a
+    uniform plan row ``g`` is time ``g // B`` and sorted row ``g % B``; otherwise the
+    steps' blocks follow one another in ``base``."""
+    if uniform:
+        B = order.shape[0]
+        return g // B, order[g % B], k, r
+    while r >= nb[k]:
+        k += 1
+        r = 0
+    return time_index(k, r, lens_s, reverse), order[r], k, r + 1
+
+
+@kernel(inline="always")
+def gather_range(x, X, g0, g1, order, lens_s, nb, base, uniform, reverse, bm):
+    """Rows ``g0:g1`` of :func:`gather_rows`'s result, written into ``X``: the slice of
+    the gather that a two-thread worker copies just before projecting it, each its own
+    chunks (:func:`.lstm._project_rows`, :func:`.gru._project_chunks`), instead of one
+    serial pass before the job."""
+    D = X.shape[1]
+    k, r = _range_start(g0, nb, base, uniform)
+    for g in range(g0, g1):
+        t, b, k, r = _range_row(g, k, r, order, lens_s, nb, uniform, reverse)
+        src = row3(x, t, b, bm)
+        dst = X[g]
+        for j in range(D):
+            dst[j] = src[j]
+
+
+@kernel(inline="always")
+def scatter_range(X, y, g0, g1, order, lens_s, nb, base, uniform, reverse, bm):
+    """Rows ``g0:g1`` of :func:`scatter_rows`: ``X``'s plan-order rows into ``y`` (the
+    caller's layout, already zero past each length), the slice a worker copies right
+    after the product that wrote it (:func:`.gru.gru_backward_tail_worker`)."""
+    D = X.shape[1]
+    k, r = _range_start(g0, nb, base, uniform)
+    for g in range(g0, g1):
+        t, b, k, r = _range_row(g, k, r, order, lens_s, nb, uniform, reverse)
+        src = X[g]
+        dst = row3(y, t, b, bm)
+        for j in range(D):
+            dst[j] = src[j]
+
+
+@kernel(inline="always")
 def rows_out(rows, T, B, order, lens_s, nb, base, reverse, uniform, bm):
     """Rows ``[R, D]`` in plan order (a backward kernel's ``dx``) in the caller's layout:
     the same memory reshaped where :func:`direct_rows`, else :func:`scatter_rows`."""

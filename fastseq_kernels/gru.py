@@ -17,13 +17,14 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import TANH, act, column_sums, dact, dims, direct_rows, ftanh, output_activation_stored, part_step, \
-    plan_and_inputs, row3, rows_out, scatter_rows, sigmoid, time_index
+from ._common import TANH, act, column_sums, dact, dims, direct_rows, ftanh, gather_range, make_plan, \
+    output_activation_stored, part_step, plan_and_inputs, row3, rows_out, scatter_range, scatter_rows, sigmoid, \
+    time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._jit import kernel
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, acc_adds_nothing, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, \
     given_or_pack, packed_or_empty, panel_width, scratch_for, step_product
-from ._stack import initial_part, project_part, scatter_part, stack_buffers
+from ._stack import initial_part, project_part, stack_buffers
 from ._team import PROJ_CHUNKS, run_pair
 
 
@@ -113,22 +114,33 @@ def _grad_reset_units(drh, xg, hp, dxg, dh, one, u0, u1):
 
 
 @kernel(inline="always")
-def _forward_setup(x, h0, lengths, reverse, need_grad, bm):
+def _forward_setup(x, h0, lengths, reverse, need_grad, bm, gather, to_y):
     """What both forward loops start from: the row plan, the input rows ``X`` in plan
     order, the carried-state buffer ``Hh`` with the initial state in place (rows of
     sequences of length 0 go straight to the final state ``hT``), ``RH`` (``r * h``) and
-    the outputs."""
+    the outputs. Without ``gather`` an ``X`` that is not ``x``'s own memory is left
+    unwritten (the two-thread workers copy their chunks of it, :func:`_project_chunks`);
+    with ``to_y`` the outputs ``y`` are allocated in the caller's layout (zeros past each
+    length) for the workers to write in place, else only where ``Yp`` is their memory."""
     T, B, I = dims(x, bm)
     H = h0.shape[1]
     dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm)
+    if gather:
+        order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm)
+    else:
+        order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+        X = x.reshape(T * B, I) if direct_rows(uniform, bm, B) else np.empty((R, I), dt)
     Hh = np.empty((R if need_grad else 2 * B, H), dt)
     RH = np.empty((R if need_grad else B, H), dt)
+    shape = (B, T, H) if bm else (T, B, H)
     if direct_rows(uniform, bm, B):
-        y = np.empty((B, T, H) if bm else (T, B, H), dt)
+        y = np.empty(shape, dt)
         Yp = y.reshape(T * B, H)
     else:
-        y = np.empty((0, 0, 0), dt)
+        if to_y:
+            y = np.empty(shape, dt) if uniform else np.zeros(shape, dt)
+        else:
+            y = np.empty((0, 0, 0), dt)
         Yp = np.empty((R, H), dt)
     hT = np.empty((B, H), dt)
     n0 = nb[0] if nb.shape[0] > 1 else 0
@@ -156,7 +168,7 @@ def gru_forward(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, lengths
     one = dt.type(1.0)
     store_out = output_activation_stored(code)
     order, lens_s, nb, base, hbase, R, uniform, X, Hh, RH, y, Yp, hT = _forward_setup(x, h0, lengths, reverse,
-                                                                                     need_grad, bm)
+                                                                                     need_grad, bm, True, False)
     L = nb.shape[0] - 1
     XG = np.empty((R, H2), dt)
     XC = np.empty((R, H), dt)
@@ -220,17 +232,18 @@ def split_applies(B, H, steps, plain, nthreads):
 
 @kernel
 def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g, packed_c,
-                            packed_gi, packed_ci, bm):
+                            packed_gi, packed_ci, bm, to_y):
     """Everything before the time loop of :func:`gru_forward_split` but the input
-    projections (the workers do those): the row plan, the packed recurrent rows and input
-    rows of both kernels (given, or packed here), the buffers, the initial state in
-    place, the task counters."""
+    projections and the copy of the input rows into plan order (the workers do those):
+    the row plan, the packed recurrent rows and input rows of both kernels (given, or
+    packed here), the buffers, the initial state in place, the task counters. ``to_y``:
+    the workers write the outputs into ``y`` in the caller's layout."""
     I = x.shape[2]
     H = h0.shape[1]
     H2 = 2 * H
     dt = x.dtype
     order, lens_s, nb, base, hbase, R, uniform, X, Hh, RH, y, Yp, hT = _forward_setup(x, h0, lengths, reverse,
-                                                                                     need_grad, bm)
+                                                                                     need_grad, bm, False, to_y)
     L = nb.shape[0] - 1
     XG = np.empty((R, H2), dt)
     XC = np.empty((R, H), dt)
@@ -248,28 +261,30 @@ def gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, 
 
 
 @kernel(inline="always")
-def _project_chunks(w, claims, done, P, X, KPgi, KPci, XG, XC, scr):
-    """The two input projections in ``PROJ_CHUNKS`` row chunks each (task ``P``), on the
-    packed micro-kernel over the packed input rows (see
-    :func:`.lstm.lstm_forward_split_worker`; one OpenBLAS thread ran P2's chunks [224,
-    200] x [200, 400] at 99 GFLOP/s, the micro-kernel at 113); returns when every chunk is
-    done, by either worker."""
+def _project_chunks(w, claims, done, P, X, KPgi, KPci, XG, XC, scr, x, order, lens_s, nb, base, uniform, reverse, bm):
+    """The two input projections in ``PROJ_CHUNKS`` row chunks (task ``P``), both
+    products of a chunk together, on the packed micro-kernel over the packed input rows
+    (see :func:`.lstm.lstm_forward_split_worker`; one OpenBLAS thread ran P2's chunks
+    [224, 200] x [200, 400] at 99 GFLOP/s, the micro-kernel at 113); returns when every
+    chunk is done, by either worker. Where ``X`` is not ``x``'s own memory, each chunk's
+    rows are first copied into it (:func:`._common.gather_range`), on both threads and
+    just before the products read them."""
     R, I = X.shape
     H2 = XG.shape[1]
     H = XC.shape[1]
+    gather = not direct_rows(uniform, bm, order.shape[0])
     while True:
-        c = take_chunk(claims, P, 2 * PROJ_CHUNKS, w)
+        c = take_chunk(claims, P, PROJ_CHUNKS, w)
         if c < 0:
             break
-        q = c % PROJ_CHUNKS
-        r0 = R * q // PROJ_CHUNKS
-        r1 = R * (q + 1) // PROJ_CHUNKS
-        if c < PROJ_CHUNKS:
-            gemm_packed(r1 - r0, H2, I, X, r0 * I, I, KPgi, XG, r0 * H2, H2, scr, 0)
-        else:
-            gemm_packed(r1 - r0, H, I, X, r0 * I, I, KPci, XC, r0 * H, H, scr, 0)
+        r0 = R * c // PROJ_CHUNKS
+        r1 = R * (c + 1) // PROJ_CHUNKS
+        if gather:
+            gather_range(x, X, r0, r1, order, lens_s, nb, base, uniform, reverse, bm)
+        gemm_packed(r1 - r0, H2, I, X, r0 * I, I, KPgi, XG, r0 * H2, H2, scr, 0)
+        gemm_packed(r1 - r0, H, I, X, r0 * I, I, KPci, XC, r0 * H, H, scr, 0)
         atomic_add(done, P, 1)
-    wait_at_least(done, P, 2 * PROJ_CHUNKS)
+    wait_at_least(done, P, PROJ_CHUNKS)
 
 
 #: Chunks per product and step in :func:`gru_forward_split_worker`: one per worker.
@@ -281,7 +296,8 @@ CHUNKS = 2
 
 @kernel
 def gru_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, KPgi, KPci, XG, XC,
-                             gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, need_grad, scratch, nchunks):
+                             gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, need_grad, scratch, nchunks, x, lens_s,
+                             uniform, reverse, bm, y, to_y):
     """Worker ``w`` (0 or 1) of the time loop. First the two input projections in
     ``PROJ_CHUNKS`` row chunks each (:func:`_project_chunks`). Then two tasks per step ``k``, each in chunks
     of whole panels claimed by :func:`._atomic.take_chunk`: task ``2k``, columns of the gate
@@ -300,7 +316,8 @@ def gru_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, K
     ncc = min((H + NR - 1) // NR, nchunks)
     scr = scratch[w]
     one = XG.dtype.type(1.0)
-    _project_chunks(w, claims, done, 2 * L, X, KPgi, KPci, XG, XC, scr)
+    _project_chunks(w, claims, done, 2 * L, X, KPgi, KPci, XG, XC, scr, x, order, lens_s, nb, base, uniform, reverse,
+                    bm)
     for k in range(L):
         n = nb[k]
         nn = nb[k + 1]
@@ -333,7 +350,8 @@ def gru_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, K
             for r in range(n):
                 g = gb + r
                 hout = Hh[nhb + r] if r < nn else hT[order[r]]
-                _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H, u0, u1)
+                yr = row3(y, time_index(k, r, lens_s, reverse), order[r], bm) if to_y else Yp[g]
+                _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], yr, hout, one, H, u0, u1)
             atomic_add(done, 2 * k + 1, 1)
     return team_end(w, hand, jb)
 
@@ -358,7 +376,8 @@ def _split_by_rows(B, H, itemsize):
 
 @kernel
 def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, KPgi, KPci, XG, XC,
-                            gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, need_grad, scratch, nparts):
+                            gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, need_grad, scratch, nparts, x, lens_s,
+                            uniform, reverse, bm, y, to_y):
     """Worker ``w`` (0 or 1) of the time loop split by batch rows: the input projections as
     in :func:`gru_forward_split_worker`, then the whole time loop of every row part it
     claims (task ``2L + 1``: ``nparts`` parts, part ``p`` the sorted rows ``p``,
@@ -366,31 +385,35 @@ def gru_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, KP
     keeps its index while it is active, so each part runs from the first step to the last
     with no wait on the other worker: no barrier per step (the column split has two), at
     the cost of each worker reading all of the packed weights every step. A worker that is
-    late or absent leaves its part to the other one, which claims it when done with its own."""
+    late or absent leaves its part to the other one, which claims it when done with its own.
+    With ``to_y`` the outputs go straight into ``y`` (the caller's layout) instead of
+    ``Yp``."""
     jb = team_begin(w, hand)
     if jb < 0:  # the caller finished this job without the helper
         return team_end(w, hand, jb)
     L = nb.shape[0] - 1
     scr = scratch[w]
     one = XG.dtype.type(1.0)
-    _project_chunks(w, claims, done, 2 * L, X, KPgi, KPci, XG, XC, scr)
+    _project_chunks(w, claims, done, 2 * L, X, KPgi, KPci, XG, XC, scr, x, order, lens_s, nb, base, uniform, reverse,
+                    bm)
     S = nparts
     while True:
         p = take_chunk(claims, 2 * L + 1, S, w)
         if p < 0:
             break
         _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, scr, one,
-                        need_grad)
+                        need_grad, y, lens_s, reverse, bm, to_y)
     return team_end(w, hand, jb)
 
 
 @kernel(inline="always")
 def _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias, cand_bias, KPg, KPc, Hh, RH, Yp, hT, scr, one,
-                    need_grad):
+                    need_grad, y, lens_s, reverse, bm, to_y):
     """The time loop of one layer for the rows of part ``p`` (sorted rows ``p``, ``p + S``,
     ...) of the row-split loops: each step the gate product of those rows, their gates
     and ``r * h``, the candidate product, the new state. ``need_grad``: ``RH`` keeps every
-    step's rows (the history), else only the current step's."""
+    step's rows (the history), else only the current step's. The outputs go to ``Yp``
+    (plan order), or with ``to_y`` to their rows of ``y`` (the caller's layout)."""
     H = Hh.shape[1]
     H2 = 2 * H
     for k in range(nb.shape[0] - 1):
@@ -407,7 +430,8 @@ def _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias, cand_bias,
         for r in range(p, n, S):
             g = gb + r
             hout = Hh[nhb + r] if r < nn else hT[order[r]]
-            _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], Yp[g], hout, one, H, 0, H)
+            yr = row3(y, time_index(k, r, lens_s, reverse), order[r], bm) if to_y else Yp[g]
+            _output_tanh_units(XC[g], cand_bias, XG[g], Hh[hb + r], yr, hout, one, H, 0, H)
 
 
 @kernel
@@ -422,8 +446,8 @@ def gru_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whole
     the other worker: no barrier between layers (the layer-by-layer route has one after
     each layer's projections and one at each layer's end, and a return to Python between
     layers). Layer ``l``'s outputs, in plan order, are layer ``l + 1``'s input rows
-    (``Ymid[l % 2]``); the top layer writes ``Yp``, and with ``scatter`` each part then
-    copies its rows of ``Yp`` into ``y`` (the caller's layout). A late or absent worker
+    (``Ymid[l % 2]``); the top layer writes ``Yp``, or with ``scatter`` its rows of ``y``
+    (the caller's layout) directly. A late or absent worker
     leaves its part to the other one, which claims it when done with its own."""
     jb = team_begin(w, hand)
     if jb < 0:  # the caller finished this job without the helper
@@ -448,12 +472,10 @@ def gru_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whole
                 project_part(p, S, whole, nb, base, Ymid[(l - 1) % 2], KPci[l - 1], XC, scr, buf)
             if l == Ls - 1:
                 _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias[l], cand_bias[l], KPg[l], KPc[l], Hh,
-                                RH, Yp, hT[l], scr, one, False)
-                if scatter:
-                    scatter_part(p, S, Yp, y, order, lens_s, nb, base, reverse, bm)
+                                RH, Yp, hT[l], scr, one, False, y, lens_s, reverse, bm, scatter)
             else:
                 _rows_part_loop(p, S, nb, base, hbase, order, XG, XC, gates_bias[l], cand_bias[l], KPg[l], KPc[l], Hh,
-                                RH, Ymid[l % 2], hT[l], scr, one, False)
+                                RH, Ymid[l % 2], hT[l], scr, one, False, y, lens_s, reverse, bm, False)
     return team_end(w, hand, jb)
 
 
@@ -522,19 +544,20 @@ def gru_forward_split(x, gates_kernel, gates_bias, cand_kernel, cand_bias, h0, l
     micro-kernel blocks, so float32 sums may round differently). ``bm`` as in
     :func:`gru_forward`."""
     bm = bool(bm)
+    reverse = bool(reverse)
     T, B, _ = dims(x, bm)
     dt = x.dtype
     (order, lens_s, nb, base, hbase, uniform, X, XG, XC, KPg, KPc, KPgi, KPci, Hh, RH, y, Yp, hT, claims, done,
      scratch) = gru_forward_split_begin(x, gates_kernel, cand_kernel, h0, lengths, reverse, need_grad, packed_g,
-                                        packed_c, packed_or_empty(packed_gi, dt), packed_or_empty(packed_ci, dt), bm)
+                                        packed_c, packed_or_empty(packed_gi, dt), packed_or_empty(packed_ci, dt), bm,
+                                        True)
     if _split_by_rows(B, h0.shape[1], x.dtype.itemsize):
         worker, parts = gru_forward_rows_worker, ROW_PARTS
     else:
         worker, parts = gru_forward_split_worker, CHUNKS
     run_pair(worker, (claims, done, nb, base, hbase, order, X, KPgi, KPci, XG, XC, gates_bias, cand_bias,
-                      KPg, KPc, Hh, RH, Yp, hT, bool(need_grad), scratch, parts))
-    if not direct_rows(uniform, bm, B):
-        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)
+                      KPg, KPc, Hh, RH, Yp, hT, bool(need_grad), scratch, parts, x, lens_s, uniform, reverse, bm, y,
+                      not direct_rows(uniform, bm, B)))
     return y, hT, (X, XG, XC, Hh, RH, order, lens_s, nb, base)
 
 
@@ -616,42 +639,59 @@ TAIL_ORDER = (1, 0, 6, 7, 4, 3, 8, 9)
 
 @kernel
 def gru_backward_tail_worker(w, hand, counter, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dgb, dcb,
-                             dXp):
+                             dXp, dx, scatter, order, lens_s, nb, base, uniform, reverse, bm):
     """Worker ``w`` of the two-thread backward tail: claims the tasks of :func:`_tail_task`
     one by one (``counter``) and runs each on one BLAS thread. No OpenBLAS worker thread
     is woken, so none is left spinning on the second core when the next layer's
-    two-thread loop starts (see :func:`gru_backward_split`)."""
+    two-thread loop starts (see :func:`gru_backward_split`). With ``scatter`` each half of
+    the input gradient's rows (tasks 6 and 7) is then copied into ``dx`` (the caller's
+    layout, :func:`._common.scatter_range`) by the worker that made it."""
     jb = team_begin(w, hand)
     if jb < 0:  # the caller finished this job without the helper
         return team_end(w, hand, jb)
-    order = TAIL_ORDER
+    tasks = TAIL_ORDER
+    R = X.shape[0]
     while True:
         i = atomic_add(counter, 0, 1)
-        if i >= len(order):
+        if i >= len(tasks):
             return team_end(w, hand, jb)
-        _tail_task(order[i], X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dgb, dcb, dXp, 1)
+        task = tasks[i]
+        _tail_task(task, X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel, dgk, dck, dgb, dcb, dXp, 1)
+        if scatter and (task == 6 or task == 7):
+            lo = 0 if task == 6 else R // 2
+            hi = R // 2 if task == 6 else R
+            scatter_range(dXp, dx, lo, hi, order, lens_s, nb, base, uniform, reverse, bm)
 
 
 @kernel
-def gru_backward_tail_end(ws, dH, dgk, dck, dgb, dcb, dXp, T, reverse, uniform, bm):
-    """After :func:`gru_backward_tail_worker`: :func:`_tail_rest`."""
+def gru_backward_tail_end(ws, dH, dgk, dck, dgb, dcb, dXp, dx, scattered, T, reverse, uniform, bm):
+    """After :func:`gru_backward_tail_worker`: :func:`_tail_rest`, or where the workers
+    have written ``dx`` already, only ``dh0``."""
     X, XG, XC, Hh, RH, order, lens_s, nb, base = ws
+    if scattered:
+        return dx, _dh0_batch(dH, order), dgk, dgb, dck, dcb
     return _tail_rest(dXp, dH, dgk, dck, dgb, dcb, order, lens_s, nb, base, T, reverse, uniform, bm)
+
+
+@kernel(inline="always")
+def _dh0_batch(dH, order):
+    """The carried state gradient after the backward loop (sorted rows) in batch order."""
+    B, H = dH.shape
+    dh0 = np.empty((B, H), dH.dtype)
+    for r in range(B):
+        b = order[r]
+        for j in range(H):
+            dh0[b, j] = dH[r, j]
+    return dh0
 
 
 @kernel(inline="always")
 def _tail_rest(dXp, dH, dgk, dck, dgb, dcb, order, lens_s, nb, base, T, reverse, uniform, bm):
     """The backward tail after its tasks: ``dx`` in the caller's layout, ``dh0`` in batch
     order."""
-    B, H = dH.shape
-    dt = dXp.dtype
+    B = dH.shape[0]
     dx = rows_out(dXp, T, B, order, lens_s, nb, base, reverse, uniform, bm)
-    dh0 = np.empty((B, H), dt)
-    for r in range(B):
-        b = order[r]
-        for j in range(H):
-            dh0[b, j] = dH[r, j]
-    return dx, dh0, dgk, dgb, dck, dcb
+    return dx, _dh0_batch(dH, order), dgk, dgb, dck, dcb
 
 
 @kernel(inline="always")
@@ -876,8 +916,15 @@ def gru_backward_split(ws, gates_kernel, cand_kernel, dy, dhT, T, reverse, nthre
         # The tail's GEMMs shared whole between the two threads, one BLAS thread each: as
         # fast as each GEMM on two BLAS threads, and it leaves no OpenBLAS thread spinning
         # into the next layer's loop (see TAIL_ON_PAIR).
-        dgk, dck, dgb, dcb, dXp = _tail_buffers(X.shape[0], X.shape[1], dhT.shape[1], XG.dtype)
+        R, I = X.shape
+        B = dhT.shape[0]
+        dgk, dck, dgb, dcb, dXp = _tail_buffers(R, I, dhT.shape[1], XG.dtype)
+        # dx: the workers copy their halves of the rows into it, unless the rows are its memory
+        scatter = not direct_rows(uniform, bm, B)
+        shape = ((B, T, I) if bm else (T, B, I)) if scatter else (0, 0, 0)
+        dx = np.empty(shape, XG.dtype) if uniform else np.zeros(shape, XG.dtype)
         run_pair(gru_backward_tail_worker, (np.zeros(1, np.int64), X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel,
-                                            dgk, dck, dgb, dcb, dXp))
-        return gru_backward_tail_end(ws, dH, dgk, dck, dgb, dcb, dXp, T, reverse, uniform, bm)
+                                            dgk, dck, dgb, dcb, dXp, dx, scatter, order, lens_s, nb, base, uniform,
+                                            reverse, bm))
+        return gru_backward_tail_end(ws, dH, dgk, dck, dgb, dcb, dXp, dx, scatter, T, reverse, uniform, bm)
     return gru_backward_split_end(ws, dXG, dXC, dH, gates_kernel, cand_kernel, T, reverse, uniform, nthreads, bm)

@@ -31,13 +31,14 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import TANH, act, dact, dims, direct_rows, ftanh, make_plan, output_activation_stored, part_step, \
-    plan_and_inputs, row3, rows_out, scatter_rows, sigmoid, time_index
+from ._common import TANH, act, dact, dims, direct_rows, ftanh, gather_range, make_plan, output_activation_stored, \
+    part_step, plan_and_inputs, row3, rows_out, scatter_rows, sigmoid, time_index
 from ._jit import kernel
 from ._atomic import HAND_JOINED, atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, \
     team_end, wait_at_least
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, ROW_PROJ_ROWS, TN_MAX_ROW_BYTES, WIDE, acc_adds_nothing, \
-    gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, gemm_tn_panels, gemv_block_proj, gemv_blocks, given_or_pack, \
+    all_finite, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, gemm_tn_panel_rows, gemm_tn_panels, gemv_block_proj, \
+    rows_zero, gemv_blocks, given_or_pack, \
     pack_gemv_blocks, pack_panels, pack_panels_t, packed_or_empty, panel_cols, panel_width, scratch_for, step_product
 from ._stack import initial_part, project_part, scatter_part, stack_buffers
 from ._team import MAX_CHUNKS, PROJ_CHUNKS, run_pair
@@ -174,15 +175,21 @@ def _outputs_and_initial_state(x, c0, h0, order, nb, hbase, R, uniform, Hs, hoff
 
 
 @kernel(inline="always")
-def _forward_setup(x, c0, h0, lengths, reverse, need_grad, bm):
+def _forward_setup(x, c0, h0, lengths, reverse, need_grad, bm, gather):
     """What both forward loops start from: the row plan, the input rows ``X`` in plan
     order, the carried-state buffers ``Hh``/``Ch`` with the initial state in place (rows of
-    sequences of length 0 go straight to the final state ``hT``/``cT``), and the outputs."""
+    sequences of length 0 go straight to the final state ``hT``/``cT``), and the outputs.
+    Without ``gather`` an ``X`` that is not ``x``'s own memory is left unwritten (the
+    two-thread workers copy their chunks of it, :func:`_project_rows`)."""
     T, B, I = dims(x, bm)
     H = c0.shape[1]
     P = h0.shape[1]
     dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm)
+    if gather:
+        order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm)
+    else:
+        order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
+        X = x.reshape(T * B, I) if direct_rows(uniform, bm, B) else np.empty((R, I), dt)
     nh = R if need_grad else 2 * B
     Hh = np.empty((nh, P), dt)
     Ch = np.empty((nh, H), dt)
@@ -268,7 +275,8 @@ def lstm_forward(x, kernel, bias, w_i, w_f, w_o, proj, c0, h0, lengths, reverse,
         KP = given_or_pack(packed, L, kernel, 0, G4, I + P, G4, False)  # the whole kernel, packed once
     else:
         order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
-                                                                                             reverse, need_grad, bm)
+                                                                                             reverse, need_grad, bm,
+                                                                                             True)
         L = nb.shape[0] - 1
         G = np.empty((R, G4), dt)
         gemm(0, 0, R, G4, I, 1.0, X, 0, I, kernel, 0, G4, 0.0, G, 0, G4, nthreads)
@@ -782,7 +790,7 @@ def lstm_forward_pair_begin(x, kernel, bias, c0, h0, lengths, reverse, packed, b
     H = c0.shape[1]
     dt = x.dtype
     order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
-                                                                                         reverse, False, bm)
+                                                                                         reverse, False, bm, True)
     NR = panel_width(x)
     KW = packed if packed.shape[0] == _halves_layout(I, H, NR)[6] else pack_halves(kernel, I, H)
     G0 = np.empty((R, 4 * (H // 2)), dt)
@@ -999,17 +1007,22 @@ def split_applies(B, H, P, steps, plain, nthreads, itemsize):
 
 
 @kernel
-def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed, packed_in, bm):
+def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed, packed_in, bm, to_y):
     """Everything before the time loop of :func:`lstm_forward_split` but the input
-    projection (the workers do that): the row plan, the packed recurrent rows and input
-    rows (``packed``, ``packed_in``: given, or packed here), the buffers, the initial state
-    in place."""
-    I = x.shape[2]
+    projection and the copy of the input rows into plan order (the workers do those): the
+    row plan, the packed recurrent rows and input rows (``packed``, ``packed_in``: given, or
+    packed here), the buffers, the initial state in place. ``to_y``: the workers write the
+    outputs into ``y`` in the caller's layout (zeros past each length), allocated here."""
+    T, B, I = dims(x, bm)
     H = c0.shape[1]
     G4 = 4 * H
     dt = x.dtype
     order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
-                                                                                         reverse, need_grad, bm)
+                                                                                         reverse, need_grad, bm,
+                                                                                         False)
+    if to_y and not direct_rows(uniform, bm, B):
+        shape = (B, T, H) if bm else (T, B, H)
+        y = np.empty(shape, dt) if uniform else np.zeros(shape, dt)
     L = nb.shape[0] - 1
     G = np.empty((R, G4), dt)
     # packed even for loops under PACK_MIN_STEPS: the workers have no unpacked path
@@ -1022,18 +1035,25 @@ def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, pac
 
 
 @kernel(inline="always")
-def _project_rows(w, claims, done, L, X, KPI, G, scr):
+def _project_rows(w, claims, done, L, X, KPI, G, scr, x, order, lens_s, nb, base, uniform, reverse, bm):
     """The input projection ``G = X @ kernel[:I]`` of the two-thread forward workers, in
     ``PROJ_CHUNKS`` row chunks claimed from task ``L``, each on the packed micro-kernel
-    over the packed input rows ``KPI``; returns when every chunk is done."""
+    over the packed input rows ``KPI``; returns when every chunk is done. Where ``X`` is
+    not ``x``'s own memory, each chunk's rows are first copied into it from ``x``
+    (:func:`._common.gather_range`): the gather on both threads, each chunk's rows still
+    in cache for its product, instead of one serial pass before the job."""
     R, G4 = G.shape
     I = X.shape[1]
+    B = order.shape[0]
+    gather = not direct_rows(uniform, bm, B)
     while True:
         c = take_chunk(claims, L, PROJ_CHUNKS, w)
         if c < 0:
             break
         r0 = R * c // PROJ_CHUNKS
         r1 = R * (c + 1) // PROJ_CHUNKS
+        if gather:
+            gather_range(x, X, r0, r1, order, lens_s, nb, base, uniform, reverse, bm)
         gemm_packed(r1 - r0, G4, I, X, r0 * I, I, KPI, G, r0 * G4, G4, scr, 0)
         atomic_add(done, L, 1)
     wait_at_least(done, L, PROJ_CHUNKS)
@@ -1041,7 +1061,7 @@ def _project_rows(w, claims, done, L, X, KPI, G, scr):
 
 @kernel
 def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, KPI, G, bias, fb, KP, Hh, Ch, Yp,
-                              cT, hT, scratch, nchunks):
+                              cT, hT, scratch, nchunks, x, lens_s, uniform, reverse, bm):
     """Worker ``w`` (0 or 1) of the time loop. First the input projection in
     ``PROJ_CHUNKS`` row chunks, each on the packed micro-kernel over the packed input rows
     ``KPI`` (no BLAS: a two-thread OpenBLAS call leaves a thread spinning for tens of
@@ -1065,7 +1085,7 @@ def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, 
     nch = min(npan, nchunks)
     scr = scratch[w]
     fbt = G.dtype.type(fb)
-    _project_rows(w, claims, done, L, X, KPI, G, scr)
+    _project_rows(w, claims, done, L, X, KPI, G, scr, x, order, lens_s, nb, base, uniform, reverse, bm)
     for k in range(L):
         while True:
             c = take_chunk(claims, k, nch, w)
@@ -1098,7 +1118,7 @@ def lstm_forward_split_worker(w, hand, claims, done, nb, base, hbase, order, X, 
 
 @kernel
 def lstm_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, KPI, G, bias, fb, KP, Hh, Ch, Yp,
-                             cT, hT, scratch, nparts, hpart):
+                             cT, hT, scratch, nparts, hpart, x, lens_s, uniform, reverse, bm, y, to_y):
     """Worker ``w`` (0 or 1) of the time loop split by batch rows: the input projection as
     in :func:`lstm_forward_split_worker`, then the whole time loop of every row part it
     claims (task 0: ``nparts`` parts, part ``p`` the sorted rows ``p``, ``p + nparts``,
@@ -1112,20 +1132,22 @@ def lstm_forward_rows_worker(w, hand, claims, done, nb, base, hbase, order, X, K
     product's left operand: the part's rows of ``Hh`` lie ``nparts * H`` elements apart,
     4 KB for ``H = 512``, where the micro-kernel's twelve row streams share one L1 set
     (measured: [32, 512] x [512, 2048] at 110 GFLOP/s with that stride, 114 with 2 KB +
-    64 bytes; P3's forward 1-3 % faster)."""
+    64 bytes; P3's forward 1-3 % faster). With ``to_y`` the outputs go straight into ``y``
+    (the caller's layout) instead of ``Yp``."""
     jb = team_begin(w, hand)
     if jb < 0:  # the caller finished this job without the helper
         return team_end(w, hand, jb)
     L = nb.shape[0] - 1
     scr = scratch[w]
     fbt = G.dtype.type(fb)
-    _project_rows(w, claims, done, L, X, KPI, G, scr)
+    _project_rows(w, claims, done, L, X, KPI, G, scr, x, order, lens_s, nb, base, uniform, reverse, bm)
     S = nparts
     while True:
         p = take_chunk(claims, 0, S, w)
         if p < 0:
             break
-        _rows_part_loop(p, S, nb, base, hbase, order, G, bias, fbt, KP, Hh, Ch, hpart[p], Yp, cT, hT, scr)
+        _rows_part_loop(p, S, nb, base, hbase, order, G, bias, fbt, KP, Hh, Ch, hpart[p], Yp, cT, hT, scr, y, lens_s,
+                        reverse, bm, to_y)
     return team_end(w, hand, jb)
 
 
@@ -1139,11 +1161,13 @@ def _state_out(r, nn, nhb, order, Ch, Hh, cT, hT):
 
 
 @kernel(inline="always")
-def _rows_part_loop(p, S, nb, base, hbase, order, G, bias, fbt, KP, Hh, Ch, hp, Yp, cT, hT, scr):
+def _rows_part_loop(p, S, nb, base, hbase, order, G, bias, fbt, KP, Hh, Ch, hp, Yp, cT, hT, scr, y, lens_s, reverse,
+                    bm, to_y):
     """The time loop of one layer for the rows of part ``p`` (sorted rows ``p``, ``p + S``,
     ...) of the row-split loops, from the initial state in ``Hh`` / ``Ch``: each step the
     product of the part's ``h`` rows (kept contiguous in ``hp``) over all four gate
-    blocks, then their gates and new state."""
+    blocks, then their gates and new state. The outputs go to ``Yp`` (plan order), or with
+    ``to_y`` to their rows of ``y`` (the caller's layout: no scatter after the loop)."""
     L = nb.shape[0] - 1
     H = Ch.shape[1]
     G4 = 4 * H
@@ -1161,10 +1185,11 @@ def _rows_part_loop(p, S, nb, base, hbase, order, G, bias, fbt, KP, Hh, Ch, hp, 
         for r in range(p, n, S):
             g = gb + r
             cout, hout = _state_out(r, nn, nhb, order, Ch, Hh, cT, hT)
-            _gates_tanh_units(G[g], bias, fbt, Ch[hb + r], cout, Yp[g], H, 0, H)
-            _copy_row(Yp[g], hout, H)
+            yr = row3(y, time_index(k, r, lens_s, reverse), order[r], bm) if to_y else Yp[g]
+            _gates_tanh_units(G[g], bias, fbt, Ch[hb + r], cout, yr, H, 0, H)
+            _copy_row(yr, hout, H)
             if r < nn:
-                _copy_row(Yp[g], hp[j], H)
+                _copy_row(yr, hp[j], H)
             j += 1
 
 
@@ -1176,7 +1201,7 @@ def lstm_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whol
     layers (see :mod:`._stack`): each part it claims goes through every layer, the input
     projection of its rows, then its time loop (:func:`_rows_part_loop`), with no wait on
     the other worker between layers; the top layer's outputs go to ``Yp``, and with
-    ``scatter`` each part's rows of them into ``y``."""
+    ``scatter`` straight into ``y``, each part's rows (the caller's layout) instead."""
     jb = team_begin(w, hand)
     if jb < 0:  # the caller finished this job without the helper
         return team_end(w, hand, jb)
@@ -1199,12 +1224,10 @@ def lstm_stack_rows_worker(w, hand, claims, nb, base, hbase, order, lens_s, whol
             fbt = G.dtype.type(fb[l])
             if l == Ls - 1:
                 _rows_part_loop(p, S, nb, base, hbase, order, G, bias[l], fbt, KP[l], Hh, Ch, hpart[p], Yp, cT[l],
-                                hT[l], scr)
-                if scatter:
-                    scatter_part(p, S, Yp, y, order, lens_s, nb, base, reverse, bm)
+                                hT[l], scr, y, lens_s, reverse, bm, scatter)
             else:
                 _rows_part_loop(p, S, nb, base, hbase, order, G, bias[l], fbt, KP[l], Hh, Ch, hpart[p], Ymid[l % 2],
-                                cT[l], hT[l], scr)
+                                cT[l], hT[l], scr, y, lens_s, reverse, bm, False)
     return team_end(w, hand, jb)
 
 
@@ -1295,18 +1318,23 @@ def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, n
     if H % nr or h0.shape[1] != H or kernel.shape[1] != 4 * H:
         raise ValueError(f"lstm_forward_split: units must be a multiple of {nr} with no projection, "
                          f"got c0 {c0.shape}, h0 {h0.shape}, kernel {kernel.shape}")
+    rows = split_by_rows(B, H, x.dtype.itemsize)
+    reverse = bool(reverse)
     (order, lens_s, nb, base, hbase, uniform, X, G, KP, KPI, Hh, Ch, y, Yp, cT, hT, claims, done,
      scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed,
-                                         packed_or_empty(packed_in, x.dtype), bm)
-    if split_by_rows(B, H, x.dtype.itemsize):
+                                         packed_or_empty(packed_in, x.dtype), bm, rows)
+    direct = direct_rows(uniform, bm, B)
+    if rows:
         hpart = np.empty((ROW_PARTS, (B + ROW_PARTS - 1) // ROW_PARTS, H + ROW_PAD), x.dtype)
         run_pair(lstm_forward_rows_worker, (claims, done, nb, base, hbase, order, X, KPI, G, bias,
-                                            float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch, ROW_PARTS, hpart))
+                                            float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch, ROW_PARTS, hpart,
+                                            x, lens_s, uniform, reverse, bm, y, not direct))
     else:
         run_pair(lstm_forward_split_worker, (claims, done, nb, base, hbase, order, X, KPI, G, bias,
-                                             float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch, MAX_CHUNKS))
-    if not direct_rows(uniform, bm, B):
-        y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)
+                                             float(forget_bias), KP, Hh, Ch, Yp, cT, hT, scratch, MAX_CHUNKS,
+                                             x, lens_s, uniform, reverse, bm))
+        if not direct:
+            y = scatter_rows(Yp, T, B, order, lens_s, nb, base, reverse, bm)
     dt = x.dtype
     ws = (X, G, Hh, Ch, np.empty((0, H), dt), np.empty((0, H), dt), order, lens_s, nb, base)
     return y, cT, hT, ws
@@ -1595,14 +1623,25 @@ def lstm_backward_split_worker(w, hand, claims, done, G, Ch, order, lens_s, nb, 
     return team_end(w, hand, jb)
 
 
+#: Where the row-split backward (:func:`lstm_backward_rows_worker`) writes ``dx``: rows in
+#: plan order that are ``dx``'s own memory (a uniform time-major batch, or one row);
+#: straight into a uniform batch-major ``dx`` (its rows ``p``, ``p + S``, ... of a step
+#: lie a constant stride apart); rows in plan order that each part then copies into ``dx``
+#: (the other plans: sorted rows, zeros past each length).
+DX_ROWS, DX_STRIDED, DX_PARTS = 0, 1, 2
+
+
 @kernel
-def lstm_backward_rows_begin(ws, kernel, dcT, dhT, packed_t, packed_x, nparts):
+def lstm_backward_rows_begin(ws, kernel, dcT, dhT, packed_t, packed_x, nparts, T, bm):
     """Everything before the loop of the row-split backward (:func:`lstm_backward_split`
     where :func:`split_by_rows`): the carried state gradients in sorted order, both packed
     transposed row blocks of the kernel (``kernel[I:]^T`` for ``d h``, ``kernel[:I]^T``
     for ``dx``), a buffer per part for one step's gate gradients of its rows (contiguous,
-    rows padded by ``ROW_PAD``, as ``hpart`` in the forward), their panel-major store, the
-    ``dx`` rows, a bias partial per part and the zeroed kernel gradient."""
+    rows padded by ``ROW_PAD``, as ``hpart`` in the forward), their panel-major store,
+    where ``dx`` goes (``dx_mode``, :data:`DX_ROWS`; ``dXp`` the rows the products write,
+    ``dx`` the result), a bias partial per part, the kernel gradient (written whole by the
+    workers, not zeroed here) and the rows of ``h_0`` that the kernel gradient may skip
+    (``s0:s1``, see :func:`_tn_except_rows`: empty unless ``h_0`` is all zeros)."""
     X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
     G4 = G.shape[1]
     H = G4 // 4
@@ -1616,18 +1655,57 @@ def lstm_backward_rows_begin(ws, kernel, dcT, dhT, packed_t, packed_x, nparts):
     B = dcT.shape[0]
     Tk = np.empty((nparts, (B + nparts - 1) // nparts, G4 + ROW_PAD), dt)
     dGp = np.empty(R * G4, dt)
-    dXp = np.empty((R, I), dt)
+    uniform = R == T * B and (B == 0 or lens_s[B - 1] == T)
+    shape = (B, T, I) if bm else (T, B, I)
+    if direct_rows(uniform, bm, B):
+        dx_mode = DX_ROWS
+        dXp = np.empty((R, I), dt)
+        dx = dXp.reshape(shape)
+    elif uniform:
+        dx_mode = DX_STRIDED
+        dx = np.empty(shape, dt)
+        dXp = dx.reshape(R, I)
+    else:
+        dx_mode = DX_PARTS
+        dXp = np.empty((R, I), dt)
+        dx = np.zeros(shape, dt)
     dbp = np.zeros((nparts, G4), dt)
-    dkernel = np.zeros((I + H, G4), dt)
+    dkernel = np.empty((I + H, G4), dt)
+    n0 = nb[0] if L > 0 else 0
+    s0 = base[0]
+    s1 = s0 + n0 if rows_zero(n0, H, Hh, s0 * H, H) else s0
     claims = np.zeros(2, np.int64)  # task 0: the row parts; task 1: the weight gradient's two halves
     done = np.zeros(2, np.int64)
     scratch = np.empty((2, MAX_HEIGHT * panel_width(G)), dt)
-    return dH, dC, KPt, KPx, Tk, dGp, dXp, dbp, dkernel, claims, done, scratch
+    return dH, dC, KPt, KPx, Tk, dGp, dXp, dx, dx_mode, dbp, dkernel, s0, s1, claims, done, scratch
+
+
+@kernel(inline="always")
+def _tn_except_rows(m, n, R, s0, s1, a, lda, bp, q0, c, coff, ldc):
+    """``C = A^T @ B`` (:func:`._packed.gemm_tn_panel_rows`, ``B`` panel-major ``R`` rows
+    deep) over every depth row but ``s0:s1``, the rows of a zero initial state ``h_0``
+    in the recurrent kernel's gradient ``h^T dG``: their products are all ``+-0`` where
+    the gate gradients of those rows are finite (checked here for these panels; an inf or
+    nan keeps them, so ``0 * inf`` still gives nan). The same sums otherwise, up to the
+    sign of a zero and the depth blocks' rounding."""
+    NR = panel_width(c)
+    if s1 > s0:
+        for q in range(q0, q0 + (n + NR - 1) // NR):
+            if not all_finite(bp, q * R * NR + s0 * NR, (s1 - s0) * NR):
+                s1 = s0
+                break
+    if s1 <= s0:
+        gemm_tn_panel_rows(m, n, R, 0, R, a, lda, bp, q0, c, coff, ldc, 0)
+    elif s0 > 0:
+        gemm_tn_panel_rows(m, n, R, 0, s0, a, lda, bp, q0, c, coff, ldc, 0)
+        gemm_tn_panel_rows(m, n, R, s1, R, a, lda, bp, q0, c, coff, ldc, 1)
+    else:
+        gemm_tn_panel_rows(m, n, R, s1, R, a, lda, bp, q0, c, coff, ldc, 0)
 
 
 @kernel
 def lstm_backward_rows_worker(w, hand, claims, done, X, G, Hh, Ch, order, lens_s, nb, base, reverse, KPt, KPx, dy,
-                              dH, dC, Tk, dGp, dXp, dbp, dkernel, scratch, nparts, bm):
+                              dH, dC, Tk, dGp, dXp, dx, dx_mode, dbp, dkernel, s0, s1, scratch, nparts, bm):
     """Worker ``w`` (0 or 1) of the row-split backward. First the whole backward loop of
     every row part it claims (task 0; the parts of :func:`lstm_forward_rows_worker`): at
     step ``k`` the part's gate gradients of step ``k + 1`` (in ``Tk[p]``, the part's rows
@@ -1636,8 +1714,9 @@ def lstm_backward_rows_worker(w, hand, claims, done, X, G, Hh, Ch, order, lens_s
     (against ``kernel[:I]^T``), then its gate gradients of step ``k`` replace them in
     ``Tk[p]`` and go, panel by panel, to ``dGp``, their sums to the part's bias partial. No
     barrier per step, and no input-gradient GEMM after the loop. Then, once every part is
-    done, the kernel gradient ``[X, h]^T dG`` (:func:`._packed.gemm_tn_panels`) in two
-    halves of the gate columns (task 1), one per worker while both run."""
+    done, the kernel gradient ``[X, h]^T dG`` (:func:`._packed.gemm_tn_panel_rows`) in two
+    halves of the gate columns (task 1), one per worker while both run, without the rows
+    ``s0:s1`` of a zero ``h_0`` (:func:`_tn_except_rows`). ``dx``: see :data:`DX_ROWS`."""
     jb = team_begin(w, hand)
     if jb < 0:  # the caller finished this job without the helper
         return team_end(w, hand, jb)
@@ -1646,6 +1725,8 @@ def lstm_backward_rows_worker(w, hand, claims, done, X, G, Hh, Ch, order, lens_s
     G4 = 4 * H
     I = X.shape[1]
     R = G.shape[0]
+    B = dH.shape[0]
+    T = R // B if B > 0 else 0  # (a uniform plan's steps: DX_STRIDED only)
     NR = panel_width(G)
     scr = scratch[w]
     one = G.dtype.type(1.0)
@@ -1661,7 +1742,11 @@ def lstm_backward_rows_worker(w, hand, claims, done, X, G, Hh, Ch, order, lens_s
                 m1 = (nb[k + 1] - p + S - 1) // S  # the part's rows active at step k + 1
                 if m1 > 0:
                     gemm_packed(m1, H, G4, Tp, 0, ldt, KPt, dH, p * H, S * H, scr, 0)
-                    gemm_packed(m1, I, G4, Tp, 0, ldt, KPx, dXp, (base[k + 1] + p) * I, S * I, scr, 0)
+                    if dx_mode == DX_STRIDED:  # batch row p (the identity order), time t, rows S*T apart
+                        t = time_index(k + 1, p, lens_s, reverse)
+                        gemm_packed(m1, I, G4, Tp, 0, ldt, KPx, dXp, (p * T + t) * I, S * T * I, scr, 0)
+                    else:
+                        gemm_packed(m1, I, G4, Tp, 0, ldt, KPx, dXp, (base[k + 1] + p) * I, S * I, scr, 0)
             if k >= 0:
                 gb = base[k]
                 j = 0  # the row's place in the part
@@ -1672,6 +1757,8 @@ def lstm_backward_rows_worker(w, hand, claims, done, X, G, Hh, Ch, order, lens_s
                                    dC[r], row, one, H)
                     _store_panels(row, dGp, g, R, NR, dbp[p])
                     j += 1
+        if dx_mode == DX_PARTS:
+            scatter_part(p, S, dXp, dx, order, lens_s, nb, base, reverse, bm)
         atomic_add(done, 0, 1)
     wait_at_least(done, 0, S)
     while True:
@@ -1679,27 +1766,24 @@ def lstm_backward_rows_worker(w, hand, claims, done, X, G, Hh, Ch, order, lens_s
         if c < 0:
             break
         j0, j1 = chunk_cols(c, 2, G4, NR)
-        gemm_tn_panels(I, j1 - j0, R, X, 0, I, dGp, j0 // NR, dkernel, j0, G4)
-        gemm_tn_panels(H, j1 - j0, R, Hh, 0, H, dGp, j0 // NR, dkernel, I * G4 + j0, G4)
+        gemm_tn_panel_rows(I, j1 - j0, R, 0, R, X, I, dGp, j0 // NR, dkernel, j0, G4, 0)
+        _tn_except_rows(H, j1 - j0, R, s0, s1, Hh, H, dGp, j0 // NR, dkernel, I * G4 + j0, G4)
     return team_end(w, hand, jb)
 
 
 @kernel
-def lstm_backward_rows_end(ws, dXp, dbp, dH, dC, T, reverse, bm):
+def lstm_backward_rows_end(ws, dbp, dH, dC):
     """After the row-split backward: the bias gradient (the parts' partials, summed in
-    part order, so the result does not depend on which worker ran which part), ``dx`` in
-    the caller's layout, ``dc0``/``dh0`` in batch order."""
+    part order, so the result does not depend on which worker ran which part) and
+    ``dc0``/``dh0`` in batch order."""
     X, G, Hh, Ch, Mp, Yraw, order, lens_s, nb, base = ws
-    B = dH.shape[0]
     G4 = G.shape[1]
-    uniform = G.shape[0] == T * B and (B == 0 or lens_s[B - 1] == T)
     dbias = np.zeros(G4, G.dtype)
     for p in range(dbp.shape[0]):
         for j in range(G4):
             dbias[j] += dbp[p, j]
-    dx = rows_out(dXp, T, B, order, lens_s, nb, base, reverse, uniform, bm)
     dc0, dh0 = _reorder_rows(dC, dH, order, True)
-    return dx, dc0, dh0, dbias
+    return dc0, dh0, dbias
 
 
 @kernel
@@ -1739,11 +1823,13 @@ def lstm_backward_split(ws, kernel, dy, dcT, dhT, T, reverse, nthreads, packed_t
     bm = bool(bm)
     dt = dcT.dtype
     if split_by_rows(dcT.shape[0], H, dt.itemsize):
-        dH, dC, KPt, KPx, Tk, dGp, dXp, dbp, dkernel, claims, done, scratch = lstm_backward_rows_begin(
-            ws, kernel, dcT, dhT, packed_t, packed_or_empty(packed_x, dt), ROW_PARTS)
+        (dH, dC, KPt, KPx, Tk, dGp, dXp, dx, dx_mode, dbp, dkernel, s0, s1, claims, done,
+         scratch) = lstm_backward_rows_begin(ws, kernel, dcT, dhT, packed_t, packed_or_empty(packed_x, dt), ROW_PARTS,
+                                             T, bm)
         run_pair(lstm_backward_rows_worker, (claims, done, X, G, Hh, Ch, order, lens_s, nb, base, reverse, KPt, KPx,
-                                             dy, dH, dC, Tk, dGp, dXp, dbp, dkernel, scratch, ROW_PARTS, bm))
-        dx, dc0, dh0, dbias = lstm_backward_rows_end(ws, dXp, dbp, dH, dC, T, reverse, bm)
+                                             dy, dH, dC, Tk, dGp, dXp, dx, dx_mode, dbp, dkernel, s0, s1, scratch,
+                                             ROW_PARTS, bm))
+        dc0, dh0, dbias = lstm_backward_rows_end(ws, dbp, dH, dC)
         return dx, dc0, dh0, dkernel, dbias, np.empty((0, 0), dt)
     dH, dC, dG, KPt, claims, done, scratch = lstm_backward_split_begin(ws, kernel, dcT, dhT, packed_t)
     run_pair(lstm_backward_split_worker, (claims, done, G, Ch, order, lens_s, nb, base, reverse, KPt, dy, dH, dC, dG,

@@ -237,3 +237,31 @@ def test_backend_takes_the_split_loop_and_agrees_with_the_reference(dtype, time_
     assert len(calls) > n, "training did not take the two-thread loop"
     assert back_calls, "the backward pass did not take the two-thread loop"
     assert_close(y2, y0, tol, "outputs (training)")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("lengths", sorted(LENGTHS))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@TAIL
+def test_batch_major_split_matches_one_thread(dtype, lengths, reverse, scheme, tail_threads):
+    """Batch-major ``x`` / ``y`` / ``dy`` / ``dx`` in the kernels themselves: the workers
+    copy their chunks of ``x`` into plan order, write ``y`` in place, and (tail on the
+    pair) copy their halves of the ``dx`` rows into it. Held to the one-thread kernels in
+    the same layout."""
+    from fastseq_kernels import gru
+
+    T, B, I, H = 9, 8, 5, 64
+    x, gk, gb, ck, cb, h0, L = _args(dtype, T, B, I, H, LENGTHS[lengths](T, B), seed=6)
+    xb = np.ascontiguousarray(x.transpose(1, 0, 2))
+    e1, e3 = np.zeros(0, dtype), np.zeros((0, 1, 1), dtype)
+    want = gru.gru_forward(xb, gk, gb, ck, cb, h0, L, reverse, e3, 0, True, 1, e1, e1, True)
+    got = gru.gru_forward_split(xb, gk, gb, ck, cb, h0, L, reverse, True, e1, e1, True)
+    _compare(got, want, dtype, "batch-major forward", True)
+    rng = np.random.default_rng(7)
+    dy = rng.normal(size=want[0].shape).astype(dtype)
+    dhT = rng.normal(size=h0.shape).astype(dtype)
+    w_ = gru.gru_backward(want[2], gk, gb, ck, cb, dy, dhT, T, reverse, e3, 0, 1, e1, e1, True)
+    g_ = gru.gru_backward_split(got[2], gk, ck, dy, dhT, T, reverse, tail_threads, e1, e1, True)
+    for g, w, name in zip(g_, w_, GRADS):
+        assert_close(g, w, TOL[dtype], f"batch-major {name}")
+    assert g_[0].shape == xb.shape

@@ -203,3 +203,49 @@ def test_stack_first_step(dtype, kind, weights, bm, rows_everywhere):
     _same(out["numba"], out["numpy"], dtype, f"{kind} {weights}")
     if weights != "finite":
         assert np.isnan(out["numba"][0]).any()
+
+
+# --------------------------------------------------------------------------- the backward
+#: Gate gradients of the first step: finite, or an inf / nan among them (from ``dy`` at
+#: the first step of one row), where ``0 * inf`` must still reach the kernel gradient.
+GRAD_CASES = ["finite", "inf", "nan"]
+
+
+@DTYPES
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("grads", GRAD_CASES)
+@pytest.mark.parametrize("lengths", ["full", "mixed"])
+@pytest.mark.parametrize("bm", [False, True], ids=["time", "batch"])
+def test_lstm_backward_first_step(dtype, state, grads, lengths, bm, monkeypatch):
+    """The row-split LSTM backward leaves the rows of a zero ``h_0`` out of the recurrent
+    kernel's gradient ``h^T dG`` (``lstm._tn_except_rows``) where the first step's gate
+    gradients are finite: the same gradients as the one-thread backward, which always
+    multiplies, and with an inf or nan among those gate gradients the nans where its are
+    (every recurrent row of the kernel gradient, ``0 * inf``)."""
+    from fastseq_kernels import lstm
+
+    monkeypatch.setattr(lstm, "ROWS_MIN_B", 1)
+    monkeypatch.setattr(lstm, "ROWS_MAX_WEIGHT_BYTES", 1 << 62)
+    T, B, I, H = 6, 8, 5, 64
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(B, T, I) if bm else (T, B, I)).astype(dtype)
+    k = (rng.normal(size=(I + H, 4 * H)) * 0.2).astype(dtype)
+    b = (rng.normal(size=4 * H) * 0.2).astype(dtype)
+    c0 = rng.normal(size=(B, H)).astype(dtype)
+    h0 = _state(state, B, H, dtype, 9)
+    L = np.array([T] * B if lengths == "full" else [T, 0, 3, T, 1, T - 1, 2, 5], np.int64)
+    e1, e2, e3 = np.zeros(0, dtype), np.zeros((0, 0), dtype), np.zeros((0, 1, 1), dtype)
+    for reverse in (False, True):
+        y, cT, hT, ws = lstm_one_thread(x, k, b, c0, h0, L, reverse, True, bm=bm)
+        got_ws = lstm.lstm_forward_split(x, k, b, c0, h0, L, reverse, 1.0, True, 2, e1, bm)[3]
+        dy = rng.normal(size=y.shape).astype(dtype)
+        if grads != "finite":  # row 3 (length T) at its first step
+            t0 = T - 1 if reverse else 0
+            dy[(3, t0, 5) if bm else (t0, 3, 5)] = np.inf if grads == "inf" else np.nan
+        dcT, dhT = rng.normal(size=cT.shape).astype(dtype), rng.normal(size=hT.shape).astype(dtype)
+        want = lstm.lstm_backward(ws, k, b, e1, e1, e1, e2, dy, dcT, dhT, T, reverse, e3, e3, 0, 1.0, -1.0, -1.0, 1,
+                                  e1, bm)[:5]
+        got = lstm.lstm_backward_split(got_ws, k, dy, dcT, dhT, T, reverse, 1, e1, bm)[:5]
+        _same(got, want, dtype, f"{state} {grads} reverse={reverse}")
+        if grads != "finite" and state != "one_row":
+            assert np.isnan(got[3][I:]).any(axis=1).all(), "a nan in every recurrent row, as 0 * inf gives"
