@@ -505,7 +505,7 @@ def lstm_forward_stream(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, 
     # chunk counters of this one
     (order, lens_s, nb, base, hbase, uniform, X, G, KP, KPI, Hh, Ch, y, Yp, cT, hT, _, _,
      scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, bool(reverse), bool(need_grad), packed,
-                                         packed_or_empty(packed_in, x.dtype), bm)
+                                         packed_or_empty(packed_in, x.dtype), bm, False, True)
     nch = (nb.shape[0] - 1 + STREAM_STEPS - 1) // STREAM_STEPS
     claims = np.zeros(1, np.int64)  # chunks claimed, in order
     done = np.zeros(max(nch, 1), np.int64)  # 1 once a chunk's rows of G are written
@@ -1007,19 +1007,20 @@ def split_applies(B, H, P, steps, plain, nthreads, itemsize):
 
 
 @kernel
-def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed, packed_in, bm, to_y):
+def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed, packed_in, bm, to_y, gather):
     """Everything before the time loop of :func:`lstm_forward_split` but the input
-    projection and the copy of the input rows into plan order (the workers do those): the
-    row plan, the packed recurrent rows and input rows (``packed``, ``packed_in``: given, or
-    packed here), the buffers, the initial state in place. ``to_y``: the workers write the
-    outputs into ``y`` in the caller's layout (zeros past each length), allocated here."""
+    projection (the workers do that): the row plan, the packed recurrent rows and input
+    rows (``packed``, ``packed_in``: given, or packed here), the buffers, the initial state
+    in place. ``gather``: the input rows copied into plan order here (else the workers
+    copy their chunks, :func:`_project_rows`); ``to_y``: the workers write the outputs
+    into ``y`` in the caller's layout (zeros past each length), allocated here."""
     T, B, I = dims(x, bm)
     H = c0.shape[1]
     G4 = 4 * H
     dt = x.dtype
     order, lens_s, nb, base, hbase, R, uniform, X, Hh, Ch, y, Yp, cT, hT = _forward_setup(x, c0, h0, lengths,
                                                                                          reverse, need_grad, bm,
-                                                                                         False)
+                                                                                         gather)
     if to_y and not direct_rows(uniform, bm, B):
         shape = (B, T, H) if bm else (T, B, H)
         y = np.empty(shape, dt) if uniform else np.zeros(shape, dt)
@@ -1322,7 +1323,7 @@ def lstm_forward_split(x, kernel, bias, c0, h0, lengths, reverse, forget_bias, n
     reverse = bool(reverse)
     (order, lens_s, nb, base, hbase, uniform, X, G, KP, KPI, Hh, Ch, y, Yp, cT, hT, claims, done,
      scratch) = lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, packed,
-                                         packed_or_empty(packed_in, x.dtype), bm, rows)
+                                         packed_or_empty(packed_in, x.dtype), bm, rows, False)
     direct = direct_rows(uniform, bm, B)
     if rows:
         hpart = np.empty((ROW_PARTS, (B + ROW_PARTS - 1) // ROW_PARTS, H + ROW_PAD), x.dtype)
