@@ -155,7 +155,8 @@ class _Acc:
         for p, leaf in cell._unique_leaves():
             g = self.by_leaf.get(id(leaf), {})
             for rel, stored in leaf._weights.items():
-                out[f"{p}{leaf.name}/{rel}"] = g.get(rel, self.backend.zeros(_shape_of(stored), dtype))
+                # (not g.get(rel, zeros): the default would be made, and filled, for every weight)
+                out[f"{p}{leaf.name}/{rel}"] = g[rel] if rel in g else self.backend.zeros(_shape_of(stored), dtype)
         return out
 
 
