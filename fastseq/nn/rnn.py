@@ -188,6 +188,17 @@ def _run_stack(cells, x, state, ctx, reverse, batch_major=False):
     return y, tuple(tuple(f) for f in finals), backward if ctx.record else None
 
 
+def _chain_backward(backs):
+    """The backward of layers run one after the other (a MultiRNNCell), from theirs."""
+    def backward(dy, dfinal, acc):
+        d0 = [None] * len(backs)
+        for k in range(len(backs) - 1, -1, -1):
+            dy, d0[k] = backs[k](dy, dfinal[k], acc)
+        return dy, tuple(d0)
+
+    return backward
+
+
 def _run(cell, x, state, ctx, reverse, state_keeps=()):
     """Run ``cell`` over the time-major sequence ``x [T, B, I]`` from the internal state.
 
@@ -235,14 +246,7 @@ def _run(cell, x, state, ctx, reverse, state_keeps=()):
             h, f, bw = _run(sub, h, state[k], ctx, reverse, sub_keeps)
             finals.append(f)
             backs.append(bw)
-
-        def backward(dy, dfinal, acc):
-            d0 = [None] * len(backs)
-            for k in range(len(backs) - 1, -1, -1):
-                dy, d0[k] = backs[k](dy, dfinal[k], acc)
-            return dy, tuple(d0)
-
-        return h, tuple(finals), backward if ctx.record else None
+        return h, tuple(finals), _chain_backward(backs) if ctx.record else None
 
     if isinstance(cell, DropoutWrapper):
         T, B, depth = _shape_of(x)
@@ -425,18 +429,37 @@ def _steps_batch(backend, x, time_major):
     return backend.dim(x, 1), backend.dim(x, 0)
 
 
+#: Training a batch-major MultiRNNCell of plain layers on a backend with
+#: ``batch_major_layers`` runs its layers one after the other in the caller's layout
+#: (:func:`_run_batch_major`) rather than time-major between four transposed copies of
+#: the whole sequence (inputs, outputs, their cotangents).
+BATCH_MAJOR_TRAINING_STACKS = True
+
+
 def _run_batch_major(cell, x, state, ctx, reverse):
     """:func:`_run` on a batch-major sequence ``x [B, T, I]``: outputs ``[B, T, O]``, and the
     backward takes and gives batch-major arrays. A plain cell on a backend with
     ``batch_major_layers`` (numba) runs in that layout, reading and writing the caller's
-    arrays directly (the kernels gather and scatter rows anyway); anything else runs
-    time-major between transposed copies."""
+    arrays directly (the kernels gather and scatter rows anyway), and so does a
+    MultiRNNCell of plain cells, as one stack job for inference where the backend runs it
+    (:func:`_run_stack`) and layer after layer for training; anything else runs time-major
+    between transposed copies."""
     b = ctx.backend
-    if (isinstance(cell, MultiRNNCell) and not ctx.record and getattr(b, "batch_major_layers", False)
+    if (isinstance(cell, MultiRNNCell) and getattr(b, "batch_major_layers", False)
             and all(isinstance(sub, _LeafCell) for sub in cell._cells)):
-        stacked = _run_stack(cell._cells, x, state, ctx, reverse, batch_major=True)
-        if stacked is not None:
-            return stacked
+        if not ctx.record:
+            stacked = _run_stack(cell._cells, x, state, ctx, reverse, batch_major=True)
+            if stacked is not None:
+                return stacked
+        elif BATCH_MAJOR_TRAINING_STACKS:
+            # training: layer after layer in the caller's layout, no transposed copies
+            finals, backs = [], []
+            h = x
+            for k, sub in enumerate(cell._cells):
+                h, f, bw = _run_batch_major(sub, h, state[k], ctx, reverse)
+                finals.append(f)
+                backs.append(bw)
+            return h, tuple(finals), _chain_backward(backs)
     if isinstance(cell, _LeafCell) and getattr(b, "batch_major_layers", False):
         params = cell._params(b, ctx.dtype)
         try:

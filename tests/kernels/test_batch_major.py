@@ -158,3 +158,55 @@ def test_drivers_use_batch_major_layers(monkeypatch, bidirectional):
     with fastseq.use_backend("numba"):
         nn.dynamic_rnn(nn.rnn_cell.GRUCell(5), _bt(x), sequence_length=lens, dtype=np.float64, time_major=True)
     assert calls == [False]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
+def test_training_stack_runs_batch_major_layers(monkeypatch, dtype, with_lengths):
+    """Training a batch-major MultiRNNCell of plain layers on the numba backend runs each
+    layer in the caller's layout (``fastseq.nn.rnn.BATCH_MAJOR_TRAINING_STACKS``: no
+    transposed copies of the inputs, outputs and their cotangents): every layer call is
+    batch-major, and the outputs, final states and the gradients of the inputs, the
+    initial state and every weight are the reference's; with the switch off, the same
+    numbers through the time-major layers."""
+    import fastseq.nn.rnn as rnn_mod
+    from fastseq.testing import flatten
+
+    be = registry.load("numba")
+    calls = []
+    real = type(be).layer_forward
+
+    def spy(self, *a, **k):
+        calls.append(k.get("batch_major", False))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(be), "layer_forward", spy)
+    rng = np.random.default_rng(11)
+    B, T, I = 5, 6, 3
+    x = rng.standard_normal((B, T, I)).astype(dtype)
+    lens = np.array([6, 0, 3, 5, 6]) if with_lengths else None
+    cot = rng.standard_normal((B, T, 4)).astype(dtype)
+    d_final = tuple(rng.standard_normal((B, n)).astype(dtype) for n in (5, 7, 7, 4))
+    s0 = [rng.standard_normal((B, n)).astype(dtype) for n in (5, 7, 7, 4)]
+    h0 = (s0[0], nn.rnn_cell.LSTMStateTuple(s0[1], s0[2]), s0[3])
+    out = {}
+    for backend, stacks in (("numpy", True), ("numba", True), ("numba-tm", False)):
+        monkeypatch.setattr(rnn_mod, "BATCH_MAJOR_TRAINING_STACKS", stacks)
+        calls.clear()
+        with fastseq.use_backend(backend.split("-")[0]):
+            fastseq.set_seed(2)
+            cell = nn.rnn_cell.MultiRNNCell([nn.rnn_cell.GRUCell(5), nn.rnn_cell.LSTMCell(7),
+                                             nn.rnn_cell.GRUCell(4)])
+            (y, s), pull = fastseq.vjp(nn.dynamic_rnn, cell, x, sequence_length=lens, initial_state=h0, dtype=dtype)
+            g = pull(cot, (d_final[0], nn.rnn_cell.LSTMStateTuple(d_final[2], d_final[1]), d_final[3]))
+        out[backend] = [y] + [np.asarray(a) for a in flatten(s)] + [g.inputs] + \
+            [np.asarray(a) for a in flatten(g.initial_state)] + [g.weights[k] for k in sorted(g.weights)]
+        if backend == "numba":
+            assert calls == [True, True, True], calls
+        elif backend == "numba-tm":
+            assert calls == [False, False, False], calls
+    tol = 1e-10 if dtype == np.float64 else 1e-5
+    for name in ("numba", "numba-tm"):
+        assert len(out[name]) == len(out["numpy"])
+        for i, (a, b) in enumerate(zip(out[name], out["numpy"])):
+            assert_close(a, b, tol, f"{name}: result {i}")
