@@ -70,8 +70,9 @@ def initial_part(p, S, state0, order, n0, hbase0, rows, finals):
 
 @kernel(inline="always")
 def scatter_part(p, S, Yp, y, order, lens_s, nb, base, reverse, bm):
-    """Part ``p``'s rows of the top layer's outputs ``Yp`` (plan order) to their places in
-    ``y`` (the caller's layout)."""
+    """Part ``p``'s rows of ``Yp`` (plan order) to their places in ``y`` (the caller's
+    layout): the row-split LSTM backward's ``dx`` rows of a batch of mixed lengths, copied
+    by the worker that made them."""
     for k in range(nb.shape[0] - 1):
         for r in range(p, nb[k], S):
             src = Yp[base[k] + r]
@@ -84,8 +85,9 @@ def scatter_part(p, S, Yp, y, order, lens_s, nb, base, reverse, bm):
 def stack_buffers(x, Ls, H, lengths, reverse, bm, parts):
     """What a stack's workers share: the row plan, the bottom layer's input rows in plan
     order, the two buffers of the middle layers' outputs (``Ymid``), the top layer's
-    outputs (``Yp``, the rows of ``y`` itself where :func:`._common.direct_rows`), ``y``
-    (zeros past each length when not every row runs ``T`` steps), the task counter, the
+    outputs (``Yp``: the rows of ``y`` itself where :func:`._common.direct_rows`, else
+    unused: the workers write the rows of ``y``), ``y`` (zeros past each length when not
+    every row runs ``T`` steps), the task counter, the
     workers' scratch rows and their copy rows for :func:`project_part`."""
     T, B, _ = dims(x, bm)
     dt = x.dtype
@@ -93,7 +95,7 @@ def stack_buffers(x, Ls, H, lengths, reverse, bm, parts):
     Ymid = np.empty((min(Ls - 1, 2), R, H), dt)
     shape = (B, T, H) if bm else (T, B, H)
     y = np.empty(shape, dt) if uniform else np.zeros(shape, dt)
-    Yp = y.reshape(T * B, H) if direct_rows(uniform, bm, B) else np.empty((R, H), dt)
+    Yp = y.reshape(T * B, H) if direct_rows(uniform, bm, B) else np.empty((0, H), dt)
     whole = uniform and B % parts == 0
     claims = np.zeros(1, np.int64)
     scratch = np.empty((2, MAX_HEIGHT * panel_width(x)), dt)

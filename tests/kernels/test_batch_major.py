@@ -119,10 +119,9 @@ def test_batch_major_shape_errors_name_the_layout():
         be.layer_forward(spec, params, x, s0, None, False, None, True, batch_major=True)
 
 
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_drivers_use_batch_major_layers(monkeypatch, bidirectional):
-    """``time_major=False`` on the numba backend: the plain cell runs batch-major (no
-    transposed copies), ``time_major=True`` time-major; same numbers as the reference."""
+def _layout_calls(monkeypatch):
+    """A list that records, for each call of the numba backend's ``layer_forward`` from
+    now on, whether it was batch-major."""
     be = registry.load("numba")
     calls = []
     real = type(be).layer_forward
@@ -132,6 +131,14 @@ def test_drivers_use_batch_major_layers(monkeypatch, bidirectional):
         return real(self, *a, **k)
 
     monkeypatch.setattr(type(be), "layer_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_drivers_use_batch_major_layers(monkeypatch, bidirectional):
+    """``time_major=False`` on the numba backend: the plain cell runs batch-major (no
+    transposed copies), ``time_major=True`` time-major; same numbers as the reference."""
+    calls = _layout_calls(monkeypatch)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4, 7, 3))  # [B, T, I]
     lens = np.array([7, 0, 3, 5])
@@ -172,15 +179,7 @@ def test_training_stack_runs_batch_major_layers(monkeypatch, dtype, with_lengths
     import fastseq.nn.rnn as rnn_mod
     from fastseq.testing import flatten
 
-    be = registry.load("numba")
-    calls = []
-    real = type(be).layer_forward
-
-    def spy(self, *a, **k):
-        calls.append(k.get("batch_major", False))
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(type(be), "layer_forward", spy)
+    calls = _layout_calls(monkeypatch)
     rng = np.random.default_rng(11)
     B, T, I = 5, 6, 3
     x = rng.standard_normal((B, T, I)).astype(dtype)
