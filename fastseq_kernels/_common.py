@@ -292,16 +292,28 @@ def direct_rows(uniform, bm, B):
 
 
 @kernel(inline="always")
-def plan_and_inputs(x, lengths, reverse, need_grad, bm):
+def plan_and_inputs(x, lengths, reverse, need_grad, bm, gather):
     """:func:`make_plan` and the input rows ``X [R, I]`` in plan order: ``x`` itself for a
-    uniform time-major batch (no copy, either direction), else :func:`gather_rows`."""
+    uniform time-major batch (no copy, either direction), else :func:`gather_rows`, or
+    without ``gather`` a buffer left unwritten (the two-thread workers copy their chunks
+    of it, :func:`gather_range`)."""
     T, B, I = dims(x, bm)
     order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
     if direct_rows(uniform, bm, B):
         X = x.reshape(T * B, I)
-    else:
+    elif gather:
         X = gather_rows(x, order, lens_s, nb, base, R, reverse, bm)
+    else:
+        X = np.empty((R, I), x.dtype)
     return order, lens_s, nb, base, hbase, R, uniform, X
+
+
+@kernel(inline="always")
+def rows_buffer(shape, uniform, dt):
+    """A sequence array in the caller's layout for workers to write row by row: where the
+    plan is uniform every element is written, else it starts as zeros (past each
+    length)."""
+    return np.empty(shape, dt) if uniform else np.zeros(shape, dt)
 
 
 @kernel(inline="always")

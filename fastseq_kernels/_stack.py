@@ -8,7 +8,7 @@ layers."""
 
 import numpy as np
 
-from ._common import direct_rows, dims, plan_and_inputs, row3, time_index
+from ._common import direct_rows, dims, plan_and_inputs, row3, rows_buffer, time_index
 from ._jit import kernel
 from ._packed import MAX_HEIGHT, gemm_packed, panel_width
 
@@ -91,10 +91,10 @@ def stack_buffers(x, Ls, H, lengths, reverse, bm, parts):
     workers' scratch rows and their copy rows for :func:`project_part`."""
     T, B, _ = dims(x, bm)
     dt = x.dtype
-    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, False, bm)
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, False, bm, True)
     Ymid = np.empty((min(Ls - 1, 2), R, H), dt)
     shape = (B, T, H) if bm else (T, B, H)
-    y = np.empty(shape, dt) if uniform else np.zeros(shape, dt)
+    y = rows_buffer(shape, uniform, dt)
     Yp = y.reshape(T * B, H) if direct_rows(uniform, bm, B) else np.empty((0, H), dt)
     whole = uniform and B % parts == 0
     claims = np.zeros(1, np.int64)

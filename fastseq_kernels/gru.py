@@ -17,9 +17,9 @@ use, the caller's share of the cores (products below ``_blas.PARALLEL_MIN_MACS``
 import numpy as np
 
 from ._blas import gemm
-from ._common import TANH, act, column_sums, dact, dims, direct_rows, ftanh, gather_range, make_plan, \
-    output_activation_stored, part_step, plan_and_inputs, row3, rows_out, scatter_range, scatter_rows, sigmoid, \
-    time_index
+from ._common import TANH, act, column_sums, dact, dims, direct_rows, ftanh, gather_range, \
+    output_activation_stored, part_step, plan_and_inputs, row3, rows_buffer, rows_out, scatter_range, scatter_rows, \
+    sigmoid, time_index
 from ._atomic import atomic_add, chunk_cols, take_chunk, team_begin, team_end, wait_at_least
 from ._jit import kernel
 from ._packed import MAX_HEIGHT, PACK_MIN_STEPS, acc_adds_nothing, gemm_acc_packed, gemm_nt, gemm_packed, gemm_tn, \
@@ -125,11 +125,7 @@ def _forward_setup(x, h0, lengths, reverse, need_grad, bm, gather, to_y):
     T, B, I = dims(x, bm)
     H = h0.shape[1]
     dt = x.dtype
-    if gather:
-        order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm)
-    else:
-        order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
-        X = x.reshape(T * B, I) if direct_rows(uniform, bm, B) else np.empty((R, I), dt)
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm, gather)
     Hh = np.empty((R if need_grad else 2 * B, H), dt)
     RH = np.empty((R if need_grad else B, H), dt)
     shape = (B, T, H) if bm else (T, B, H)
@@ -138,7 +134,7 @@ def _forward_setup(x, h0, lengths, reverse, need_grad, bm, gather, to_y):
         Yp = y.reshape(T * B, H)
     else:
         if to_y:
-            y = np.empty(shape, dt) if uniform else np.zeros(shape, dt)
+            y = rows_buffer(shape, uniform, dt)
         else:
             y = np.empty((0, 0, 0), dt)
         Yp = np.empty((R, H), dt)
@@ -922,7 +918,7 @@ def gru_backward_split(ws, gates_kernel, cand_kernel, dy, dhT, T, reverse, nthre
         # dx: the workers copy their halves of the rows into it, unless the rows are its memory
         scatter = not direct_rows(uniform, bm, B)
         shape = ((B, T, I) if bm else (T, B, I)) if scatter else (0, 0, 0)
-        dx = np.empty(shape, XG.dtype) if uniform else np.zeros(shape, XG.dtype)
+        dx = rows_buffer(shape, uniform, XG.dtype)
         run_pair(gru_backward_tail_worker, (np.zeros(1, np.int64), X, Hh, RH, dXG, dXC, gates_kernel, cand_kernel,
                                             dgk, dck, dgb, dcb, dXp, dx, scatter, order, lens_s, nb, base, uniform,
                                             reverse, bm))

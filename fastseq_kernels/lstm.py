@@ -32,7 +32,7 @@ import numpy as np
 
 from ._blas import gemm
 from ._common import TANH, act, dact, dims, direct_rows, ftanh, gather_range, make_plan, output_activation_stored, \
-    part_step, plan_and_inputs, row3, rows_out, scatter_rows, sigmoid, time_index
+    part_step, plan_and_inputs, row3, rows_buffer, rows_out, scatter_rows, sigmoid, time_index
 from ._jit import kernel
 from ._atomic import HAND_JOINED, atomic_add, atomic_load, atomic_store, chunk_cols, take_chunk, team_begin, \
     team_end, wait_at_least
@@ -185,11 +185,7 @@ def _forward_setup(x, c0, h0, lengths, reverse, need_grad, bm, gather):
     H = c0.shape[1]
     P = h0.shape[1]
     dt = x.dtype
-    if gather:
-        order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm)
-    else:
-        order, lens_s, nb, base, hbase, R, uniform = make_plan(lengths, T, reverse, need_grad)
-        X = x.reshape(T * B, I) if direct_rows(uniform, bm, B) else np.empty((R, I), dt)
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm, gather)
     nh = R if need_grad else 2 * B
     Hh = np.empty((nh, P), dt)
     Ch = np.empty((nh, H), dt)
@@ -1023,7 +1019,7 @@ def lstm_forward_split_begin(x, kernel, c0, h0, lengths, reverse, need_grad, pac
                                                                                          gather)
     if to_y and not direct_rows(uniform, bm, B):
         shape = (B, T, H) if bm else (T, B, H)
-        y = np.empty(shape, dt) if uniform else np.zeros(shape, dt)
+        y = rows_buffer(shape, uniform, dt)
     L = nb.shape[0] - 1
     G = np.empty((R, G4), dt)
     # packed even for loops under PACK_MIN_STEPS: the workers have no unpacked path

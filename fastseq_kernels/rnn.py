@@ -28,7 +28,7 @@ def rnn_forward(x, kernel, bias, h0, lengths, reverse, mask_h, code, need_grad, 
     H = h0.shape[1]
     dt = x.dtype
     store_out = output_activation_stored(code)
-    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm)
+    order, lens_s, nb, base, hbase, R, uniform, X = plan_and_inputs(x, lengths, reverse, need_grad, bm, True)
     L = nb.shape[0] - 1
     G = np.empty((R, H), dt)
     gemm(0, 0, R, H, I, 1.0, X, 0, I, kernel, 0, H, 0.0, G, 0, H, nthreads)
