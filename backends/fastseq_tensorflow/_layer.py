@@ -172,6 +172,12 @@ def stack_forward(backend, specs, params_list, inputs, initial_states, sequence_
                                          x, states, plists, extra)
         return y, _tuples(finals), None
     packed = bool(extra) and not jit and backend.shrink_batch
+    if (not extra and not jit and len(specs) >= 2 and not any(block for _, block, _ in layers)
+            and max(spec.num_units for spec in specs) <= backend.wave_max_units):
+        # one wavefront loop (no row chains: the layers' steps run side by side instead)
+        config = (tuple((spec, False, 1) for spec in specs),) + config[1:]
+        y, finals = kernels.stack_fn(*config, wave=True)(x, states, plists)
+        return y, _tuples(finals), None
     y, finals = kernels.stack_fn(*config, packed=packed)(x, states, plists, *extra)
     return y, _tuples(finals), None
 
