@@ -393,3 +393,30 @@ def test_stack_no_retrace_for_new_shapes():
         counts.append(tfb.trace_count)
     # no retrace for B=1 after B=3 and B=20 (the two-chain path where a stack runs layer by layer)
     assert counts[2] == counts[1]
+
+
+def test_zeros_reused_eagerly():
+    """Eager zeros (the zero states of every call) are made once per shape, dtype and
+    device and handed out again (tensors are immutable); large ones and symbolic ones are
+    made each time."""
+    b = _stack_backend()
+    a = b.zeros((3, 4), np.float32)
+    assert tuple(a.shape) == (3, 4) and a.dtype == tf.float32 and not np.any(a.numpy())
+    assert b.zeros((3, 4), np.float32) is a
+    assert b.zeros((np.int64(3), 4), "float32") is a  # NumPy integers name the same shape
+    d = b.zeros((3, 4), np.float64)
+    assert d is not a and d.dtype == tf.float64 and not np.any(d.numpy())
+    assert b.zeros((4, 3), np.float32) is not a
+    with tf.device("/CPU:0"):
+        on_cpu = b.zeros((3, 4), np.float32)
+    assert on_cpu is not a and not np.any(on_cpu.numpy())
+    big = b.zeros((1024, 512), np.float32)  # 2 MB: not kept
+    assert b.zeros((1024, 512), np.float32) is not big and not np.any(big.numpy())
+
+    @tf.function
+    def inside():
+        z = b.zeros((3, 4), np.float32)
+        assert not isinstance(z, type(a))  # symbolic, not the kept eager tensor
+        return z
+
+    assert not np.any(inside().numpy())
