@@ -546,8 +546,8 @@ def run_layer_packed(spec: CellSpec, x, state, params, lengths, reverse):
     return y, tuple(tf.gather(a, undo) for a in final)
 
 
-def run_stack_wave(specs, x, states, params_list, reverse):
-    """A forward-only MultiRNNCell of plain layers (no lengths, masks or XLA) as one loop
+def run_stack_wave(specs, x, states, params_list, reverse, keep=False):
+    """A MultiRNNCell of plain layers (no lengths, masks or XLA) as one loop
     over the steps in which layer ``l`` runs its step ``t - l`` at iteration ``t`` (a
     wavefront): the layers' steps of one iteration depend only on the iteration before,
     so the executor runs them side by side on the cores, and the whole stack is one loop
@@ -558,7 +558,9 @@ def run_stack_wave(specs, x, states, params_list, reverse):
     no step (the first ``l``, the last ``L - 1 - l``) compute it and keep the old state
     (``tf.where``); the last layer's outputs of the first ``L - 1`` iterations are
     dropped. The same arithmetic per step and row as :func:`run_layer` (the per-step
-    products are row blocks of the same matmul).
+    products are row blocks of the same matmul). ``keep``: also returns, per layer, the
+    residuals :func:`run_layer` keeps for :func:`run_layer_backward` (the input in step
+    order, the state each step started from, :func:`residual_names`), for all ``T`` steps.
 
     Measured against the layers one after another (each with two row chains; P2's
     three GRUCell(200), B = 32, T = 28, one process, calls interleaved): 1.2-1.3x."""
@@ -579,27 +581,46 @@ def run_stack_wave(specs, x, states, params_list, reverse):
     # each layer's output (its state's last component: h, or the projected m), as the
     # state comes in (the same shapes in and out of the loop)
     below = tuple(tf.zeros_like(st[-1]) for st in states[:-1])
+    # with keep, per layer what run_layer keeps (written at iteration t, layer l's step
+    # t - l; sliced after the loop): the input rows (layers above the first), the state
+    # each step started from, the residuals of step()
+    names = [residual_names(spec) if keep else () for spec in specs]
+    n_kept = [(1 if l else 0) + len(spec.state_sizes) + len(names[l]) if keep else 0 for l, spec in enumerate(specs)]
+    kept = tuple(tuple(tf.TensorArray(dtype, size=n_iter) for _ in range(n)) for n in n_kept)
 
-    def body(t, out_ta, states, below):
-        new_states, outs = [], []
+    def body(t, out_ta, states, below, kept):
+        new_states, outs, new_kept = [], [], []
         for l, spec in enumerate(specs):
             if l == 0:
                 xw = xw0[tf.minimum(t, T - 1)]
             else:
                 xw = tf.nn.bias_add(tf.matmul(below[l - 1], wx[l][0]), wx[l][1])
-            out, s_new, _ = step(spec, ws[l], xw, states[l])
+            out, s_new, res = step(spec, ws[l], xw, states[l], keep)
             on = tf.logical_and(t >= l, t - l < T)
             new_states.append(tuple(tf.where(on, a, b) for a, b in zip(s_new, states[l])))
             outs.append(out)
-        return t + 1, out_ta.write(t, outs[-1]), tuple(new_states), tuple(outs[:-1])
+            if keep:
+                vals = ((below[l - 1],) if l else ()) + tuple(states[l]) + tuple(res[k] for k in names[l])
+                new_kept.append(tuple(ta.write(t, v) for ta, v in zip(kept[l], vals)))
+            else:
+                new_kept.append(())
+        return t + 1, out_ta.write(t, outs[-1]), tuple(new_states), tuple(outs[:-1]), tuple(new_kept)
 
-    _, out_ta, finals, _ = tf.while_loop(lambda t, *_: t < n_iter, body,
-                                         (tf.constant(0, tf.int32), out_ta, tuple(tuple(s) for s in states), below),
-                                         maximum_iterations=n_iter)
+    _, out_ta, finals, _, kept = tf.while_loop(
+        lambda t, *_: t < n_iter, body,
+        (tf.constant(0, tf.int32), out_ta, tuple(tuple(s) for s in states), below, kept),
+        maximum_iterations=n_iter)
     y = _stack(out_ta, n_iter, B, P, dtype)[L - 1:]
     if reverse:
         y = tf.reverse(y, [0])
-    return y, finals
+    if not keep:
+        return y, finals
+    residuals = []
+    for l, spec in enumerate(specs):
+        wd = ([specs[l - 1].output_size] if l else []) + list(spec.state_sizes) + [_widths(spec)[k] for k in names[l]]
+        got = tuple(_stack(ta, n_iter, B, w, dtype)[l:l + T] for ta, w in zip(kept[l], wd))
+        residuals.append(((x,) if l == 0 else ()) + got)
+    return y, finals, tuple(residuals)
 
 
 def block_lstm_ok(spec: CellSpec, dtype, mask_kinds, jit: bool) -> bool:
@@ -899,11 +920,10 @@ class KernelCache:
         ``layers``: per layer ``(spec, block, chains)``, the path :meth:`layer_fn` runs it
         on (``packed`` applies to the layers that are not ``block``). The layers' own
         compiled functions are called inside this one, so a call is one dispatch. With
-        ``wave`` (forward only, no lengths, no XLA, two or more layers none of them
-        ``block``) the stack is instead one wavefront loop (:func:`run_stack_wave`)."""
-        if wave and (keep or has_lengths or jit or len(layers) < 2 or any(block for _, block, _ in layers)):
-            raise ValueError("stack_fn: wave is for forward-only stacks of two or more generic layers without "
-                             "lengths or XLA")
+        ``wave`` (no lengths, no XLA, two or more layers none of them ``block``) the stack
+        is instead one wavefront loop (:func:`run_stack_wave`; its ``chains`` are unused)."""
+        if wave and (has_lengths or jit or len(layers) < 2 or any(block for _, block, _ in layers)):
+            raise ValueError("stack_fn: wave is for stacks of two or more generic layers without lengths or XLA")
         key = ("stack", layers, dtype, has_lengths, reverse, jit, keep, packed, wave)
         fn = self._fns.get(key)
         if fn is not None:
@@ -921,7 +941,7 @@ class KernelCache:
         def stack(x, states, params, *lengths):
             self.trace_count += 1
             if wave:
-                return run_stack_wave([spec for spec, _, _ in layers], x, states, params, reverse)
+                return run_stack_wave([spec for spec, _, _ in layers], x, states, params, reverse, keep=keep)
             finals, residuals = [], []
             for layer, st, pl in zip(fns, states, params):
                 out = layer(x, st, pl, *lengths)

@@ -162,23 +162,21 @@ def stack_forward(backend, specs, params_list, inputs, initial_states, sequence_
     layers = tuple((spec,) + _plan(backend, spec, dtype, x.shape[1], (None,) * len(spec.state_sizes), jit)
                    for spec in specs)
     config = (layers, dtype, bool(extra), bool(reverse), jit)
+    # one wavefront loop for the whole stack (the layers' steps side by side instead of
+    # each layer's row chains; the backward still runs layer by layer, on its chains)
+    wave = (not extra and not jit and len(specs) >= 2 and not any(block for _, block, _ in layers)
+            and max(spec.num_units for spec in specs) <= backend.wave_max_units)
     if need_grad:
-        y, finals, res = kernels.stack_fn(*config, keep=True)(x, states, plists, *extra)
+        y, finals, res = kernels.stack_fn(*config, keep=True, wave=wave)(x, states, plists, *extra)
         ws = _Workspace(kernels.stack_backward_fn(*config), extra, res, plists, None)
         return y, _tuples(finals), ws
     flat_states = tuple(a for st in states for a in st)
     if _recording([x, *flat_states, *(p for pl in plists for p in pl)]):
-        y, finals = _differentiable_call(kernels.stack_fn(*config, keep=True), kernels.stack_backward_fn(*config),
-                                         x, states, plists, extra)
+        y, finals = _differentiable_call(kernels.stack_fn(*config, keep=True, wave=wave),
+                                         kernels.stack_backward_fn(*config), x, states, plists, extra)
         return y, _tuples(finals), None
     packed = bool(extra) and not jit and backend.shrink_batch
-    if (not extra and not jit and len(specs) >= 2 and not any(block for _, block, _ in layers)
-            and max(spec.num_units for spec in specs) <= backend.wave_max_units):
-        # one wavefront loop (no row chains: the layers' steps run side by side instead)
-        config = (tuple((spec, False, 1) for spec in specs),) + config[1:]
-        y, finals = kernels.stack_fn(*config, wave=True)(x, states, plists)
-        return y, _tuples(finals), None
-    y, finals = kernels.stack_fn(*config, packed=packed)(x, states, plists, *extra)
+    y, finals = kernels.stack_fn(*config, packed=packed, wave=wave)(x, states, plists, *extra)
     return y, _tuples(finals), None
 
 

@@ -339,14 +339,16 @@ def _check_stack(tfb, specs, dtype, reverse, lengths, seed=0, **shape):
 def test_stack_in_one_call(dtype, reverse, lengths, wave):
     """A stack of layers (rnn, gru, lstm with every option) as one compiled call: forward,
     vjp-style and tape gradients equal the reference run layer by layer (lengths with 0
-    and T; odd B so the two row chains differ in size). ``wave``: the forward-only call
-    without lengths runs as one wavefront loop (``wave_max_units``), else layer by layer."""
+    and T; odd B so the two row chains differ in size). ``wave``: the calls without
+    lengths run their forward as one wavefront loop (``wave_max_units``), else layer by
+    layer."""
     tfb = _stack_backend(split_rows_min=2, wave_max_units=256 if wave else 0)
     _check_stack(tfb, STACK, dtype, reverse, lengths, seed=9)
     keys = [k for k in tfb._kernels._fns if k[0] == "stack"]
     waved = [k for k in keys if k[-1]]
-    # the wavefront only for the forward-only call without lengths (key: keep False)
-    assert [k[7] for k in waved] == ([False] if wave and lengths is None else [])
+    # the wavefront for the forward calls without lengths: forward only and keeping the
+    # residuals (key index 6: keep; the backward runs layer by layer either way)
+    assert sorted(k[6] for k in waved) == ([False, True] if wave and lengths is None else [])
     assert all(all(chains == 2 for _, _, chains in k[1]) for k in keys if not k[-1])
     assert any(k[0] == "stack_backward" for k in tfb._kernels._fns)
 
@@ -357,20 +359,14 @@ def test_stack_in_one_call(dtype, reverse, lengths, wave):
 def test_wave_stack_shapes(T, B, reverse):
     """The wavefront loop over sequences shorter than the stack is deep (T = 0, 1, 2 with
     three layers: iterations where no layer or only some have a step), one row or none,
-    from non-zero initial states: outputs and final states equal the reference run layer
-    by layer, in both directions; two layers (the shortest wavefront) as well."""
+    from non-zero initial states: outputs, final states and (through the residuals it
+    keeps) the gradients equal the reference run layer by layer, in both directions; two
+    layers (the shortest wavefront) as well."""
     tfb = _stack_backend(wave_max_units=256)
     for specs in (STACK, STACK[:2]):
-        params, x, s0s, _, _ = _stack_problem(specs, np.float64, T=T, B=B, seed=11 + T)
-        y_ref, f_ref = x, []
-        for spec, p, s0 in zip(specs, params, s0s):
-            y_ref, f, _ = REF.layer_forward(spec, p, y_ref, s0, None, reverse, None)
-            f_ref.append(list(f))
-        y, f, _ = tfb.stack_forward(specs, params, x, s0s, None, reverse)
-        assert tuple(y.shape) == (T, B, specs[-1].output_size)
-        assert_close([tfb.to_numpy(y), [[tfb.to_numpy(s) for s in fl] for fl in f]], [y_ref, f_ref], np.float64,
-                     f"wave/{len(specs)} layers/T={T}/B={B}/rev={reverse}")
-    assert [k[-1] for k in tfb._kernels._fns if k[0] == "stack"] == [True, True]
+        _check_stack(tfb, specs, np.float64, reverse, None, seed=11 + T, T=T, B=B)
+    assert sorted((len(k[1]), k[6], k[-1]) for k in tfb._kernels._fns if k[0] == "stack") == [
+        (2, False, True), (2, True, True), (3, False, True), (3, True, True)]
 
 
 @pytest.mark.parametrize("lengths", [None, "mixed"])
@@ -391,7 +387,7 @@ def test_stack_no_retrace_for_new_shapes():
         y, _, _ = tfb.stack_forward(specs, params, x, s0s)
         assert tuple(y.shape) == (T, B, 4)
         counts.append(tfb.trace_count)
-    # no retrace for B=1 after B=3 and B=20 (the two-chain path where a stack runs layer by layer)
+    # B=20 takes the two-chain path (a second configuration); B=1 reuses the first
     assert counts[2] == counts[1]
 
 
