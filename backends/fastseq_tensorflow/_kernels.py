@@ -563,7 +563,9 @@ def run_stack_wave(specs, x, states, params_list, reverse, keep=False):
     order, the state each step started from, :func:`residual_names`), for all ``T`` steps.
 
     Measured against the layers one after another (each with two row chains; P2's
-    three GRUCell(200), B = 32, T = 28, one process, calls interleaved): 1.2-1.3x."""
+    three GRUCell(200), B = 32, T = 28, one process, calls interleaved): forward
+    1.2-1.35x, training step 1.06x (see ``TensorFlowBackend.wave_max_units`` for the
+    shapes where it loses)."""
     dtype = x.dtype
     L = len(specs)
     if reverse:
@@ -807,7 +809,8 @@ def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, rever
 
 
 class KernelCache:
-    """``tf.function`` objects keyed by configuration; counts traces."""
+    """The compiled functions keyed by configuration (each ``tf.function``'s one concrete
+    function, :attr:`concrete`); counts traces."""
 
     #: Keep each compiled function as its one concrete function (traced when first made):
     #: calling a ``tf.function`` binds the nested arguments against its signature in Python
