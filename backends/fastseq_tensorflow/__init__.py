@@ -81,9 +81,15 @@ class TensorFlowBackend(Backend):
     #: recurrences over the two halves of the rows (their per-step matmuls run side by
     #: side on two cores). 0 turns the split off.
     split_rows_min = 16
-    #: Forward calls with ``sequence_length`` (no gradient wanted, no state masks) sort
-    #: the rows by length and shrink the active batch as sequences finish.
+    #: Calls with ``sequence_length`` (no state masks; forward, and training's forward and
+    #: backward passes) sort the rows by length and shrink the active batch as sequences
+    #: finish.
     shrink_batch = True
+    #: Training with ``sequence_length`` beside two row chains (``split_rows_min``) takes
+    #: the shrinking batch only where the lengths cover at most this fraction of the
+    #: ``[T, B]`` steps (one LSTM(256) layer, B=64, training step, shrinking batch against
+    #: two chains of masked steps: lengths covering 55 % 1.37x, 80 % 1.10x, all 0.93x).
+    packed_training_max_fill = 0.85
     #: The forward pass of a MultiRNNCell without ``sequence_length`` whose layers have at
     #: most this many units runs the layers as one wavefront loop (layer ``l`` at step
     #: ``t - l``, the layers' steps side by side on the cores; ``_kernels.run_stack_wave``)

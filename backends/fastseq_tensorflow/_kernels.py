@@ -501,22 +501,13 @@ def run_layer(spec: CellSpec, x, state, params, lengths, masks, mask_kinds, reve
     return y, final, residuals
 
 
-def run_layer_packed(spec: CellSpec, x, state, params, lengths, reverse):
-    """Forward-only :func:`run_layer` for a batch with lengths that does no work on
-    finished rows: the rows are sorted by length once (longest first), step ``t`` runs
-    the cell on the first ``count(lengths > t)`` rows only (the active batch shrinks as
-    sequences finish, as in PyTorch's packed sequences, but from plain lengths), and the
-    rows are put back in their order at the end. TF1 computes every padded step; this
-    does about ``mean(lengths) / max(lengths)`` of that work.
-
-    The valid (step, row) pairs are laid out packed, step-major (PyTorch's
-    ``PackedSequence`` order): the input is gathered into that layout once (the reverse
-    direction reads ``x[len - 1 - t]``, no reversed copy), projected in one matmul over
-    the valid rows only, each step reads its contiguous block, and the outputs are
-    scattered to their places in ``[T, B, P]`` at the end (zeros past each length)."""
-    dtype = x.dtype
-    T, B = tf.shape(x)[0], tf.shape(x)[1]
-    p = dict(zip(param_names(spec), params))
+def _packed_plan(lengths, T, B, reverse):
+    """The packed, step-major layout of the valid (step, row) pairs for :func:`run_layer_packed`
+    and :func:`run_layer_backward_packed`: ``(order, undo, n_steps, counts, starts, pos)``:
+    the rows sorted by length (longest first, stable) and its inverse, the steps run, the
+    active rows of each step and where its block starts, and for each packed row its
+    ``(step, row)`` in ``[T, B]`` (the reverse direction's step ``t`` of a row reads
+    ``len - 1 - t``)."""
     order = tf.argsort(lengths, direction="DESCENDING", stable=True)
     undo = tf.math.invert_permutation(order)
     lens = tf.gather(lengths, order)
@@ -527,23 +518,62 @@ def run_layer_packed(spec: CellSpec, x, state, params, lengths, reverse):
     t_idx, j_idx = tj[:, 0], tj[:, 1]
     src_t = tf.gather(lens, j_idx) - 1 - t_idx if reverse else t_idx
     pos = tf.stack([src_t, tf.gather(order, j_idx)], axis=1)  # where each packed row lives in [T, B]
-    xw = project_inputs(spec, p, tf.gather_nd(x, pos))  # [N, G]
+    return order, undo, n_steps, counts, starts, pos
+
+
+def _packed_rows(ta, n_steps, width, dtype):
+    """A packed TensorArray's blocks joined in step order: ``[N, width]``."""
+    return tf.cond(n_steps > 0, lambda: ta.concat(), lambda: tf.zeros(tf.stack([0, width]), dtype))
+
+
+def run_layer_packed(spec: CellSpec, x, state, params, lengths, reverse, keep=False):
+    """:func:`run_layer` for a batch with lengths that does no work on finished rows: the
+    rows are sorted by length once (longest first), step ``t`` runs the cell on the first
+    ``count(lengths > t)`` rows only (the active batch shrinks as sequences finish, as in
+    PyTorch's packed sequences, but from plain lengths), and the rows are put back in
+    their order at the end. TF1 computes every padded step; this does about
+    ``mean(lengths) / max(lengths)`` of that work.
+
+    The valid (step, row) pairs are laid out packed, step-major (PyTorch's
+    ``PackedSequence`` order, :func:`_packed_plan`): the input is gathered into that
+    layout once (the reverse direction reads ``x[len - 1 - t]``, no reversed copy),
+    projected in one matmul over the valid rows only, each step reads its contiguous
+    block, and the outputs are scattered to their places in ``[T, B, P]`` at the end
+    (zeros past each length). ``keep``: also returns the residuals of
+    :func:`run_layer_backward_packed` in the same packed layout, ``[N, .]`` each: the
+    input rows, the state each step started from, :func:`residual_names`."""
+    dtype = x.dtype
+    T, B = tf.shape(x)[0], tf.shape(x)[1]
+    p = dict(zip(param_names(spec), params))
+    order, undo, n_steps, counts, starts, pos = _packed_plan(lengths, T, B, reverse)
+    xp = tf.gather_nd(x, pos)  # [N, I]
+    xw = project_inputs(spec, p, xp)  # [N, G]
     w = recurrent_weights(spec, p, tf.shape(x)[2])
     P = spec.output_size
     out_ta = tf.TensorArray(dtype, size=n_steps, element_shape=tf.TensorShape([None, P]), infer_shape=False)
+    names = residual_names(spec) if keep else ()
+    widths = _widths(spec)
+    kept_w = (tuple(spec.state_sizes) + tuple(widths[k] for k in names)) if keep else ()
+    kept = tuple(tf.TensorArray(dtype, size=n_steps, element_shape=tf.TensorShape([None, wd]), infer_shape=False)
+                 for wd in kept_w)
 
-    def body(t, out_ta, *s):
+    def body(t, out_ta, kept, *s):
         n, at = counts[t], starts[t]
-        out, s_new, _ = step(spec, w, xw[at:at + n], tuple(a[:n] for a in s))
+        s_act = tuple(a[:n] for a in s)
+        out, s_new, res = step(spec, w, xw[at:at + n], s_act, keep)
+        if keep:
+            kept = tuple(ta.write(t, v) for ta, v in zip(kept, s_act + tuple(res[k] for k in names)))
         s_next = tuple(tf.concat([a, b[n:]], axis=0) for a, b in zip(s_new, s))
-        return (t + 1, out_ta.write(t, out), *s_next)
+        return (t + 1, out_ta.write(t, out), kept, *s_next)
 
     state_sorted = tuple(tf.gather(a, order) for a in state)
-    _, out_ta, *final = tf.while_loop(lambda t, *_: t < n_steps, body, (tf.constant(0), out_ta, *state_sorted),
-                                      maximum_iterations=n_steps)
-    y_packed = tf.cond(n_steps > 0, lambda: out_ta.concat(), lambda: tf.zeros([0, P], dtype))
-    y = tf.scatter_nd(pos, y_packed, tf.stack([T, B, P]))
-    return y, tuple(tf.gather(a, undo) for a in final)
+    _, out_ta, kept, *final = tf.while_loop(lambda t, *_: t < n_steps, body,
+                                            (tf.constant(0), out_ta, kept, *state_sorted), maximum_iterations=n_steps)
+    y = tf.scatter_nd(pos, _packed_rows(out_ta, n_steps, P, dtype), tf.stack([T, B, P]))
+    final = tuple(tf.gather(a, undo) for a in final)
+    if not keep:
+        return y, final
+    return y, final, (xp,) + tuple(_packed_rows(ta, n_steps, wd, dtype) for ta, wd in zip(kept, kept_w))
 
 
 def run_stack_wave(specs, x, states, params_list, reverse, keep=False):
@@ -704,7 +734,7 @@ def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, rever
     w = recurrent_weights(spec, p, n_in)
     fused = not jit and fused_backward_ok(spec, dtype)  # XLA has no kernels for the fused ops
     w = backward_weights(spec, w, dtype, fused)
-    H, P = spec.num_units, spec.output_size
+    P = spec.output_size
     G = _gate_width(spec)
     rev = _reverser(lengths)
     if reverse:
@@ -776,7 +806,20 @@ def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, rever
     if reverse:
         dx = rev(dx)
 
+    widths = _widths(spec)
     Sp = [tf.reshape(a, [-1, wd]) for a, wd in zip(s_prev, spec.state_sizes)]
+    res2 = {k: tf.reshape(v, [-1, widths[k]]) for k, v in res.items()}
+    dMP = tf.reshape(gather(dmp_tas, P), [-1, P]) if has_proj else None
+    return dx, tuple(d_init), _param_grads(spec, p, X, dZ, Sp, res2, dMP)
+
+
+def _param_grads(spec: CellSpec, p, X, dZ, Sp, res, dMP=None):
+    """The weight gradients (in :func:`param_names` order) as a few matmuls over all the
+    rows of all steps at once, from 2-D rows: the inputs ``X [N, I]``, the gate
+    cotangents ``dZ [N, G]``, the state each step started from ``Sp`` (per component
+    ``[N, S]``), the residuals ``res`` by name (``[N, w]``) and, with a projection, its
+    cotangent ``dMP [N, P]``."""
+    H = spec.num_units
     dXw = tf.matmul(X, dZ, transpose_a=True)  # [I, G]
     db = tf.reduce_sum(dZ, axis=0)
     grads = {}
@@ -786,7 +829,7 @@ def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, rever
     elif spec.kind == "gru":
         dG, dC = dZ[:, : 2 * H], dZ[:, 2 * H :]
         Hp = Sp[0]
-        RH = tf.reshape(res["g"], [-1, 2 * H])[:, :H] * Hp
+        RH = res["g"][:, :H] * Hp
         grads["gates/kernel"] = tf.concat([dXw[:, : 2 * H], tf.matmul(Hp, dG, transpose_a=True)], axis=0)
         grads["gates/bias"] = db[: 2 * H]
         grads["candidate/kernel"] = tf.concat([dXw[:, 2 * H :], tf.matmul(RH, dC, transpose_a=True)], axis=0)
@@ -796,16 +839,61 @@ def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, rever
         grads["bias"] = db
         if spec.use_peepholes:
             Cp = Sp[0]
-            CN = tf.reshape(res["cn"], [-1, H])
+            CN = res["cn"]
             grads["w_f_diag"] = tf.reduce_sum(dZ[:, 2 * H : 3 * H] * Cp, axis=0)
             grads["w_i_diag"] = tf.reduce_sum(dZ[:, :H] * Cp, axis=0)
             grads["w_o_diag"] = tf.reduce_sum(dZ[:, 3 * H :] * CN, axis=0)
-        if has_proj:
-            dMP = tf.reshape(gather(dmp_tas, P), [-1, P])
-            Mpre = tf.reshape(res["m_pre"], [-1, H])
-            grads["projection/kernel"] = tf.matmul(Mpre, dMP, transpose_a=True)
-    d_params = tuple(grads[k] for k in param_names(spec))
-    return dx, tuple(d_init), d_params
+        if spec.num_proj:
+            grads["projection/kernel"] = tf.matmul(res["m_pre"], dMP, transpose_a=True)
+    return tuple(grads[k] for k in param_names(spec))
+
+
+def run_layer_backward_packed(spec: CellSpec, params, lengths, reverse, residuals, dy, d_final):
+    """Backpropagation through time for :func:`run_layer_packed` (``keep=True``) on its
+    packed layout: the loop runs backwards over the steps, each on its active rows only
+    (a row's state cotangent waits, untouched, until the loop reaches its last step, where
+    it receives the final state's cotangent), and the input gradient and the weight
+    gradients are matmuls over the ``N`` valid rows (:func:`_param_grads`); the input
+    gradient is scattered to ``[T, B, I]`` (zeros past each length). The same per-step
+    arithmetic as :func:`run_layer_backward` on the valid rows (the fused cell-gradient
+    ops where :func:`fused_backward_ok`). Returns ``(d_inputs, d_initial_state tuple,
+    d_params tuple)``."""
+    n_state = len(spec.state_sizes)
+    names = residual_names(spec)
+    xp = residuals[0]
+    s_prev = residuals[1:1 + n_state]
+    res = dict(zip(names, residuals[1 + n_state:]))
+    dtype = xp.dtype
+    T, B, n_in = tf.shape(dy)[0], tf.shape(dy)[1], tf.shape(xp)[1]
+    order, undo, n_steps, counts, starts, pos = _packed_plan(lengths, T, B, reverse)
+    p = dict(zip(param_names(spec), params))
+    fused = fused_backward_ok(spec, dtype)
+    w = backward_weights(spec, recurrent_weights(spec, p, n_in), dtype, fused)
+    G, P = _gate_width(spec), spec.output_size
+    has_proj = spec.kind == "lstm" and bool(spec.num_proj)
+    dyp = tf.gather_nd(dy, pos)  # [N, P]
+    dz_ta = tf.TensorArray(dtype, size=n_steps, element_shape=tf.TensorShape([None, G]), infer_shape=False)
+    dmp_ta = tuple(tf.TensorArray(dtype, size=n_steps, element_shape=tf.TensorShape([None, P]), infer_shape=False)
+                   for _ in range(int(has_proj)))
+
+    def body(t, dz_ta, dmp_ta, ds):
+        n, at = counts[t], starts[t]
+        state = tuple(a[at:at + n] for a in s_prev)
+        r = {k: v[at:at + n] for k, v in res.items()}
+        dz, d_prev, extra = step_backward(spec, w, r, state, dyp[at:at + n], tuple(d[:n] for d in ds), fused)
+        ds = tuple(tf.concat([a, b[n:]], axis=0) for a, b in zip(d_prev, ds))
+        dmp_ta = tuple(ta.write(t, extra["dmp"]) for ta in dmp_ta)
+        return t - 1, dz_ta.write(t, dz), dmp_ta, ds
+
+    ds0 = tuple(tf.gather(d, order) for d in d_final)
+    _, dz_ta, dmp_ta, d_init = tf.while_loop(lambda t, *_: t >= 0, body, (n_steps - 1, dz_ta, dmp_ta, ds0),
+                                             maximum_iterations=n_steps)
+    dZ = _packed_rows(dz_ta, n_steps, G, dtype)  # [N, G]
+    wx = input_weights(spec, p, n_in)[0]
+    dx = tf.scatter_nd(pos, tf.matmul(dZ, tf.transpose(wx)), tf.stack([T, B, n_in]))
+    dMP = _packed_rows(dmp_ta[0], n_steps, P, dtype) if has_proj else None
+    d_params = _param_grads(spec, p, xp, dZ, list(s_prev), res, dMP)
+    return dx, tuple(tf.gather(d, undo) for d in d_init), d_params
 
 
 class KernelCache:
@@ -879,7 +967,7 @@ class KernelCache:
             self.trace_count += 1
             lengths, masks = self._split_extra(rest, has_lengths, mask_kinds)
             if packed:
-                return run_layer_packed(spec, x, state, params, lengths, reverse)
+                return run_layer_packed(spec, x, state, params, lengths, reverse, keep=keep)
             if block:
                 return run_layer_block(spec, x, state, params, lengths, reverse, keep=keep)
             return run_layer(spec, x, state, params, lengths, masks, mask_kinds, reverse, full_length=jit, keep=keep,
@@ -888,18 +976,24 @@ class KernelCache:
         fn = tf.function(layer, input_signature=signature, jit_compile=jit or None, autograph=False)
         return self._keep(key, fn)
 
+    @staticmethod
+    def _residual_specs(spec, dtype, packed):
+        """The residuals of ``layer_fn(keep=True)``: ``[T, B, .]`` each, or ``[N, .]`` on the
+        packed path."""
+        n_res = 1 + len(spec.state_sizes) + len(residual_names(spec))
+        return tuple(tf.TensorSpec([None, None] if packed else [None, None, None], dtype) for _ in range(n_res))
+
     def backward_fn(self, spec: CellSpec, dtype, has_lengths: bool, reverse: bool, mask_kinds, jit: bool,
-                    chains: int = 1):
+                    chains: int = 1, packed: bool = False):
         """The compiled backward pass:
-        ``(params[, lengths][, masks], residuals, dy, d_final) -> (dx, d_state0, d_params)``."""
-        key = ("backward", spec, dtype, has_lengths, reverse, mask_kinds, jit, chains)
+        ``(params[, lengths][, masks], residuals, dy, d_final) -> (dx, d_state0, d_params)``;
+        ``packed``: of ``layer_fn(keep=True, packed=True)`` (:func:`run_layer_backward_packed`)."""
+        key = ("backward", spec, dtype, has_lengths, reverse, mask_kinds, jit, chains, packed)
         fn = self._fns.get(key)
         if fn is not None:
             return fn
-        nstate = len(spec.state_sizes)
-        n_res = 1 + nstate + len(residual_names(spec))
         signature = [self._param_specs(spec, dtype)] + self._extra_specs(dtype, has_lengths, mask_kinds) + [
-            tuple(tf.TensorSpec([None, None, None], dtype) for _ in range(n_res)),
+            self._residual_specs(spec, dtype, packed),
             tf.TensorSpec([None, None, None], dtype),
             self._state_specs(spec, dtype),
         ]
@@ -908,6 +1002,8 @@ class KernelCache:
             self.trace_count += 1
             residuals, dy, d_final = rest[-3:]
             lengths, masks = self._split_extra(rest[:-3], has_lengths, mask_kinds)
+            if packed:
+                return run_layer_backward_packed(spec, params, lengths, reverse, residuals, dy, d_final)
             return run_layer_backward(spec, params, lengths, masks, mask_kinds, reverse, residuals, dy, d_final,
                                       chains=chains, jit=jit)
 
@@ -957,22 +1053,20 @@ class KernelCache:
         fn = tf.function(stack, input_signature=signature, autograph=False)
         return self._keep(key, fn)
 
-    def stack_backward_fn(self, layers, dtype, has_lengths: bool, reverse: bool, jit: bool):
-        """The backward pass of :meth:`stack_fn` (``keep=True``), one compiled call:
-        ``(params[, lengths], residuals, dy, d_finals) -> (dx, d_states, d_params)``, the
-        last three per layer but ``dx``."""
-        key = ("stack_backward", layers, dtype, has_lengths, reverse, jit)
+    def stack_backward_fn(self, layers, dtype, has_lengths: bool, reverse: bool, jit: bool, packed: bool = False):
+        """The backward pass of :meth:`stack_fn` (``keep=True``, the same ``packed``), one
+        compiled call: ``(params[, lengths], residuals, dy, d_finals) -> (dx, d_states,
+        d_params)``, the last three per layer but ``dx``."""
+        key = ("stack_backward", layers, dtype, has_lengths, reverse, jit, packed)
         fn = self._fns.get(key)
         if fn is not None:
             return fn
         fns = [self.backward_fn(spec, dtype, has_lengths, reverse, (None,) * len(spec.state_sizes), jit,
-                                chains=chains)
-               for spec, _, chains in layers]
+                                chains=chains, packed=packed and not block)
+               for spec, block, chains in layers]
         signature = [tuple(self._param_specs(spec, dtype) for spec, _, _ in layers)] \
             + self._extra_specs(dtype, has_lengths, ()) + [
-            tuple(tuple(tf.TensorSpec([None, None, None], dtype)
-                        for _ in range(1 + len(spec.state_sizes) + len(residual_names(spec))))
-                  for spec, _, _ in layers),
+            tuple(self._residual_specs(spec, dtype, packed and not block) for spec, block, _ in layers),
             tf.TensorSpec([None, None, None], dtype),
             tuple(self._state_specs(spec, dtype) for spec, _, _ in layers),
         ]

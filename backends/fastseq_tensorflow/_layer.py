@@ -110,6 +110,23 @@ def _plan(backend, spec, dtype, B, kinds, jit):
     return block, chains
 
 
+def _pack_for_training(backend, sequence_length, T, B, chains):
+    """Whether training with lengths takes the packed path (sorted rows, shrinking batch):
+    always where the loop would run one row chain; beside two chains (whose products run
+    side by side on two cores, the packed loop has one) only where the lengths cover at
+    most ``backend.packed_training_max_fill`` of the ``[T, B]`` steps, or where they are
+    not known here (symbolic)."""
+    if chains == 1:
+        return True
+    lens = tf.get_static_value(sequence_length) if tf.is_tensor(sequence_length) else sequence_length
+    if lens is None or T is None or B is None:
+        return True
+    if not T or not B:
+        return True
+    covered = float(np.clip(np.asarray(lens, dtype=np.int64), 0, T).sum())
+    return covered <= backend.packed_training_max_fill * T * B
+
+
 def layer_forward(backend, spec, params, inputs, initial_state, sequence_length, reverse, state_mask, need_grad):
     x, dtype = _inputs(backend, inputs)
     state = _state(backend, spec, initial_state, dtype)
@@ -124,20 +141,27 @@ def layer_forward(backend, spec, params, inputs, initial_state, sequence_length,
     config = (spec, dtype, has_lengths, bool(reverse), kinds, jit)
     kernels = backend._kernels
     block, chains = _plan(backend, spec, dtype, x.shape[1], kinds, jit)
+    # finished rows drop out of the computation (forward; training where that pays)
+    packed = has_lengths and not masks and not jit and not block and backend.shrink_batch
+    recording = not need_grad and _recording([x, *state, *plist])
+    if packed and (need_grad or recording):
+        packed = _pack_for_training(backend, sequence_length, T, x.shape[1], chains)
     if need_grad:
         # fastseq.vjp: the forward pass keeps its residuals; the backward pass is a second
         # compiled function (hand-written BPTT), no GradientTape involved.
-        y, final, res = kernels.layer_fn(*config, keep=True, block=block, chains=chains)(x, state, plist, *extra)
-        ws = _Workspace(kernels.backward_fn(*config, chains=chains), tuple(extra), res, plist, len(state))
+        y, final, res = kernels.layer_fn(*config, keep=True, block=block, chains=chains, packed=packed)(
+            x, state, plist, *extra)
+        ws = _Workspace(kernels.backward_fn(*config, chains=chains, packed=packed), tuple(extra), res, plist,
+                        len(state))
         return y, tuple(final), ws
-    if _recording([x, *state, *plist]):
+    if recording:
         # A GradientTape (or tf.gradients) is watching: the same two compiled functions,
         # joined by tf.custom_gradient.
-        y, final = _differentiable_call(kernels.layer_fn(*config, keep=True, block=block, chains=chains),
-                                        kernels.backward_fn(*config, chains=chains), x, state, plist, tuple(extra))
+        y, final = _differentiable_call(kernels.layer_fn(*config, keep=True, block=block, chains=chains, packed=packed),
+                                        kernels.backward_fn(*config, chains=chains, packed=packed), x, state, plist,
+                                        tuple(extra))
         return y, final, None
-    if has_lengths and not masks and not jit and not block and backend.shrink_batch:
-        # forward only: finished rows drop out of the computation
+    if packed:
         y, final = kernels.layer_fn(*config, packed=True)(x, state, plist, *extra)
         return y, tuple(final), None
     y, final = kernels.layer_fn(*config, block=block, chains=chains)(x, state, plist, *extra)
@@ -166,16 +190,21 @@ def stack_forward(backend, specs, params_list, inputs, initial_states, sequence_
     # each layer's row chains; the backward still runs layer by layer, on its chains)
     wave = (not extra and not jit and len(specs) >= 2 and not any(block for _, block, _ in layers)
             and max(spec.num_units for spec in specs) <= backend.wave_max_units)
-    if need_grad:
-        y, finals, res = kernels.stack_fn(*config, keep=True, wave=wave)(x, states, plists, *extra)
-        ws = _Workspace(kernels.stack_backward_fn(*config), extra, res, plists, None)
-        return y, _tuples(finals), ws
-    flat_states = tuple(a for st in states for a in st)
-    if _recording([x, *flat_states, *(p for pl in plists for p in pl)]):
-        y, finals = _differentiable_call(kernels.stack_fn(*config, keep=True, wave=wave),
-                                         kernels.stack_backward_fn(*config), x, states, plists, extra)
-        return y, _tuples(finals), None
+    # the layers not on BlockLSTM sort and shrink the batch where there are lengths
     packed = bool(extra) and not jit and backend.shrink_batch
+    flat_states = tuple(a for st in states for a in st)
+    recording = not need_grad and _recording([x, *flat_states, *(p for pl in plists for p in pl)])
+    if packed and (need_grad or recording):
+        packed = _pack_for_training(backend, sequence_length, x.shape[0], x.shape[1],
+                                    max(chains for _, _, chains in layers))
+    if need_grad:
+        y, finals, res = kernels.stack_fn(*config, keep=True, packed=packed, wave=wave)(x, states, plists, *extra)
+        ws = _Workspace(kernels.stack_backward_fn(*config, packed=packed), extra, res, plists, None)
+        return y, _tuples(finals), ws
+    if recording:
+        y, finals = _differentiable_call(kernels.stack_fn(*config, keep=True, packed=packed, wave=wave),
+                                         kernels.stack_backward_fn(*config, packed=packed), x, states, plists, extra)
+        return y, _tuples(finals), None
     y, finals = kernels.stack_fn(*config, packed=packed, wave=wave)(x, states, plists, *extra)
     return y, _tuples(finals), None
 

@@ -254,6 +254,91 @@ def test_shrinking_batch_forward_empty_shapes(reverse):
     assert any(k[0] == "layer" and k[-1] for k in tfb._kernels._fns), "the shrinking-batch path was not used"
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_shrinking_batch_training(name, reverse, dtype):
+    """Training with lengths (no state masks) keeps its residuals in the packed layout and
+    runs the backward pass on each step's active rows only: outputs, final states and the
+    gradients (vjp-style and under a GradientTape) equal the reference, with lengths 0 and
+    T in the batch (float32: the fused cell-gradient ops where they apply)."""
+    from fastseq_tensorflow import TensorFlowBackend
+
+    tfb = TensorFlowBackend()
+    tfb.jit_compile, tfb.block_lstm_max_batch = False, 0
+    tfb.initialize()
+    spec = SPECS[name]
+    _compare(tfb, spec, dtype, reverse, "mixed", None, seed=13, B=5)
+    params, x, s0, seq, _, rng = _problem(spec, dtype, lengths="mixed", seed=14, B=5)
+    y_ref, f_ref, ws_ref = REF.layer_forward(spec, params, x, s0, seq, reverse, None, need_grad=True)
+    dy = rng.normal(size=y_ref.shape).astype(dtype)
+    ds = tuple(rng.normal(size=a.shape).astype(dtype) for a in f_ref)
+    g_ref = REF.layer_backward(spec, params, ws_ref, dy, ds)
+    xt, st = tf.constant(x), [tf.constant(a) for a in s0]
+    pt = {k: tf.constant(v) for k, v in params.items()}
+    with tf.GradientTape() as tape:
+        tape.watch([xt, st, pt])
+        y, f, _ = tfb.layer_forward(spec, pt, xt, st, seq, reverse, None)
+        loss = tf.reduce_sum(y * dy) + tf.add_n([tf.reduce_sum(a * b) for a, b in zip(f, ds)])
+    g = tape.gradient(loss, [xt, st, pt])
+    got = [g[0].numpy(), [a.numpy() for a in g[1]], {k: v.numpy() for k, v in g[2].items()}]
+    assert_close(got, [g_ref[0], list(g_ref[1]), g_ref[2]], dtype, f"{name} tape gradients")
+    fns = tfb._kernels._fns
+    assert any(k[0] == "layer" and k[7] and k[-1] for k in fns), "the packed forward did not keep residuals"
+    assert any(k[0] == "backward" and k[-1] for k in fns), "the packed backward was not used"
+
+
+def test_shrinking_batch_training_beside_two_chains():
+    """Beside two row chains, training takes the shrinking batch only where the lengths
+    leave enough out (``packed_training_max_fill``); both paths agree with the reference."""
+    from fastseq_tensorflow import TensorFlowBackend
+
+    spec = SPECS["gru"]
+    for seq, want in [([6, 6, 6, 6], False), ([6, 1, 0, 2], True)]:
+        tfb = TensorFlowBackend()
+        tfb.jit_compile, tfb.split_rows_min = False, 2
+        tfb.initialize()
+        params, x, s0, _, _, rng = _problem(spec, np.float64, T=6, B=4, seed=16)
+        seq = np.asarray(seq, dtype=np.int64)
+        y_ref, f_ref, ws_ref = REF.layer_forward(spec, params, x, s0, seq, False, None, need_grad=True)
+        y, f, ws = tfb.layer_forward(spec, params, x, s0, seq, False, None, need_grad=True)
+        dy = rng.normal(size=y_ref.shape)
+        ds = tuple(rng.normal(size=a.shape) for a in f_ref)
+        g_ref = REF.layer_backward(spec, params, ws_ref, dy, ds)
+        g = tfb.layer_backward(spec, params, ws, dy, ds)
+        got = [tfb.to_numpy(y), tfb.to_numpy(g[0]), [tfb.to_numpy(d) for d in g[1]],
+               {k: tfb.to_numpy(v) for k, v in g[2].items()}]
+        assert_close(got, [y_ref, g_ref[0], list(g_ref[1]), g_ref[2]], np.float64, f"lengths={list(seq)}")
+        keys = [k for k in tfb._kernels._fns if k[0] == "backward"]
+        assert [k[-1] for k in keys] == [want]  # the packed backward, or the two chains' (key index -2: 2)
+        assert all(k[-2] == 2 for k in keys)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_shrinking_batch_training_edge_shapes(reverse):
+    """The packed training path with no steps, no rows, one step, every row at full length."""
+    from fastseq_tensorflow import TensorFlowBackend
+
+    tfb = TensorFlowBackend()
+    tfb.jit_compile, tfb.block_lstm_max_batch = False, 0
+    tfb.initialize()
+    spec = SPECS["lstm_full"]
+    for T, B, seq in [(0, 3, [0, 0, 0]), (5, 0, []), (1, 2, [1, 0]), (4, 3, [4, 4, 4]), (4, 3, [0, 0, 0])]:
+        params, x, s0, _, _, rng = _problem(spec, np.float64, T=T, B=B, seed=15)
+        seq = np.asarray(seq, dtype=np.int64)
+        y_ref, f_ref, ws_ref = REF.layer_forward(spec, params, x, s0, seq, reverse, None, need_grad=True)
+        y, f, ws = tfb.layer_forward(spec, params, x, s0, seq, reverse, None, need_grad=True)
+        tag = f"T={T} B={B} lengths={list(seq)} rev={reverse}"
+        assert_close([tfb.to_numpy(y), [tfb.to_numpy(a) for a in f]], [y_ref, list(f_ref)], np.float64, tag)
+        dy = rng.normal(size=y_ref.shape)
+        ds = tuple(rng.normal(size=a.shape) for a in f_ref)
+        g_ref = REF.layer_backward(spec, params, ws_ref, dy, ds)
+        g = tfb.layer_backward(spec, params, ws, dy, ds)
+        got = [tfb.to_numpy(g[0]), [tfb.to_numpy(d) for d in g[1]], {k: tfb.to_numpy(v) for k, v in g[2].items()}]
+        assert_close(got, [g_ref[0], list(g_ref[1]), g_ref[2]], np.float64, tag + " gradients")
+    assert any(k[0] == "backward" and k[-1] for k in tfb._kernels._fns)
+
+
 # ------------------------------------------------------------------ a stack in one call
 STACK = [CellSpec("gru", 5), SPECS["lstm_full"], CellSpec("rnn", 4)]  # depths 3 -> 5 -> 3 -> 4
 BLOCK_STACK = [CellSpec("lstm", 5, forget_bias=0.5), CellSpec("lstm", 4, use_peepholes=True)]
