@@ -454,6 +454,19 @@ def test_wave_stack_shapes(T, B, reverse):
         (2, False, True), (2, True, True), (3, False, True), (3, True, True)]
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_stack_training_shrinking_batch(reverse, dtype):
+    """A stack trained with lengths (one row chain a layer) keeps its layers' residuals in
+    the packed layout and runs their backward passes on the active rows: forward, vjp and
+    tape gradients equal the reference."""
+    tfb = _stack_backend()
+    _check_stack(tfb, STACK, dtype, reverse, "mixed", seed=17)
+    keys = [k for k in tfb._kernels._fns if k[0] in ("stack", "stack_backward")]
+    assert (True, True) in {(k[6], k[7]) for k in keys if k[0] == "stack"}  # keep, packed
+    assert any(k[0] == "stack_backward" and k[-1] for k in keys)
+
+
 @pytest.mark.parametrize("lengths", [None, "mixed"])
 def test_stack_of_block_lstm_layers(lengths):
     """Small float32 LSTM batches inside a stack take the BlockLSTM path per layer."""
