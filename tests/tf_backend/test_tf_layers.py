@@ -40,6 +40,17 @@ def tfb():
     return backend
 
 
+def _own_backend(**attrs):
+    from fastseq_tensorflow import TensorFlowBackend
+
+    b = TensorFlowBackend()  # its own kernel cache, so the paths it took can be read from it
+    b.jit_compile = False
+    for k, v in attrs.items():
+        setattr(b, k, v)
+    b.initialize()
+    return b
+
+
 def _problem(spec, dtype, T=6, B=4, I=3, lengths=None, mask=None, seed=0):
     rng = np.random.default_rng(seed)
     params = {k: rng.normal(0, 0.6, s).astype(dtype) for k, s in spec.param_shapes(I).items()}
@@ -58,12 +69,12 @@ def _problem(spec, dtype, T=6, B=4, I=3, lengths=None, mask=None, seed=0):
     return params, x, s0, seq, masks, rng
 
 
-def _compare(tfb, spec, dtype, reverse, lengths, mask, seed=0, **shape):
-    params, x, s0, seq, masks, rng = _problem(spec, dtype, lengths=lengths, mask=mask, seed=seed, **shape)
+def _check_vjp(tfb, spec, dtype, params, x, s0, seq, reverse, masks, rng, tag):
+    """``layer_forward(need_grad=True)`` and ``layer_backward`` against the reference:
+    outputs, final states and every gradient for random cotangents."""
     y_ref, f_ref, ws_ref = REF.layer_forward(spec, params, x, s0, seq, reverse, masks, need_grad=True)
     y, f, ws = tfb.layer_forward(spec, params, x, s0, seq, reverse, masks, need_grad=True)
     assert isinstance(y, tf.Tensor) and y.dtype == tf.as_dtype(dtype)
-    tag = f"{spec}/{np.dtype(dtype).name}/rev={reverse}/len={lengths}/mask={mask}"
     assert_close([tfb.to_numpy(y), [tfb.to_numpy(s) for s in f]], [y_ref, list(f_ref)], dtype, tag + " forward")
     dy = rng.normal(size=y_ref.shape).astype(dtype)
     ds = tuple(rng.normal(size=s.shape).astype(dtype) for s in f_ref)
@@ -72,6 +83,12 @@ def _compare(tfb, spec, dtype, reverse, lengths, mask, seed=0, **shape):
     assert list(g[2]) == list(g_ref[2])
     got = [tfb.to_numpy(g[0]), [tfb.to_numpy(d) for d in g[1]], {k: tfb.to_numpy(v) for k, v in g[2].items()}]
     assert_close(got, [g_ref[0], list(g_ref[1]), g_ref[2]], dtype, tag + " gradients")
+
+
+def _compare(tfb, spec, dtype, reverse, lengths, mask, seed=0, **shape):
+    params, x, s0, seq, masks, rng = _problem(spec, dtype, lengths=lengths, mask=mask, seed=seed, **shape)
+    tag = f"{spec}/{np.dtype(dtype).name}/rev={reverse}/len={lengths}/mask={mask}"
+    _check_vjp(tfb, spec, dtype, params, x, s0, seq, reverse, masks, rng, tag)
     # the step function gives the first step of an unmasked forward run
     out_ref, st_ref = REF.cell_step(spec, params, x[0], s0)
     out, st = tfb.cell_step(spec, params, x[0], s0)
@@ -262,11 +279,7 @@ def test_shrinking_batch_training(name, reverse, dtype):
     runs the backward pass on each step's active rows only: outputs, final states and the
     gradients (vjp-style and under a GradientTape) equal the reference, with lengths 0 and
     T in the batch (float32: the fused cell-gradient ops where they apply)."""
-    from fastseq_tensorflow import TensorFlowBackend
-
-    tfb = TensorFlowBackend()
-    tfb.jit_compile, tfb.block_lstm_max_batch = False, 0
-    tfb.initialize()
+    tfb = _own_backend(block_lstm_max_batch=0)
     spec = SPECS[name]
     _compare(tfb, spec, dtype, reverse, "mixed", None, seed=13, B=5)
     params, x, s0, seq, _, rng = _problem(spec, dtype, lengths="mixed", seed=14, B=5)
@@ -291,24 +304,12 @@ def test_shrinking_batch_training(name, reverse, dtype):
 def test_shrinking_batch_training_beside_two_chains():
     """Beside two row chains, training takes the shrinking batch only where the lengths
     leave enough out (``packed_training_max_fill``); both paths agree with the reference."""
-    from fastseq_tensorflow import TensorFlowBackend
-
     spec = SPECS["gru"]
     for seq, want in [([6, 6, 6, 6], False), ([6, 1, 0, 2], True)]:
-        tfb = TensorFlowBackend()
-        tfb.jit_compile, tfb.split_rows_min = False, 2
-        tfb.initialize()
+        tfb = _own_backend(split_rows_min=2)
         params, x, s0, _, _, rng = _problem(spec, np.float64, T=6, B=4, seed=16)
         seq = np.asarray(seq, dtype=np.int64)
-        y_ref, f_ref, ws_ref = REF.layer_forward(spec, params, x, s0, seq, False, None, need_grad=True)
-        y, f, ws = tfb.layer_forward(spec, params, x, s0, seq, False, None, need_grad=True)
-        dy = rng.normal(size=y_ref.shape)
-        ds = tuple(rng.normal(size=a.shape) for a in f_ref)
-        g_ref = REF.layer_backward(spec, params, ws_ref, dy, ds)
-        g = tfb.layer_backward(spec, params, ws, dy, ds)
-        got = [tfb.to_numpy(y), tfb.to_numpy(g[0]), [tfb.to_numpy(d) for d in g[1]],
-               {k: tfb.to_numpy(v) for k, v in g[2].items()}]
-        assert_close(got, [y_ref, g_ref[0], list(g_ref[1]), g_ref[2]], np.float64, f"lengths={list(seq)}")
+        _check_vjp(tfb, spec, np.float64, params, x, s0, seq, False, None, rng, f"lengths={list(seq)}")
         keys = [k for k in tfb._kernels._fns if k[0] == "backward"]
         assert [k[-1] for k in keys] == [want]  # the packed backward, or the two chains' (key index -2: 2)
         assert all(k[-2] == 2 for k in keys)
@@ -317,42 +318,19 @@ def test_shrinking_batch_training_beside_two_chains():
 @pytest.mark.parametrize("reverse", [False, True])
 def test_shrinking_batch_training_edge_shapes(reverse):
     """The packed training path with no steps, no rows, one step, every row at full length."""
-    from fastseq_tensorflow import TensorFlowBackend
-
-    tfb = TensorFlowBackend()
-    tfb.jit_compile, tfb.block_lstm_max_batch = False, 0
-    tfb.initialize()
+    tfb = _own_backend(block_lstm_max_batch=0)
     spec = SPECS["lstm_full"]
     for T, B, seq in [(0, 3, [0, 0, 0]), (5, 0, []), (1, 2, [1, 0]), (4, 3, [4, 4, 4]), (4, 3, [0, 0, 0])]:
         params, x, s0, _, _, rng = _problem(spec, np.float64, T=T, B=B, seed=15)
         seq = np.asarray(seq, dtype=np.int64)
-        y_ref, f_ref, ws_ref = REF.layer_forward(spec, params, x, s0, seq, reverse, None, need_grad=True)
-        y, f, ws = tfb.layer_forward(spec, params, x, s0, seq, reverse, None, need_grad=True)
-        tag = f"T={T} B={B} lengths={list(seq)} rev={reverse}"
-        assert_close([tfb.to_numpy(y), [tfb.to_numpy(a) for a in f]], [y_ref, list(f_ref)], np.float64, tag)
-        dy = rng.normal(size=y_ref.shape)
-        ds = tuple(rng.normal(size=a.shape) for a in f_ref)
-        g_ref = REF.layer_backward(spec, params, ws_ref, dy, ds)
-        g = tfb.layer_backward(spec, params, ws, dy, ds)
-        got = [tfb.to_numpy(g[0]), [tfb.to_numpy(d) for d in g[1]], {k: tfb.to_numpy(v) for k, v in g[2].items()}]
-        assert_close(got, [g_ref[0], list(g_ref[1]), g_ref[2]], np.float64, tag + " gradients")
+        _check_vjp(tfb, spec, np.float64, params, x, s0, seq, reverse, None, rng,
+                   f"T={T} B={B} lengths={list(seq)} rev={reverse}")
     assert any(k[0] == "backward" and k[-1] for k in tfb._kernels._fns)
 
 
 # ------------------------------------------------------------------ a stack in one call
 STACK = [CellSpec("gru", 5), SPECS["lstm_full"], CellSpec("rnn", 4)]  # depths 3 -> 5 -> 3 -> 4
 BLOCK_STACK = [CellSpec("lstm", 5, forget_bias=0.5), CellSpec("lstm", 4, use_peepholes=True)]
-
-
-def _stack_backend(**attrs):
-    from fastseq_tensorflow import TensorFlowBackend
-
-    b = TensorFlowBackend()  # its own kernel cache, so the paths it took can be read from it
-    b.jit_compile = False
-    for k, v in attrs.items():
-        setattr(b, k, v)
-    b.initialize()
-    return b
 
 
 def _stack_problem(specs, dtype, T=6, B=5, I=3, lengths=None, seed=0):
@@ -427,7 +405,7 @@ def test_stack_in_one_call(dtype, reverse, lengths, wave):
     and T; odd B so the two row chains differ in size). ``wave``: the calls without
     lengths run their forward as one wavefront loop (``wave_max_units``), else layer by
     layer."""
-    tfb = _stack_backend(split_rows_min=2, wave_max_units=256 if wave else 0)
+    tfb = _own_backend(split_rows_min=2, wave_max_units=256 if wave else 0)
     _check_stack(tfb, STACK, dtype, reverse, lengths, seed=9)
     keys = [k for k in tfb._kernels._fns if k[0] == "stack"]
     waved = [k for k in keys if k[-1]]
@@ -447,7 +425,7 @@ def test_wave_stack_shapes(T, B, reverse):
     from non-zero initial states: outputs, final states and (through the residuals it
     keeps) the gradients equal the reference run layer by layer, in both directions; two
     layers (the shortest wavefront) as well."""
-    tfb = _stack_backend(wave_max_units=256)
+    tfb = _own_backend(wave_max_units=256)
     for specs in (STACK, STACK[:2]):
         _check_stack(tfb, specs, np.float64, reverse, None, seed=11 + T, T=T, B=B)
     assert sorted((len(k[1]), k[6], k[-1]) for k in tfb._kernels._fns if k[0] == "stack") == [
@@ -460,7 +438,7 @@ def test_stack_training_shrinking_batch(reverse, dtype):
     """A stack trained with lengths (one row chain a layer) keeps its layers' residuals in
     the packed layout and runs their backward passes on the active rows: forward, vjp and
     tape gradients equal the reference."""
-    tfb = _stack_backend()
+    tfb = _own_backend()
     _check_stack(tfb, STACK, dtype, reverse, "mixed", seed=17)
     keys = [k for k in tfb._kernels._fns if k[0] in ("stack", "stack_backward")]
     assert (True, True) in {(k[6], k[7]) for k in keys if k[0] == "stack"}  # keep, packed
@@ -470,14 +448,14 @@ def test_stack_training_shrinking_batch(reverse, dtype):
 @pytest.mark.parametrize("lengths", [None, "mixed"])
 def test_stack_of_block_lstm_layers(lengths):
     """Small float32 LSTM batches inside a stack take the BlockLSTM path per layer."""
-    tfb = _stack_backend(block_lstm_max_batch=64)
+    tfb = _own_backend(block_lstm_max_batch=64)
     _check_stack(tfb, BLOCK_STACK, np.float32, True, lengths, seed=10, B=4)
     keys = [k for k in tfb._kernels._fns if k[0] == "stack"]
     assert keys and all(all(block for _, block, _ in k[1]) for k in keys)
 
 
 def test_stack_no_retrace_for_new_shapes():
-    tfb = _stack_backend()
+    tfb = _own_backend()
     specs = [CellSpec("gru", 4), CellSpec("gru", 4)]
     counts = []
     for T, B, I in [(5, 3, 2), (8, 20, 2), (2, 1, 6)]:
@@ -493,7 +471,7 @@ def test_zeros_reused_eagerly():
     """Eager zeros (the zero states of every call) are made once per shape, dtype and
     device and handed out again (tensors are immutable); large ones and symbolic ones are
     made each time."""
-    b = _stack_backend()
+    b = _own_backend()
     a = b.zeros((3, 4), np.float32)
     assert tuple(a.shape) == (3, 4) and a.dtype == tf.float32 and not np.any(a.numpy())
     assert b.zeros((3, 4), np.float32) is a
