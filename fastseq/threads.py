@@ -59,8 +59,17 @@ def _forget_default() -> None:
     _default = None
 
 
+def _forget_pool() -> None:
+    # a forked child has none of the parent's pool threads, but the executor's idle-worker
+    # count says it has, so it would start none and every submit would wait forever
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_default)
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _check(n, argname: str) -> int:

@@ -1,7 +1,10 @@
 """fastseq.threads: the thread setting, run_concurrently, and bidirectional RNNs whose two
 directions run side by side on the numba backend (same numbers as the reference)."""
 
+import os
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -182,3 +185,41 @@ def test_dropout_cells_run_in_turn_and_stay_reproducible(spy):
     assert spy == []
     for u, v in zip(fastseq.testing.flatten(a[0]), fastseq.testing.flatten(b[0])):
         np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_bidirectional_in_forked_child():
+    """The directions' thread pool is made anew in a forked child (the parent's pool
+    threads do not exist there: a kept pool would start none and wait forever)."""
+    import fastseq
+    from fastseq.nn import bidirectional_dynamic_rnn, rnn_cell
+
+    x = np.random.default_rng(0).standard_normal((2, 5, 3))
+    fw, bw = rnn_cell.GRUCell(4), rnn_cell.GRUCell(4)
+    with fastseq.use_backend("numba"):
+        prev = fastseq.get_num_threads()
+        fastseq.set_num_threads(2)
+        try:
+            (yf, yb), _ = bidirectional_dynamic_rnn(fw, bw, x, dtype=np.float64)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    signal.alarm(60)
+                    (cf, cb), _ = bidirectional_dynamic_rnn(fw, bw, x, dtype=np.float64)
+                    code = 0 if np.array_equal(cf, yf) and np.array_equal(cb, yb) else 2
+                finally:
+                    os._exit(code)
+            deadline = time.time() + 90
+            while time.time() < deadline:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("bidirectional_dynamic_rnn hung in a forked child")
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            fastseq.set_num_threads(prev)
