@@ -100,6 +100,9 @@ class TensorFlowBackend(Backend):
     #: and 3 x GRU(512) B=32 0.87x (there one product a step is large enough to split across
     #: the cores and the hoisted projection pays). 0 turns it off.
     wave_max_units = 256
+    #: Training on the wavefront forward also runs the backward pass as one wavefront
+    #: loop (``_kernels.run_stack_backward_wave``) instead of the layers' in turn.
+    wave_backward = True
 
     def __init__(self):
         self.jit_compile = _env_flag("FASTSEQ_TF_JIT")

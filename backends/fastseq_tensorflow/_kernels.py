@@ -813,6 +813,89 @@ def run_layer_backward(spec: CellSpec, params, lengths, masks, mask_kinds, rever
     return dx, tuple(d_init), _param_grads(spec, p, X, dZ, Sp, res2, dMP)
 
 
+def run_stack_backward_wave(specs, params_list, reverse, residuals, dy, d_finals):
+    """Backpropagation through time for :func:`run_stack_wave` (``keep=True``) as one
+    wavefront loop backwards over the steps: at iteration ``k`` layer ``l`` runs the
+    backward of its step ``T - 1 - k + (L - 1 - l)``, the top layer first, so an
+    iteration's layer steps depend only on the iteration before and run side by side on
+    the cores. A layer above the first hands the layer below the cotangent of its input at
+    that step (one matmul a step, of its gate cotangents with its input weights); the first
+    layer's input gradient and every weight gradient are then matmuls over all steps
+    (:func:`_param_grads`), as in :func:`run_layer_backward`. Iterations where a layer has
+    no step compute one on a clamped step and keep the old state cotangent
+    (``tf.where``); their gate cotangents are dropped. ``residuals``, ``d_finals``: one
+    entry per layer, as :func:`run_stack_wave` and :func:`run_layer_backward` take them.
+    Returns ``(d_inputs [T, B, I], d_initial_states, d_params)``, the last two per layer."""
+    L = len(specs)
+    dtype = dy.dtype
+    if reverse:
+        dy = tf.reverse(dy, [0])
+    T, B = tf.shape(dy)[0], tf.shape(dy)[1]
+    layers = []  # per layer: p, n_in, fused, step weights, input weights, states, residuals
+    for l, (spec, params, rs) in enumerate(zip(specs, params_list, residuals)):
+        n_state = len(spec.state_sizes)
+        n_in = tf.shape(rs[0])[2]
+        p = dict(zip(param_names(spec), params))
+        fused = fused_backward_ok(spec, dtype)
+        w = backward_weights(spec, recurrent_weights(spec, p, n_in), dtype, fused)
+        # the input weights transposed once (see backward_weights on transpose_b)
+        layers.append((p, n_in, fused, w, tf.transpose(input_weights(spec, p, n_in)[0]), rs[1:1 + n_state],
+                       dict(zip(residual_names(spec), rs[1 + n_state:]))))
+    n_iter = tf.where(T > 0, T + L - 1, 0)
+    has_proj = [spec.kind == "lstm" and bool(spec.num_proj) for spec in specs]
+    dz_tas = tuple(tf.TensorArray(dtype, size=n_iter, element_shape=tf.TensorShape([None, _gate_width(spec)]))
+                   for spec in specs)
+    dmp_tas = tuple(tf.TensorArray(dtype, size=n_iter, element_shape=tf.TensorShape([None, spec.output_size]))
+                    if proj else () for spec, proj in zip(specs, has_proj))
+    # the cotangent of each lower layer's output at the step it runs next, from the layer above
+    below = tuple(tf.zeros_like(d[-1]) for d in d_finals[:-1])
+
+    def body(k, dz_tas, dmp_tas, dss, below):
+        new_dz, new_dmp, new_ds, new_below = list(dz_tas), list(dmp_tas), list(dss), list(below)
+        for l, spec in enumerate(specs):
+            _, _, fused, w, wxT, s_prev, res = layers[l]
+            t = T - 1 - k + (L - 1 - l)
+            on = tf.logical_and(t >= 0, t < T)
+            t = tf.clip_by_value(t, 0, T - 1)
+            d_out = dy[t] if l == L - 1 else below[l]
+            state = tuple(a[t] for a in s_prev)
+            dz, d_prev, extra = step_backward(spec, w, {n: v[t] for n, v in res.items()}, state, d_out,
+                                              tuple(dss[l]), fused)
+            new_ds[l] = tuple(tf.where(on, a, b) for a, b in zip(d_prev, dss[l]))
+            new_dz[l] = dz_tas[l].write(k, dz)
+            if has_proj[l]:
+                new_dmp[l] = dmp_tas[l].write(k, extra["dmp"])
+            if l:
+                new_below[l - 1] = tf.matmul(dz, wxT)
+        return k + 1, tuple(new_dz), tuple(new_dmp), tuple(new_ds), tuple(new_below)
+
+    _, dz_tas, dmp_tas, d_inits, _ = tf.while_loop(
+        lambda k, *_: k < n_iter, body,
+        (tf.constant(0, tf.int32), dz_tas, dmp_tas, tuple(tuple(d) for d in d_finals), below),
+        maximum_iterations=n_iter)
+
+    def in_steps(ta, l, width):
+        # layer l's entries of iterations L - 1 - l ... L - 2 - l + T: its steps T - 1 ... 0
+        return tf.reverse(_stack(ta, n_iter, B, width, dtype)[L - 1 - l:L - 1 - l + T], [0])
+
+    dx, d_params = None, []
+    for l, spec in enumerate(specs):
+        p, n_in, _, _, wxT, s_prev, res = layers[l]
+        G = _gate_width(spec)
+        dZ = tf.reshape(in_steps(dz_tas[l], l, G), [-1, G])
+        if l == 0:
+            dx = tf.reshape(tf.matmul(dZ, wxT), tf.stack([T, B, n_in]))
+        widths = _widths(spec)
+        dMP = tf.reshape(in_steps(dmp_tas[l], l, spec.output_size), [-1, spec.output_size]) if has_proj[l] else None
+        d_params.append(_param_grads(
+            spec, p, tf.reshape(residuals[l][0], [-1, n_in]), dZ,
+            [tf.reshape(a, [-1, wd]) for a, wd in zip(s_prev, spec.state_sizes)],
+            {n: tf.reshape(v, [-1, widths[n]]) for n, v in res.items()}, dMP))
+    if reverse:
+        dx = tf.reverse(dx, [0])
+    return dx, tuple(tuple(d) for d in d_inits), tuple(d_params)
+
+
 def _param_grads(spec: CellSpec, p, X, dZ, Sp, res, dMP=None):
     """The weight gradients (in :func:`param_names` order) as a few matmuls over all the
     rows of all steps at once, from 2-D rows: the inputs ``X [N, I]``, the gate
@@ -1053,17 +1136,24 @@ class KernelCache:
         fn = tf.function(stack, input_signature=signature, autograph=False)
         return self._keep(key, fn)
 
-    def stack_backward_fn(self, layers, dtype, has_lengths: bool, reverse: bool, jit: bool, packed: bool = False):
+    def stack_backward_fn(self, layers, dtype, has_lengths: bool, reverse: bool, jit: bool, packed: bool = False,
+                          wave: bool = False):
         """The backward pass of :meth:`stack_fn` (``keep=True``, the same ``packed``), one
         compiled call: ``(params[, lengths], residuals, dy, d_finals) -> (dx, d_states,
-        d_params)``, the last three per layer but ``dx``."""
-        key = ("stack_backward", layers, dtype, has_lengths, reverse, jit, packed)
+        d_params)``, the last three per layer but ``dx``. ``wave`` (the same conditions as
+        :meth:`stack_fn`'s): one wavefront loop (:func:`run_stack_backward_wave`) instead
+        of the layers' backward passes in turn; it takes the residuals of either forward."""
+        if wave and (has_lengths or jit or len(layers) < 2 or any(block for _, block, _ in layers)):
+            raise ValueError("stack_backward_fn: wave is for stacks of two or more generic layers without lengths "
+                             "or XLA")
+        key = ("stack_backward", layers, dtype, has_lengths, reverse, jit, packed, wave)
         fn = self._fns.get(key)
         if fn is not None:
             return fn
-        fns = [self.backward_fn(spec, dtype, has_lengths, reverse, (None,) * len(spec.state_sizes), jit,
-                                chains=chains, packed=packed and not block)
-               for spec, block, chains in layers]
+        fns = [] if wave else [
+            self.backward_fn(spec, dtype, has_lengths, reverse, (None,) * len(spec.state_sizes), jit,
+                             chains=chains, packed=packed and not block)
+            for spec, block, chains in layers]
         signature = [tuple(self._param_specs(spec, dtype) for spec, _, _ in layers)] \
             + self._extra_specs(dtype, has_lengths, ()) + [
             tuple(self._residual_specs(spec, dtype, packed and not block) for spec, block, _ in layers),
@@ -1075,6 +1165,9 @@ class KernelCache:
             self.trace_count += 1
             residuals, dy, d_finals = rest[-3:]
             lengths = rest[:-3]
+            if wave:
+                return run_stack_backward_wave([spec for spec, _, _ in layers], params, reverse, residuals, dy,
+                                               d_finals)
             d_states, d_params = [None] * len(fns), [None] * len(fns)
             for k in range(len(fns) - 1, -1, -1):
                 dy, d_states[k], d_params[k] = fns[k](params[k], *lengths, residuals[k], dy, d_finals[k])

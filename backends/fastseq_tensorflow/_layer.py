@@ -187,9 +187,10 @@ def stack_forward(backend, specs, params_list, inputs, initial_states, sequence_
                    for spec in specs)
     config = (layers, dtype, bool(extra), bool(reverse), jit)
     # one wavefront loop for the whole stack (the layers' steps side by side instead of
-    # each layer's row chains; the backward still runs layer by layer, on its chains)
+    # each layer's row chains), forward and (``backend.wave_backward``) backward
     wave = (not extra and not jit and len(specs) >= 2 and not any(block for _, block, _ in layers)
             and max(spec.num_units for spec in specs) <= backend.wave_max_units)
+    bwave = wave and backend.wave_backward
     # the layers not on BlockLSTM sort and shrink the batch where there are lengths
     packed = bool(extra) and not jit and backend.shrink_batch
     flat_states = tuple(a for st in states for a in st)
@@ -199,11 +200,11 @@ def stack_forward(backend, specs, params_list, inputs, initial_states, sequence_
                                     max(chains for _, _, chains in layers))
     if need_grad:
         y, finals, res = kernels.stack_fn(*config, keep=True, packed=packed, wave=wave)(x, states, plists, *extra)
-        ws = _Workspace(kernels.stack_backward_fn(*config, packed=packed), extra, res, plists, None)
+        ws = _Workspace(kernels.stack_backward_fn(*config, packed=packed, wave=bwave), extra, res, plists, None)
         return y, _tuples(finals), ws
     if recording:
         y, finals = _differentiable_call(kernels.stack_fn(*config, keep=True, packed=packed, wave=wave),
-                                         kernels.stack_backward_fn(*config, packed=packed), x, states, plists, extra)
+                                         kernels.stack_backward_fn(*config, packed=packed, wave=bwave), x, states, plists, extra)
         return y, _tuples(finals), None
     y, finals = kernels.stack_fn(*config, packed=packed, wave=wave)(x, states, plists, *extra)
     return y, _tuples(finals), None

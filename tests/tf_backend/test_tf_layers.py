@@ -398,38 +398,42 @@ def _check_stack(tfb, specs, dtype, reverse, lengths, seed=0, **shape):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("lengths", [None, "mixed"])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("wave", [False, True])
+@pytest.mark.parametrize("wave", ["off", "forward", "both"])
 def test_stack_in_one_call(dtype, reverse, lengths, wave):
     """A stack of layers (rnn, gru, lstm with every option) as one compiled call: forward,
     vjp-style and tape gradients equal the reference run layer by layer (lengths with 0
     and T; odd B so the two row chains differ in size). ``wave``: the calls without
-    lengths run their forward as one wavefront loop (``wave_max_units``), else layer by
-    layer."""
-    tfb = _own_backend(split_rows_min=2, wave_max_units=256 if wave else 0)
+    lengths run their forward (``wave_max_units``) and, with ``both``, their backward
+    (``wave_backward``) as one wavefront loop, else layer by layer."""
+    tfb = _own_backend(split_rows_min=2, wave_max_units=0 if wave == "off" else 256,
+                       wave_backward=wave == "both")
     _check_stack(tfb, STACK, dtype, reverse, lengths, seed=9)
     keys = [k for k in tfb._kernels._fns if k[0] == "stack"]
     waved = [k for k in keys if k[-1]]
     # the wavefront for the forward calls without lengths: forward only and keeping the
-    # residuals (key index 6: keep; the backward runs layer by layer either way)
-    assert sorted(k[6] for k in waved) == ([False, True] if wave and lengths is None else [])
+    # residuals (key index 6: keep)
+    assert sorted(k[6] for k in waved) == ([False, True] if wave != "off" and lengths is None else [])
     assert all(all(chains == 2 for _, _, chains in k[1]) for k in keys if not k[-1])
-    assert any(k[0] == "stack_backward" for k in tfb._kernels._fns)
+    backward = [k[-1] for k in tfb._kernels._fns if k[0] == "stack_backward"]
+    assert backward == [wave == "both" and lengths is None]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("T", [0, 1, 2, 3, 7])
 @pytest.mark.parametrize("B", [0, 1, 4])
 def test_wave_stack_shapes(T, B, reverse):
-    """The wavefront loop over sequences shorter than the stack is deep (T = 0, 1, 2 with
-    three layers: iterations where no layer or only some have a step), one row or none,
-    from non-zero initial states: outputs, final states and (through the residuals it
-    keeps) the gradients equal the reference run layer by layer, in both directions; two
-    layers (the shortest wavefront) as well."""
+    """The wavefront loops, forward and backward, over sequences shorter than the stack is
+    deep (T = 0, 1, 2 with three layers: iterations where no layer or only some have a
+    step), one row or none, from non-zero initial states and final-state cotangents:
+    outputs, final states and gradients equal the reference run layer by layer, in both
+    directions; two layers (the shortest wavefront) as well."""
     tfb = _own_backend(wave_max_units=256)
     for specs in (STACK, STACK[:2]):
         _check_stack(tfb, specs, np.float64, reverse, None, seed=11 + T, T=T, B=B)
     assert sorted((len(k[1]), k[6], k[-1]) for k in tfb._kernels._fns if k[0] == "stack") == [
         (2, False, True), (2, True, True), (3, False, True), (3, True, True)]
+    assert sorted((len(k[1]), k[-1]) for k in tfb._kernels._fns if k[0] == "stack_backward") == [
+        (2, True), (3, True)]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -442,7 +446,7 @@ def test_stack_training_shrinking_batch(reverse, dtype):
     _check_stack(tfb, STACK, dtype, reverse, "mixed", seed=17)
     keys = [k for k in tfb._kernels._fns if k[0] in ("stack", "stack_backward")]
     assert (True, True) in {(k[6], k[7]) for k in keys if k[0] == "stack"}  # keep, packed
-    assert any(k[0] == "stack_backward" and k[-1] for k in keys)
+    assert any(k[0] == "stack_backward" and k[6] for k in keys)  # packed
 
 
 @pytest.mark.parametrize("lengths", [None, "mixed"])
