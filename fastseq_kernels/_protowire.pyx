@@ -111,7 +111,7 @@ cdef int feature_kind(const uint8_t* p, const uint8_t* end, const uint8_t** lp, 
 
 cdef Py_ssize_t count_values(const uint8_t* p, const uint8_t* end, int kind) noexcept nogil:
     """Number of values in a FloatList / Int64List / BytesList message; -1 if malformed."""
-    cdef Py_ssize_t count = 0, n
+    cdef Py_ssize_t count = 0, n, run
     cdef uint64_t tag, v
     cdef int field, wt
     cdef const uint8_t* q
@@ -146,9 +146,14 @@ cdef Py_ssize_t count_values(const uint8_t* p, const uint8_t* end, int kind) noe
                 if p == NULL:
                     return -1
                 q = p + n
+                run = 0  # bytes of the varint being read: at most 10 (as rd_varint reads)
                 while p < q:
+                    run += 1
                     if p[0] < 0x80:
                         count += 1
+                        run = 0
+                    elif run >= 10:
+                        return -1
                     p += 1
                 if n > 0 and (q - 1)[0] >= 0x80:
                     return -1

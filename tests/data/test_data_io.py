@@ -261,3 +261,16 @@ def test_mutated_messages_never_crash():
         except (ValueError, TypeError):
             outcomes["error"] += 1
     assert outcomes["ok"] > 0 and outcomes["error"] > 0
+
+
+def test_packed_varint_longer_than_ten_bytes_is_malformed():
+    """A packed Int64List whose varint runs past 10 bytes is rejected (it was counted as
+    one value but never written: uninitialised memory came back); 10 bytes still parse."""
+    from fastseq.io import FixedLenSequenceFeature, parse_single_sequence_example
+
+    spec = {"x": FixedLenSequenceFeature([], np.int64)}
+    bad = b"\x12\x18\n\x16\n\x01x\x12\x11\n\x0f\x1a\r\n\x0b" + b"\xff" * 10 + b"\x01"
+    with pytest.raises(ValueError, match="malformed SequenceExample"):
+        parse_single_sequence_example(bad, sequence_features=spec)
+    good = b"\x12\x17\n\x15\n\x01x\x12\x10\n\x0e\x1a\x0c\n\x0a" + b"\xff" * 9 + b"\x01"
+    np.testing.assert_array_equal(parse_single_sequence_example(good, sequence_features=spec)[1]["x"], [-1])
