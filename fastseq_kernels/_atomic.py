@@ -194,9 +194,9 @@ def spin_until(arr, idx, value, spins):
 #: worker 0 has posted, the one the helper has finished and the one it joined (negative:
 #: closed by the caller without it), each on a cache line of its own; the current job's
 #: number (0: worker 0 runs alone) and the spin budgets, in rounds; the job number for a
-#: blocked helper.
-HAND_POSTED, HAND_FINISHED, HAND_JOINED, HAND_JOB, HAND_CALLER_SPINS, HAND_HELPER_SPINS, HAND_READY = \
-    0, 8, 16, 24, 25, 26, 32
+#: blocked helper; the job the helper took (with its arguments: it joins that one only).
+HAND_POSTED, HAND_FINISHED, HAND_JOINED, HAND_JOB, HAND_CALLER_SPINS, HAND_HELPER_SPINS, HAND_READY, \
+    HAND_TAKEN = 0, 8, 16, 24, 25, 26, 32, 33
 HAND_SIZE = 40
 
 
@@ -205,18 +205,21 @@ def team_begin(w, hand):
     """First thing in a two-thread worker ``fn(w, hand, ...)``; returns the ``jb`` to pass
     to :func:`team_end`. Worker 0 posts the job (its GIL is released by now, so a spinning
     helper that sees the post takes the GIL without a wait) and gets the job number (0:
-    alone). The helper joins the current job and gets its number, unless the caller has
-    closed it (finished without the helper): then it gets the number negated and must
+    alone). The helper joins the job whose arguments it took (``HAND_TAKEN``, set with
+    them by ``_team``: never a newer one, whose buffers it does not hold) and gets its
+    number, unless that job is over (the caller closed it, finished without the helper,
+    or a later job was joined or closed since): then it gets the number negated and must
     skip the work. Joining and closing are one compare-and-swap each on ``HAND_JOINED``,
     so exactly one of them happens."""
-    job = hand[HAND_JOB]
     if w == 0:
+        job = hand[HAND_JOB]
         if job > 0:
             atomic_store(hand, HAND_POSTED, job)
         return job
+    job = hand[HAND_TAKEN]
     while True:
         v = atomic_load(hand, HAND_JOINED)
-        if v == -job:
+        if v >= job or -v >= job:
             return -job
         if atomic_cas(hand, HAND_JOINED, v, job) == v:
             return job

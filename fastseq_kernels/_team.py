@@ -34,6 +34,7 @@ import threading
 import numpy as np
 
 from ._atomic import HAND_CALLER_SPINS, HAND_FINISHED, HAND_HELPER_SPINS, HAND_JOB, HAND_READY, HAND_SIZE, \
+    HAND_TAKEN, \
     spin_until
 
 __all__ = ["run_pair", "PROJ_CHUNKS", "MAX_CHUNKS"]
@@ -100,8 +101,11 @@ class _Helper:
             if job is None:
                 posted = False
                 continue
-            fn, args = job
+            num, fn, args = job
             job = None
+            # the job these arguments belong to: the worker joins that one or none (the
+            # caller may have closed it and posted a newer one since it was read)
+            hand[HAND_TAKEN] = num
             try:
                 posted = bool(fn(1, hand, *args))
             except BaseException as exc:  # pragma: no cover - compiled workers do not raise
@@ -127,7 +131,7 @@ class _Helper:
             job = int(hand[HAND_JOB]) + 1
             self.error = None
             hand[HAND_JOB] = job
-            self.job = (fn, args)
+            self.job = (job, fn, args)
             hand[HAND_READY] = job  # for a helper blocked on ``go``; a spinning one waits for the post
             self.go.set()
             if not fn(0, hand, *args):

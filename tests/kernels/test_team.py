@@ -65,17 +65,18 @@ def test_caller_closes_a_job_the_helper_never_joined():
     """team_begin/team_end by hand, no helper thread: worker 0 does every unit and closes
     the job instead of waiting; a helper that comes later skips it and then waits (its
     budget) for a newer job; a helper that joined first is waited for."""
-    from fastseq_kernels._atomic import HAND_FINISHED, HAND_HELPER_SPINS, HAND_JOB, HAND_JOINED, HAND_SIZE
+    from fastseq_kernels._atomic import HAND_FINISHED, HAND_HELPER_SPINS, HAND_JOB, HAND_JOINED, HAND_SIZE, \
+        HAND_TAKEN
 
     hand = np.zeros(HAND_SIZE, np.int64)
     hand[HAND_HELPER_SPINS] = 100
-    hand[HAND_JOB] = 1
+    hand[HAND_JOB] = hand[HAND_TAKEN] = 1
     seen, args = _job()
     assert _count(0, hand, *args)  # over for the caller at once
     assert hand[HAND_JOINED] == -1 and list(seen[:4]) == [1, 0, 64, 0]
     assert not _count(1, hand, *args)  # the late helper: skips, no newer job within its spins
     assert seen[1] == 0 and hand[HAND_FINISHED] == 0
-    hand[HAND_JOB] = 2
+    hand[HAND_JOB] = hand[HAND_TAKEN] = 2
     seen, args = _job()
     assert not _count(1, hand, *args)  # the helper first: joins, does every unit, finishes job 2
     assert hand[HAND_JOINED] == 2 and hand[HAND_FINISHED] == 2 and list(seen[:4]) == [0, 1, 0, 64]
@@ -165,3 +166,25 @@ def test_no_buffers_held_after_the_call():
     time.sleep(0.01)  # the helper past its call
     gc.collect()
     assert ref() is None
+
+
+def test_late_helper_never_joins_a_newer_job():
+    """A helper that took job 1's arguments but reaches compiled code only after the caller
+    closed job 1 and posted job 2 (or closed job 2 as well) skips: joining job 2 with job
+    1's buffers would write into arrays the caller has already returned."""
+    from fastseq_kernels._atomic import HAND_HELPER_SPINS, HAND_JOB, HAND_JOINED, HAND_SIZE, HAND_TAKEN
+
+    for joined in (-1, -2, 2):
+        hand = np.zeros(HAND_SIZE, np.int64)
+        hand[HAND_HELPER_SPINS] = 100
+        hand[HAND_JOB], hand[HAND_JOINED], hand[HAND_TAKEN] = 2, joined, 1
+        seen, args = _job()
+        assert not _count(1, hand, *args)  # skips job 1, no newer post within its spins
+        assert hand[HAND_JOINED] == joined and list(seen[:4]) == [0, 0, 0, 0], (joined, seen)
+    # the number it took is the one it joins, whatever HAND_JOB says by then
+    hand = np.zeros(HAND_SIZE, np.int64)
+    hand[HAND_HELPER_SPINS] = 100
+    hand[HAND_JOB], hand[HAND_JOINED], hand[HAND_TAKEN] = 3, -2, 3
+    seen, args = _job()
+    assert not _count(1, hand, *args)
+    assert hand[HAND_JOINED] == 3 and list(seen[:4]) == [0, 1, 0, 64]
