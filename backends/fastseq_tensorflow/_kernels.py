@@ -1093,6 +1093,11 @@ class KernelCache:
         fn = tf.function(backward, input_signature=signature, jit_compile=jit or None, autograph=False)
         return self._keep(key, fn)
 
+    @staticmethod
+    def _check_wave(name, wave, layers, has_lengths, jit):
+        if wave and (has_lengths or jit or len(layers) < 2 or any(block for _, block, _ in layers)):
+            raise ValueError(f"{name}: wave is for stacks of two or more generic layers without lengths or XLA")
+
     def stack_fn(self, layers, dtype, has_lengths: bool, reverse: bool, jit: bool, keep: bool = False,
                  packed: bool = False, wave: bool = False):
         """A MultiRNNCell of plain layers as one compiled call:
@@ -1104,8 +1109,7 @@ class KernelCache:
         compiled functions are called inside this one, so a call is one dispatch. With
         ``wave`` (no lengths, no XLA, two or more layers none of them ``block``) the stack
         is instead one wavefront loop (:func:`run_stack_wave`; its ``chains`` are unused)."""
-        if wave and (has_lengths or jit or len(layers) < 2 or any(block for _, block, _ in layers)):
-            raise ValueError("stack_fn: wave is for stacks of two or more generic layers without lengths or XLA")
+        self._check_wave("stack_fn", wave, layers, has_lengths, jit)
         key = ("stack", layers, dtype, has_lengths, reverse, jit, keep, packed, wave)
         fn = self._fns.get(key)
         if fn is not None:
@@ -1143,9 +1147,7 @@ class KernelCache:
         d_params)``, the last three per layer but ``dx``. ``wave`` (the same conditions as
         :meth:`stack_fn`'s): one wavefront loop (:func:`run_stack_backward_wave`) instead
         of the layers' backward passes in turn; it takes the residuals of either forward."""
-        if wave and (has_lengths or jit or len(layers) < 2 or any(block for _, block, _ in layers)):
-            raise ValueError("stack_backward_fn: wave is for stacks of two or more generic layers without lengths "
-                             "or XLA")
+        self._check_wave("stack_backward_fn", wave, layers, has_lengths, jit)
         key = ("stack_backward", layers, dtype, has_lengths, reverse, jit, packed, wave)
         fn = self._fns.get(key)
         if fn is not None:
